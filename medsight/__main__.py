@@ -1,0 +1,5 @@
+import sys
+
+from medsight.cli import main
+
+sys.exit(main())

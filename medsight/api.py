@@ -1,0 +1,147 @@
+"""The user-level functions behind the CLI and the web app: evaluate, predict, explain files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medsight.checkpoint import load_model, write_text_atomic
+from medsight.data import (ImageDataset, load_eval_data, make_loader, make_transform, to_three_channels)
+from medsight.explain import EXPLAINERS, border_score, explain, overlay
+from medsight.imageio import IMAGE_EXTS, ImageReadError, read_image
+from medsight.metrics import classification_metrics
+from medsight.plots import plot_confusion, plot_explanation, plot_roc
+from medsight.train import predict_proba, resolve_device
+
+__all__ = ["Predictor", "evaluate", "predict", "explain_files", "collect_images"]
+
+
+class Predictor:
+    """A loaded checkpoint ready for single images: preprocessing, probabilities and heatmaps."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "auto") -> None:
+        self.device = resolve_device(device)
+        self.model, self.ckpt = load_model(checkpoint, self.device)
+        self.classes: list[str] = list(self.ckpt["classes"])
+        self.image_size: int = int(self.ckpt["image_size"])
+        self.transform = make_transform(self.image_size, self.ckpt["mean"], self.ckpt["std"], train=False)
+        self.name = self.ckpt["config"]["model"]["name"]
+
+    def preprocess(self, img: torch.Tensor) -> torch.Tensor:
+        """float [C, H, W] in [0, 1] -> normalized (1, 3, S, S) on the model's device."""
+        return self.transform(to_three_channels(img))[None].to(self.device)
+
+    def display(self, img: torch.Tensor) -> np.ndarray:
+        """The image as the model sees it (resized), for drawing: H×W×3 in [0, 1]."""
+        x = torch.nn.functional.interpolate(to_three_channels(img)[None], size=(self.image_size,) * 2,
+                                            mode="bilinear", antialias=True, align_corners=False)[0]
+        return x.permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+
+    @torch.no_grad()
+    def probabilities(self, img: torch.Tensor) -> np.ndarray:
+        return torch.softmax(self.model(self.preprocess(img)).float(), 1)[0].cpu().numpy()
+
+    def heatmap(self, img: torch.Tensor, method: str = "gradcam", target_layer: str | None = None,
+                class_idx: int | None = None) -> np.ndarray:
+        return explain(self.model, self.preprocess(img), method=method, target_layer=target_layer,
+                       class_idx=class_idx)[0].cpu().numpy()
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively) into image paths; a missing path is an error."""
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {p}")
+    if not paths:
+        raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
+    return paths
+
+
+def predict(checkpoint: str | Path, inputs: Sequence[str | Path], device: str = "auto") -> list[dict[str, Any]]:
+    """Class probabilities per image; unreadable files get an ``error`` entry instead."""
+    pred = Predictor(checkpoint, device)
+    results = []
+    for path in collect_images(inputs):
+        try:
+            p = pred.probabilities(read_image(path))
+        except ImageReadError as exc:
+            results.append({"file": str(path), "error": str(exc)})
+            continue
+        results.append({"file": str(path), "label": pred.classes[int(p.argmax())],
+                        "probabilities": {c: float(v) for c, v in zip(pred.classes, p)}})
+    return results
+
+
+def evaluate(checkpoint: str | Path, data: str, out: str | Path | None = None, device: str = "auto",
+             batch_size: int = 128) -> dict[str, Any]:
+    """Re-evaluate a trained model on another data set (its test split, or every image if unsplit)."""
+    dev = resolve_device(device)
+    model, ckpt = load_model(checkpoint, dev)
+    classes = list(ckpt["classes"])
+    split, source = load_eval_data(data, classes)
+    ds = ImageDataset(split, make_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"], train=False))
+    probs, labels, _, skipped = predict_proba(model, make_loader(ds, batch_size, False, 0), dev, desc="evaluate")
+    threshold = ckpt.get("threshold")
+    metrics = classification_metrics(labels, probs, classes, n_boot=1000, threshold=threshold)
+    result = {"checkpoint": str(checkpoint), "data": source, "test": metrics, "skipped_files": skipped}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json.dumps(result, indent=2), out / "metrics.json")
+        plot_confusion(metrics["confusion_matrix"], classes, out / "confusion_matrix.png", title=f"confusion ({source})")
+        plot_roc({Path(source).name: (labels, probs)}, classes, out / "roc.png")
+    return result
+
+
+def explain_files(checkpoint: str | Path, inputs: Sequence[str | Path], out: str | Path, method: str = "gradcam",
+                  target_layer: str | None = None, class_idx: int | None = None, compare: bool = False,
+                  device: str = "auto") -> list[dict[str, Any]]:
+    """Per image: an overlay PNG (original beside heatmap, predicted class and probability in the title)
+    and one JSON line in ``out/explanations.jsonl``. ``compare`` draws every method side by side."""
+    pred = Predictor(checkpoint, device)
+    if class_idx is not None and not 0 <= class_idx < len(pred.classes):
+        raise ValueError(f"class index {class_idx} is out of range: the model has {len(pred.classes)} classes "
+                         f"({', '.join(f'{i}={c}' for i, c in enumerate(pred.classes))})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = list(EXPLAINERS) if compare else [method]
+    lines, results = [], []
+    for path in collect_images(inputs):
+        try:
+            img = read_image(path)
+        except ImageReadError as exc:
+            rec = {"file": str(path), "error": str(exc)}
+            results.append(rec)
+            lines.append(json.dumps(rec))
+            continue
+        probs = pred.probabilities(img)
+        label = int(probs.argmax())
+        disp = pred.display(img)
+        overlays, borders = {}, {}
+        for m in methods:
+            heat = pred.heatmap(img, m, target_layer, class_idx)
+            overlays[m] = overlay(disp, heat)
+            borders[m] = float(border_score(torch.from_numpy(heat)[None])[0])
+        target = pred.classes[class_idx] if class_idx is not None else pred.classes[label]
+        png = out / f"{path.stem}_{'compare' if compare else method.replace('+', 'p')}.png"
+        plot_explanation(disp, overlays, f"{path.name}: predicted {pred.classes[label]} ({probs[label]:.3f})"
+                         f" · explaining '{target}'", png)
+        rec = {"file": str(path), "label": pred.classes[label], "probability": float(probs[label]),
+               "probabilities": {c: float(v) for c, v in zip(pred.classes, probs)}, "explained_class": target,
+               "methods": methods, "border_score": borders, "overlay": str(png)}
+        results.append(rec)
+        lines.append(json.dumps(rec))
+    write_text_atomic("\n".join(lines) + "\n", out / "explanations.jsonl")
+    return results

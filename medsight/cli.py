@@ -1,0 +1,197 @@
+"""``medsight`` command line: thin wrappers over the library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    """Turn the convenience flags into ``--set`` overrides (the config stays the single source)."""
+    sets = []
+    flag_keys = {"data": "data.path", "model": "model.name", "epochs": "train.epochs", "out": "out",
+                 "optimizer": "optim.name", "lr": "optim.lr", "batch_size": "train.batch_size",
+                 "weights": "model.weights", "image_size": "data.image_size", "device": "train.device",
+                 "layout": "model.layout"}
+    for attr, key in flag_keys.items():
+        value = getattr(args, attr)
+        if value is not None:
+            sets.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    if args.pretrained:
+        sets.append("model.pretrained=true")
+    return sets + list(args.set or [])
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from medsight.config import load_config
+    from medsight.train import train
+
+    config_path = args.config
+    if args.resume and config_path is None and args.out:
+        from pathlib import Path
+
+        saved = Path(args.out) / "config.yaml"
+        config_path = str(saved) if saved.exists() else None
+    cfg = load_config(config_path, _train_overrides(args))
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    return 130 if result.interrupted else 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from medsight.api import evaluate
+
+    result = evaluate(args.checkpoint, args.data, out=args.out, device=args.device)
+    m = result["test"]
+    ci = m["ci95"]
+    auc = f"{m['auc']:.4f}" + (f" [{ci['auc'][0]:.4f}, {ci['auc'][1]:.4f}]" if ci.get("auc") else "") \
+        if m["auc"] is not None else "n/a"
+    print(m["report"])
+    print(f"{result['data']}: n {m['n']} · accuracy {m['accuracy']:.4f} [{ci['accuracy'][0]:.4f}, "
+          f"{ci['accuracy'][1]:.4f}] · balanced {m['balanced_accuracy']:.4f} · AUC {auc} · ECE {m['ece']:.4f}")
+    if result["skipped_files"]:
+        print(f"skipped {len(result['skipped_files'])} unreadable file(s)")
+    if args.out:
+        print(f"wrote {args.out}/metrics.json")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from medsight.api import predict
+
+    for rec in predict(args.checkpoint, args.images, device=args.device):
+        if args.json:
+            print(json.dumps(rec))
+        elif "error" in rec:
+            print(f"{rec['file']}: ERROR {rec['error']}")
+        else:
+            probs = ", ".join(f"{c} {p:.3f}" for c, p in rec["probabilities"].items())
+            print(f"{rec['file']}: {rec['label']}  ({probs})")
+    return 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from medsight.api import explain_files
+
+    results = explain_files(args.checkpoint, args.images, args.out, method=args.method,
+                            target_layer=args.target_layer, class_idx=args.class_idx, compare=args.compare,
+                            device=args.device)
+    for rec in results:
+        if "error" in rec:
+            print(f"{rec['file']}: ERROR {rec['error']}")
+        else:
+            print(f"{rec['file']}: {rec['label']} ({rec['probability']:.3f}) -> {rec['overlay']}")
+    print(f"wrote {len(results)} explanation(s) to {args.out} (explanations.jsonl)")
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from medsight.models import MEDSIGHT_MODELS, list_models
+
+    names = list_models(args.pattern or "")
+    if not args.pattern and not args.all:
+        names = list(MEDSIGHT_MODELS) + [n for n in names if n.split("_")[0] in (
+            "coatnet", "convnext", "resnet18", "resnet50", "densenet121", "efficientnet", "seresnext50",
+            "swinv2", "vit", "maxvit")][:60]
+    if args.params:
+        import timm
+
+        from medsight.models import count_parameters
+
+        for n in names:
+            with_meta = timm.create_model(n, pretrained=False, num_classes=2)
+            print(f"{n:<40} {count_parameters(with_meta) / 1e6:8.2f}M")
+    else:
+        print("\n".join(names))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medsight import __version__
+    from medsight.explain import EXPLAINERS
+
+    p = argparse.ArgumentParser(prog="medsight", description="Train medical image classifiers that generalize "
+                                "(CoAtNet + SAM) and see what they looked at (Grad-CAM).")
+    p.add_argument("--version", action="version", version=f"medsight {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train, evaluate on test, explain, and write a run folder with a report")
+    t.add_argument("--config", help="YAML config file (defaults: the embedded PneumoniaMNIST run)")
+    t.add_argument("--data", help="class-per-folder directory, CSV manifest (path,label[,patient_id][,split]) or .npz")
+    t.add_argument("--model", help="any timm model name, or coatnet_tiny / coatnet_0 / coatnet_1 / coatnet_2")
+    t.add_argument("--layout", help="block layout of medsight's CoAtNets: CCTT or CCCT")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--optimizer", help="sgd, adam, adamw, sam-sgd, sam-adam, sam-adamw")
+    t.add_argument("--image-size", type=int)
+    t.add_argument("--out", help="run folder (default runs/MODEL-TIMESTAMP)")
+    t.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    t.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs network)")
+    t.add_argument("--weights", help="start from a local weights file (.pt, .pth, .safetensors)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config option, e.g. --set optim.rho=0.1")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines still print)")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a checkpoint on another data set")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", required=True, help="folder, CSV or .npz (its test split, else every image)")
+    e.add_argument("--out", help="folder for metrics.json and plots")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=_cmd_evaluate)
+
+    x = sub.add_parser("explain", help="Grad-CAM overlays for images")
+    x.add_argument("checkpoint")
+    x.add_argument("images", nargs="+", help="image files or folders (PNG, JPEG, BMP, TIFF, DICOM)")
+    x.add_argument("--out", required=True)
+    x.add_argument("--method", default="gradcam", choices=list(EXPLAINERS))
+    x.add_argument("--target-layer", help="dotted module name; default: the architecture's last stage")
+    x.add_argument("--class", dest="class_idx", type=int, help="class index to explain (default: predicted)")
+    x.add_argument("--compare", action="store_true", help="draw every method side by side")
+    x.add_argument("--device", default="auto")
+    x.set_defaults(func=_cmd_explain)
+
+    r = sub.add_parser("predict", help="class probabilities for images")
+    r.add_argument("checkpoint")
+    r.add_argument("images", nargs="+")
+    r.add_argument("--json", action="store_true", help="one JSON object per line")
+    r.add_argument("--device", default="auto")
+    r.set_defaults(func=_cmd_predict)
+
+    m = sub.add_parser("models", help="list backbones (timm's registry plus medsight's CoAtNets)")
+    m.add_argument("pattern", nargs="?", help="wildcard filter, e.g. 'convnext*'")
+    m.add_argument("--all", action="store_true", help="every timm model")
+    m.add_argument("--params", action="store_true", help="build each and print its parameter count")
+    m.set_defaults(func=_cmd_models)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from medsight.checkpoint import CheckpointError
+    from medsight.config import ConfigError
+    from medsight.data import DataError
+    from medsight.imageio import ImageReadError
+    from medsight.models import ModelError
+    from medsight.train import TrainingError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s: %(message)s")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ModelError, CheckpointError, TrainingError, ImageReadError,
+            FileNotFoundError, ValueError) as exc:
+        print(f"medsight: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

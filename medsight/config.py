@@ -1,0 +1,284 @@
+"""Typed run configuration: dataclasses loaded from YAML, overridden by ``--set key=value``.
+
+Every option a run uses lives here, so one resolved ``config.yaml`` beside each checkpoint says
+exactly how the run was made. Everything is validated before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "ExplainConfig",
+    "DEFAULT_DATA",
+    "load_config",
+    "apply_overrides",
+    "config_to_dict",
+    "config_from_dict",
+    "validate_config",
+    "save_config",
+]
+
+#: The embedded default data set (real PneumoniaMNIST chest X-rays; see data/README.md).
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "pneumoniamnist.npz"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: unknown key, wrong type or out-of-range value."""
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # empty: the embedded PneumoniaMNIST default
+    class_names: list[str] | None = None  # display names in label order; default: from the data
+    image_size: int = 64
+    val_fraction: float = 0.1  # used only when the data carries no split of its own
+    test_fraction: float = 0.15
+    split_seed: int = 0
+    num_workers: int = 0
+    hflip: bool = True
+    rotate_degrees: float = 0.0
+    translate: float = 0.0  # fraction of the image size for random shifts
+
+
+@dataclass
+class ModelConfig:
+    name: str = "coatnet_tiny"
+    pretrained: bool = False
+    weights: str | None = None  # a local .pt/.pth/.safetensors file of backbone weights
+    layout: str | None = None  # block layout of medsight's CoAtNets: "CCTT" or "CCCT"
+    drop_path_rate: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sam-adamw"
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    rho: float = 0.05
+    adaptive: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine (with linear warmup) | step | none
+    warmup_epochs: int = 1
+    step_size: int = 10
+    gamma: float = 0.1
+    min_lr: float = 1e-6
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    batch_size: int = 64
+    label_smoothing: float = 0.0
+    class_weights: bool = False  # inverse-frequency weights in the cross-entropy
+    monitor: str = "auc"  # validation metric that picks best.pt: auc | accuracy | balanced_accuracy | loss
+    patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+
+
+@dataclass
+class ExplainConfig:
+    method: str = "gradcam"
+    target_layer: str | None = None  # dotted module name; None picks the last stage
+    gallery_per_class: int = 4  # correct and misclassified test images per class in the gallery
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
+    out: str = "runs/default"
+
+
+MONITORS = ("auc", "accuracy", "balanced_accuracy", "loss")
+SCHEDULES = ("cosine", "step", "none")
+LAYOUTS = ("CCTT", "CCCT")
+
+
+def _suggest(name: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, key) for v in value]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}'.{_suggest(key, names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build a :class:`Config` from nested plain data, rejecting unknown keys and wrong types."""
+    return _build(Config, data or {}, "")
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """Apply ``key=value`` strings (dotted keys, YAML values) on top of ``cfg``."""
+    data = config_to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            if part not in node or not isinstance(node[part], dict):
+                where = ".".join(parts[:i])
+                choices = [k for k, v in node.items() if isinstance(v, dict)]
+                raise ConfigError(
+                    f"unknown config section '{'.'.join(parts[: i + 1])}'"
+                    f"{' in ' + where if where else ''}.{_suggest(part, choices)}"
+                )
+            node = node[part]
+        leaf = parts[-1]
+        if leaf not in node:
+            raise ConfigError(f"unknown config key '{key}'.{_suggest(leaf, node)}")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() != "" else None
+    return config_from_dict(data)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+        cfg = config_from_dict(data)
+    return apply_overrides(cfg, overrides)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate_config(cfg: Config) -> None:
+    """Reject out-of-range values before any work starts."""
+    from medsight.optim import OPTIMIZERS  # local: optim imports torch
+
+    o, t, d, s = cfg.optim, cfg.train, cfg.data, cfg.schedule
+    _check(o.name in OPTIMIZERS, f"optim.name: unknown optimizer {o.name!r}; choose from "
+           f"{', '.join(OPTIMIZERS)}.{_suggest(o.name, OPTIMIZERS)}")
+    _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _check(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
+    if o.name.startswith("sam"):
+        _check(o.rho > 0, f"optim.rho must be > 0 for SAM, got {o.rho}")
+    _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    _check(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")
+    _check(t.monitor in MONITORS, f"train.monitor must be one of {', '.join(MONITORS)}, got {t.monitor!r}")
+    _check(t.patience >= 0, f"train.patience must be >= 0, got {t.patience}")
+    _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
+    _check(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+    _check(d.image_size >= 16, f"data.image_size must be >= 16, got {d.image_size}")
+    _check(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    _check(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
+    _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction + data.test_fraction must be < 1")
+    _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    _check(0 <= d.rotate_degrees <= 180, f"data.rotate_degrees must be in [0, 180], got {d.rotate_degrees}")
+    _check(0 <= d.translate < 0.5, f"data.translate must be in [0, 0.5), got {d.translate}")
+    _check(s.name in SCHEDULES, f"schedule.name must be one of {', '.join(SCHEDULES)}, got {s.name!r}")
+    _check(s.warmup_epochs >= 0, f"schedule.warmup_epochs must be >= 0, got {s.warmup_epochs}")
+    _check(s.step_size >= 1, f"schedule.step_size must be >= 1, got {s.step_size}")
+    _check(0 < s.gamma <= 1, f"schedule.gamma must be in (0, 1], got {s.gamma}")
+    m = cfg.model
+    _check(m.layout is None or m.layout.upper() in LAYOUTS,
+           f"model.layout must be one of {', '.join(LAYOUTS)}, got {m.layout!r}")
+    _check(0 <= m.drop_path_rate < 1, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+    _check(cfg.explain.gallery_per_class >= 0, "explain.gallery_per_class must be >= 0")
+    from medsight.explain import EXPLAINERS
+
+    _check(cfg.explain.method in EXPLAINERS, f"explain.method: unknown method {cfg.explain.method!r}; "
+           f"choose from {', '.join(EXPLAINERS)}.{_suggest(cfg.explain.method, EXPLAINERS)}")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

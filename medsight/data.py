@@ -1,0 +1,369 @@
+"""Data in: a folder per class, a CSV manifest or a MedMNIST-style .npz, split without leaks.
+
+Every source becomes the same thing: a list of samples (file paths or in-memory images) with integer
+labels and class names, split into train / val / test. Images are read to float tensors in [0, 1],
+grayscale replicated to three channels, resized, and normalized with the model's own mean/std.
+A file that cannot be read is skipped with a warning naming it, and counted; it never stops an epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from medsight.config import DEFAULT_DATA
+from medsight.imageio import IMAGE_EXTS, ImageReadError, read_image
+
+if TYPE_CHECKING:
+    from medsight.config import DataConfig
+
+__all__ = [
+    "DataError",
+    "SplitData",
+    "DataBundle",
+    "ImageDataset",
+    "load_data",
+    "load_eval_data",
+    "make_transform",
+    "make_loader",
+    "DEFAULT_CLASSES",
+]
+
+log = logging.getLogger("medsight")
+
+#: Class names of the embedded PneumoniaMNIST default, in label order.
+DEFAULT_CLASSES = ["normal", "pneumonia"]
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """Data that cannot be used: missing path, unknown format, empty class, bad manifest."""
+
+
+@dataclass
+class SplitData:
+    """One split: either file paths or an in-memory uint8 array (N, H, W[, C]), plus integer labels."""
+
+    labels: np.ndarray
+    paths: list[str] | None = None
+    images: np.ndarray | None = None
+    groups: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, idx: np.ndarray) -> SplitData:
+        return SplitData(
+            labels=self.labels[idx],
+            paths=[self.paths[i] for i in idx] if self.paths is not None else None,
+            images=self.images[idx] if self.images is not None else None,
+            groups=[self.groups[i] for i in idx] if self.groups is not None else None,
+        )
+
+    def describe(self, i: int) -> str:
+        return self.paths[i] if self.paths is not None else f"#{i}"
+
+
+@dataclass
+class DataBundle:
+    classes: list[str]
+    splits: dict[str, SplitData]
+    source: str
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, list[int]]:
+        k = len(self.classes)
+        return {name: np.bincount(s.labels, minlength=k).tolist() for name, s in self.splits.items()}
+
+
+# --------------------------------------------------------------------------------------------- sources
+
+def _labels_from_names(names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    classes = sorted(set(names), key=lambda c: (not c.lstrip("-").isdigit(), int(c) if c.lstrip("-").isdigit() else 0, c))
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[n] for n in names], dtype=np.int64), classes
+
+
+def _scan_class_folders(root: Path) -> tuple[list[str], list[str]]:
+    paths: list[str] = []
+    names: list[str] = []
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root} has no class folders (expected one sub-folder of images per class)")
+    for d in class_dirs:
+        files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            raise DataError(f"class '{d.name}' in {root} has no images "
+                            f"(looked for {', '.join(sorted(IMAGE_EXTS))})")
+        paths += [str(p) for p in files]
+        names += [d.name] * len(files)
+    return paths, names
+
+
+def _from_folder(root: Path) -> tuple[dict[str, SplitData], list[str]]:
+    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+    if "train" in split_dirs:
+        scanned = {s: _scan_class_folders(d) for s, d in split_dirs.items()}
+        classes = sorted(set(scanned["train"][1]))
+        for s, (_, names) in scanned.items():
+            extra = sorted(set(names) - set(classes))
+            if extra:
+                raise DataError(f"split '{s}' of {root} has classes not in train: {', '.join(extra)}")
+        index = {c: i for i, c in enumerate(classes)}
+        splits = {s: SplitData(labels=np.array([index[n] for n in names], dtype=np.int64), paths=paths)
+                  for s, (paths, names) in scanned.items()}
+        return splits, classes
+    paths, names = _scan_class_folders(root)
+    labels, classes = _labels_from_names(names)
+    return {"all": SplitData(labels=labels, paths=paths)}, classes
+
+
+def _from_csv(path: Path) -> tuple[dict[str, SplitData], list[str]]:
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        fields = [f.strip() for f in (reader.fieldnames or [])]
+        missing = {"path", "label"} - set(fields)
+        if missing:
+            raise DataError(f"CSV manifest {path} lacks column(s) {', '.join(sorted(missing))}; "
+                            f"expected path,label[,patient_id][,split], found {', '.join(fields) or 'nothing'}")
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    if not rows:
+        raise DataError(f"CSV manifest {path} has no rows")
+    base = path.parent
+    paths = [str(p if (p := Path(r["path"])).is_absolute() else base / p) for r in rows]
+    for i, r in enumerate(rows):
+        if not r["label"]:
+            raise DataError(f"CSV manifest {path}, row {i + 2}: empty label")
+    labels, classes = _labels_from_names([r["label"] for r in rows])
+    groups = [r["patient_id"] for r in rows] if "patient_id" in fields else None
+    if groups is not None and any(g == "" for g in groups):
+        raise DataError(f"CSV manifest {path}: patient_id is empty on some rows")
+    data = SplitData(labels=labels, paths=paths, groups=groups)
+    if "split" in fields and any(r["split"] for r in rows):
+        names = [r["split"].lower() for r in rows]
+        bad = sorted(set(names) - set(SPLITS))
+        if bad:
+            raise DataError(f"CSV manifest {path}: split must be train, val or test; found {', '.join(bad)}")
+        splits = {s: data.subset(np.array([i for i, n in enumerate(names) if n == s], dtype=np.int64))
+                  for s in SPLITS if s in names}
+        if groups is not None:
+            _check_no_group_leak(splits, path)
+        return splits, classes
+    return {"all": data}, classes
+
+
+def _check_no_group_leak(splits: dict[str, SplitData], source: Path) -> None:
+    seen: dict[str, str] = {}
+    for name, s in splits.items():
+        for g in set(s.groups or []):
+            if g in seen and seen[g] != name:
+                raise DataError(f"{source}: patient '{g}' appears in both '{seen[g]}' and '{name}' splits")
+            seen[g] = name
+
+
+def _from_npz(path: Path) -> tuple[dict[str, SplitData], list[str]]:
+    try:
+        arrays = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the file is unusable
+        raise DataError(f"cannot read {path} as an .npz archive: {exc}") from exc
+    splits = {}
+    for s in SPLITS:
+        if f"{s}_images" in arrays:
+            if f"{s}_labels" not in arrays:
+                raise DataError(f"{path} has {s}_images but no {s}_labels")
+            images = np.asarray(arrays[f"{s}_images"])
+            labels = np.asarray(arrays[f"{s}_labels"]).reshape(-1).astype(np.int64)
+            if len(images) != len(labels):
+                raise DataError(f"{path}: {s}_images has {len(images)} images but {s}_labels has {len(labels)}")
+            if images.ndim not in (3, 4):
+                raise DataError(f"{path}: {s}_images must be (N, H, W) or (N, H, W, C), got shape {images.shape}")
+            splits[s] = SplitData(labels=labels, images=images)
+    if not splits:
+        if "images" in arrays and "labels" in arrays:
+            splits["all"] = SplitData(labels=np.asarray(arrays["labels"]).reshape(-1).astype(np.int64),
+                                      images=np.asarray(arrays["images"]))
+        else:
+            raise DataError(f"{path} has none of the keys train_images/val_images/test_images or images; "
+                            f"found {', '.join(arrays.files)}")
+    k = int(max(s.labels.max() for s in splits.values())) + 1
+    classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else [str(i) for i in range(k)]
+    return splits, classes
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+def _stratified_split(data: SplitData, fraction: float, seed: int) -> tuple[SplitData, SplitData]:
+    """Hold out ``fraction`` of ``data``, stratified by label; grouped by patient when groups are known."""
+    from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
+    idx = np.arange(len(data))
+    counts = np.bincount(data.labels)
+    if data.groups is not None:
+        n_splits = max(2, round(1 / fraction))
+        n_groups = len(set(data.groups))
+        if n_groups < n_splits:
+            raise DataError(f"only {n_groups} patients: too few for a patient-level split of {fraction:.0%}")
+        sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        keep, held = next(sgkf.split(idx, data.labels, groups=data.groups))
+        return data.subset(keep), data.subset(held)
+    if counts[counts > 0].min() < 2:
+        raise DataError("a class has fewer than 2 images: too few to split into train/val/test")
+    n_held = max(len(counts), math.ceil(fraction * len(idx)))
+    keep, held = train_test_split(idx, test_size=n_held, stratify=data.labels, random_state=seed)
+    return data.subset(np.sort(keep)), data.subset(np.sort(held))
+
+
+def _complete_splits(splits: dict[str, SplitData], cfg: DataConfig, notes: list[str]) -> dict[str, SplitData]:
+    if "all" in splits:
+        rest, test = _stratified_split(splits["all"], cfg.test_fraction, cfg.split_seed)
+        train, val = _stratified_split(rest, cfg.val_fraction / (1 - cfg.test_fraction), cfg.split_seed)
+        notes.append(f"split {len(splits['all'])} images into train/val/test "
+                     f"({1 - cfg.val_fraction - cfg.test_fraction:.0%}/{cfg.val_fraction:.0%}/{cfg.test_fraction:.0%}, "
+                     f"stratified{', by patient' if splits['all'].groups else ''}, seed {cfg.split_seed})")
+        return {"train": train, "val": val, "test": test}
+    if "train" not in splits:
+        raise DataError("the data has val/test splits but no train split")
+    out = dict(splits)
+    if "test" not in out:
+        out["train"], out["test"] = _stratified_split(out["train"], cfg.test_fraction, cfg.split_seed)
+        notes.append(f"held out {cfg.test_fraction:.0%} of train as test (stratified, seed {cfg.split_seed})")
+    if "val" not in out:
+        out["train"], out["val"] = _stratified_split(out["train"], cfg.val_fraction, cfg.split_seed)
+        notes.append(f"held out {cfg.val_fraction:.0%} of train as val (stratified, seed {cfg.split_seed})")
+    return out
+
+
+def _read_source(path_str: str) -> tuple[dict[str, SplitData], list[str], str]:
+    path = Path(path_str).expanduser() if path_str else DEFAULT_DATA
+    if not path.exists():
+        raise DataError(f"data path not found: {path}")
+    if path.is_dir():
+        splits, classes = _from_folder(path)
+    elif path.suffix.lower() == ".csv":
+        splits, classes = _from_csv(path)
+    elif path.suffix.lower() == ".npz":
+        splits, classes = _from_npz(path)
+    else:
+        raise DataError(f"cannot tell the format of {path}: give a folder of class folders, a .csv manifest "
+                        f"or an .npz file")
+    if not path_str:
+        classes = list(DEFAULT_CLASSES)
+    return splits, classes, str(path)
+
+
+def load_data(cfg: DataConfig) -> DataBundle:
+    """Read the data named by ``cfg.path`` (the embedded default when empty) into train/val/test."""
+    splits, classes, source = _read_source(cfg.path)
+    notes: list[str] = []
+    splits = _complete_splits(splits, cfg, notes)
+    if cfg.class_names:
+        if len(cfg.class_names) != len(classes):
+            raise DataError(f"data.class_names has {len(cfg.class_names)} names but the data has "
+                            f"{len(classes)} classes ({', '.join(classes)})")
+        classes = list(cfg.class_names)
+    if len(classes) < 2:
+        raise DataError(f"{source}: need at least 2 classes, found {len(classes)}")
+    bundle = DataBundle(classes=classes, splits=splits, source=source, notes=notes)
+    for name, c in bundle.counts().items():
+        empty = [classes[i] for i, n in enumerate(c) if n == 0]
+        if name == "train" and empty:
+            raise DataError(f"{source}: class(es) {', '.join(empty)} have no training images")
+    return bundle
+
+
+def load_eval_data(path: str, classes: list[str]) -> tuple[SplitData, str]:
+    """The set to evaluate a trained model on: the test split if the data has one, else every image."""
+    splits, data_classes, source = _read_source(path)
+    data = splits.get("test") or splits.get("all")
+    if data is None:
+        raise DataError(f"{source} has no test split and no unsplit images to evaluate on")
+    if len(data_classes) != len(classes):
+        raise DataError(f"{source} has {len(data_classes)} classes ({', '.join(data_classes)}) but the model "
+                        f"was trained on {len(classes)} ({', '.join(classes)})")
+    return data, source
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+
+def make_transform(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
+                   cfg: DataConfig | None = None) -> v2.Compose:
+    """Float [C,H,W] in [0,1] -> 3-channel, resized, (augmented), normalized tensor."""
+    steps: list[Any] = [v2.Resize((image_size, image_size), antialias=True)]
+    if train and cfg is not None:
+        if cfg.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        if cfg.rotate_degrees or cfg.translate:
+            steps.append(v2.RandomAffine(degrees=cfg.rotate_degrees, translate=(cfg.translate, cfg.translate)))
+    steps.append(v2.Normalize(mean=list(mean), std=list(std)))
+    return v2.Compose(steps)
+
+
+def to_three_channels(img: torch.Tensor) -> torch.Tensor:
+    if img.shape[0] == 1:
+        return img.expand(3, -1, -1)
+    if img.shape[0] == 3:
+        return img
+    raise ValueError(f"expected 1 or 3 channels, got {img.shape[0]}")
+
+
+def _array_to_tensor(a: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+    if t.shape[0] == 4:
+        t = t[:3]
+    scale = float(np.iinfo(a.dtype).max) if np.issubdtype(a.dtype, np.integer) else 1.0
+    return t.float() / scale
+
+
+class ImageDataset(Dataset):
+    """Samples of one split as (tensor, label); an unreadable file yields ``(None, path)`` instead."""
+
+    def __init__(self, data: SplitData, transform: v2.Compose) -> None:
+        self.data = data
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def load(self, i: int) -> torch.Tensor:
+        """The i-th image as float [3, H, W] in [0, 1], before resizing and normalization."""
+        if self.data.images is not None:
+            return to_three_channels(_array_to_tensor(self.data.images[i]))
+        return to_three_channels(read_image(self.data.paths[i]))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int | str]:
+        try:
+            img = self.load(i)
+        except ImageReadError as exc:
+            log.warning("skipping unreadable image %s: %s", self.data.describe(i), exc)
+            return None, self.data.describe(i)
+        return self.transform(img), int(self.data.labels[i])
+
+
+def _collate(batch: list[tuple[torch.Tensor | None, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    good = [(x, y) for x, y in batch if x is not None]
+    bad = [y for x, y in batch if x is None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
+    xs, ys = zip(*good)
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.long), bad
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_workers: int,
+                seed: int = 0, sampler: Any = None) -> DataLoader:
+    """A loader whose batches are ``(images, labels, skipped_paths)``."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=num_workers, collate_fn=_collate, generator=g,
+                      persistent_workers=num_workers > 0, drop_last=False)

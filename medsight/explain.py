@@ -1,0 +1,137 @@
+"""What the model looked at: the Grad-CAM family behind one registry, overlays and a shortcut check.
+
+The CAM methods come from the maintained ``grad-cam`` library (Gildenblat et al., pytorch-grad-cam);
+medsight picks the target layer per architecture (``medsight.models.cam_target``), validates class
+indices before the library sees them (its context manager swallows IndexError), always releases the
+hooks, and returns heatmaps as tensors on the images' device.
+
+Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based Localization",
+ICCV 2017; Chattopadhay et al., "Grad-CAM++", WACV 2018; Draelos & Carin, "HiResCAM", 2020;
+Jiang et al., "LayerCAM", TIP 2021; Muhammad & Yeasin, "Eigen-CAM", IJCNN 2020; Wang et al.,
+"Score-CAM", CVPR-W 2020; Fu et al., "XGrad-CAM", BMVC 2020.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM,
+                              XGradCAM)
+from pytorch_grad_cam.base_cam import BaseCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from medsight.models import cam_target
+
+__all__ = ["EXPLAINERS", "explain", "overlay", "border_score", "BORDER_WARN", "resolve_classes"]
+
+#: Method name -> CAM class. The CLI's --method choices and the web UI's selector are built from this.
+EXPLAINERS: dict[str, type[BaseCAM]] = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "hirescam": HiResCAM,
+    "xgradcam": XGradCAM,
+    "layercam": LayerCAM,
+    "eigencam": EigenCAM,
+    "scorecam": ScoreCAM,
+}
+
+#: A dataset-mean border score above this suggests the model reads image borders/corners (a shortcut).
+BORDER_WARN = 0.5
+
+
+def resolve_classes(class_idx: int | Sequence[int] | torch.Tensor | None, n: int, num_classes: int,
+                    predicted: torch.Tensor) -> list[int]:
+    """One class per image: the predicted one by default; out-of-range indices are a clear error."""
+    if class_idx is None:
+        return predicted.tolist()
+    if isinstance(class_idx, torch.Tensor):
+        idx = class_idx.reshape(-1).tolist()
+    elif isinstance(class_idx, int):
+        idx = [class_idx]
+    else:
+        idx = list(class_idx)
+    if len(idx) == 1:
+        idx = idx * n
+    if len(idx) != n:
+        raise ValueError(f"class_idx has {len(idx)} entries for {n} images")
+    for c in idx:
+        if not 0 <= int(c) < num_classes:
+            raise ValueError(f"class index {c} is out of range: the model has {num_classes} classes "
+                             f"(0..{num_classes - 1})")
+    return [int(c) for c in idx]
+
+
+def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
+            target_layer: nn.Module | str | None = None,
+            class_idx: int | Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+    """Heatmaps for a batch of normalized images.
+
+    Args:
+        model: a classifier; put in eval mode for the call.
+        images: (B, 3, H, W) normalized input.
+        method: a key of :data:`EXPLAINERS`.
+        target_layer: a module of ``model`` or its dotted name; None picks the architecture's last stage.
+        class_idx: the class to explain, one int, or one per image; default: the predicted class.
+
+    Returns:
+        (B, H, W) float tensor in [0, 1] on ``images.device``.
+    """
+    if method not in EXPLAINERS:
+        raise ValueError(f"unknown explanation method {method!r}; choose from {', '.join(EXPLAINERS)}")
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    was_training = model.training
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:  # bf16/fp16 models: explain an fp32 copy
+        model = copy.deepcopy(model).float()
+    model.eval()
+    images = images.float()
+    reshape = None
+    if isinstance(target_layer, nn.Module):
+        layer = target_layer
+    else:
+        target = cam_target(model, target_layer)
+        layer, reshape = target.layer, target.reshape
+    try:
+        with torch.no_grad():
+            logits = model(images)
+        classes = resolve_classes(class_idx, len(images), logits.shape[1], logits.argmax(1))
+        targets = [ClassifierOutputTarget(c) for c in classes]
+        kwargs = {"reshape_transform": reshape} if reshape is not None else {}
+        with EXPLAINERS[method](model=model, target_layers=[layer], **kwargs) as cam:
+            if hasattr(cam, "batch_size"):
+                cam.batch_size = 32
+            maps = cam(input_tensor=images, targets=targets)
+        if maps is None:  # the library's context manager returned after swallowing an error
+            raise RuntimeError(f"{method} failed on layer {layer.__class__.__name__}")
+        out = torch.from_numpy(np.nan_to_num(np.asarray(maps, dtype=np.float32))).clamp_(0, 1)
+        return out.to(images.device)
+    finally:
+        model.train(was_training)
+
+
+def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """JET heatmap over an RGB image (both H×W, float in [0, 1]) with heat weight ``alpha``."""
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    return show_cam_on_image(image.astype(np.float32), heatmap.astype(np.float32), use_rgb=True,
+                             image_weight=1 - alpha)
+
+
+def border_score(heatmaps: torch.Tensor, band: float = 0.1) -> torch.Tensor:
+    """Share of each heatmap's heat in the outer band (edges and corners, ``band`` of each side).
+
+    A model that has learned a shortcut (markers, text, collimation at the image border) puts its heat
+    there; a uniform map scores 1 - (1 - 2·band)², 0.36 for the default band.
+    """
+    h, w = heatmaps.shape[-2:]
+    bh, bw = max(1, round(h * band)), max(1, round(w * band))
+    mask = torch.ones(h, w, dtype=torch.bool, device=heatmaps.device)
+    mask[bh:h - bh, bw:w - bw] = False
+    total = heatmaps.sum(dim=(-2, -1)).clamp_min(1e-12)
+    return (heatmaps * mask).sum(dim=(-2, -1)) / total

@@ -1,0 +1,119 @@
+"""Clinical classification metrics with intervals, from predicted probabilities (scikit-learn underneath)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+from sklearn import metrics as skm
+
+__all__ = ["classification_metrics", "expected_calibration_error", "auc_score", "bootstrap_ci",
+           "best_threshold"]
+
+
+def auc_score(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """Binary: AUC of the positive class; multi-class: macro one-vs-rest. None when undefined."""
+    k = probs.shape[1]
+    present = np.unique(labels)
+    if len(present) < 2:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if k == 2:
+            return float(skm.roc_auc_score(labels, probs[:, 1]))
+        if len(present) < k:  # macro OvR over the classes present only
+            cols = present
+            p = probs[:, cols] / probs[:, cols].sum(1, keepdims=True)
+            remap = {c: i for i, c in enumerate(cols)}
+            return float(skm.roc_auc_score([remap[c] for c in labels], p, multi_class="ovr", average="macro"))
+        return float(skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE with equal-width confidence bins (Guo et al., "On Calibration of Modern Neural
+    Networks", ICML 2017). Written here because scikit-learn has calibration curves but no ECE."""
+    conf = probs.max(1)
+    correct = (probs.argmax(1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        mask = (conf > lo) & (conf <= hi)
+        if mask.any():
+            ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
+    return float(ece)
+
+
+def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> dict[str, list[float] | None]:
+    """Percentile bootstrap intervals for AUC and accuracy over resampled test cases."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    pred = probs.argmax(1)
+    aucs, accs = [], []
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        accs.append(float((pred[idx] == labels[idx]).mean()))
+        a = auc_score(labels[idx], probs[idx])
+        if a is not None:
+            aucs.append(a)
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    return {
+        "auc": [float(np.percentile(aucs, lo)), float(np.percentile(aucs, hi))] if aucs else None,
+        "accuracy": [float(np.percentile(accs, lo)), float(np.percentile(accs, hi))],
+    }
+
+
+def best_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Binary only: the positive-class threshold that maximizes Youden's J (sensitivity + specificity - 1)."""
+    fpr, tpr, thr = skm.roc_curve(labels, probs[:, 1])
+    j = tpr - fpr
+    t = float(thr[int(np.argmax(j))])
+    return min(max(t, 0.0), 1.0)
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], *,
+                           n_boot: int = 1000, seed: int = 0, threshold: float | None = None) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, AUC, ECE, per-class precision/recall/specificity/F1/support,
+    the confusion matrix and report text, and 95% bootstrap intervals for AUC and accuracy.
+
+    For binary tasks, ``threshold`` (chosen on validation data) adds the accuracy at that threshold.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    k = len(classes)
+    pred = probs.argmax(1)
+    cm = skm.confusion_matrix(labels, pred, labels=list(range(k)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prec, rec, f1, support = skm.precision_recall_fscore_support(labels, pred, labels=list(range(k)),
+                                                                     zero_division=0)
+        bacc = float(skm.balanced_accuracy_score(labels, pred))
+        report = skm.classification_report(labels, pred, labels=list(range(k)), target_names=classes,
+                                           zero_division=0, digits=4)
+    total = cm.sum()
+    per_class = {}
+    for i, c in enumerate(classes):
+        tn = total - cm[i, :].sum() - cm[:, i].sum() + cm[i, i]
+        fp = cm[:, i].sum() - cm[i, i]
+        per_class[c] = {
+            "precision": float(prec[i]), "recall": float(rec[i]),
+            "specificity": float(tn / (tn + fp)) if (tn + fp) else 0.0,
+            "f1": float(f1[i]), "support": int(support[i]),
+        }
+    out: dict[str, Any] = {
+        "n": int(len(labels)),
+        "accuracy": float((pred == labels).mean()),
+        "balanced_accuracy": bacc,
+        "auc": auc_score(labels, probs),
+        "ece": expected_calibration_error(labels, probs),
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "report": report,
+    }
+    if n_boot:
+        out["ci95"] = bootstrap_ci(labels, probs, n_boot=n_boot, seed=seed)
+    if k == 2 and threshold is not None:
+        out["threshold"] = float(threshold)
+        out["accuracy_at_threshold"] = float(((probs[:, 1] >= threshold).astype(int) == labels).mean())
+    return out

@@ -1,0 +1,246 @@
+"""Backbones: every model comes from timm's registry; medsight adds its CoAtNet configs to that registry.
+
+Dai, Liu, Le, Tan, "CoAtNet: Marrying Convolution and Attention for All Data Sizes", NeurIPS 2021.
+``coatnet_0`` is the paper's CoAtNet-0 (2-3-5-2 blocks, 96/192/384/768 channels, ~25M parameters);
+``coatnet_tiny`` has one block per stage (~2.6M) for small data sets and CPUs. Both take a ``layout``:
+``CCTT`` (the paper's, MBConv in stages 1-2, relative-attention Transformer in 3-4) or ``CCCT``.
+
+Beyond timm, this module keeps only what timm lacks: which layer Grad-CAM should look at, and how to
+turn token outputs back into a feature map, for each architecture family.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.maxxvit import MaxxVit, MaxxVitCfg, checkpoint_filter_fn
+from torch import nn
+
+__all__ = ["ModelError", "create_model", "data_config", "CamTarget", "cam_target", "count_parameters",
+           "list_models", "MEDSIGHT_MODELS", "load_weights"]
+
+log = logging.getLogger("medsight")
+
+
+class ModelError(ValueError):
+    """A model that cannot be built: unknown name, weights that do not fit, no network for --pretrained."""
+
+
+_COAT_LAYOUTS = {"CCTT": ("C", "C", "T", "T"), "CCCT": ("C", "C", "C", "T")}
+
+#: medsight's CoAtNet configurations: name -> (depths, channels, stem width, timm name with weights or None).
+_COATNETS: dict[str, tuple[tuple[int, ...], tuple[int, ...], Any, str | None]] = {
+    "coatnet_tiny": ((1, 1, 1, 1), (32, 64, 128, 256), (16, 32), None),
+    "coatnet_0": ((2, 3, 5, 2), (96, 192, 384, 768), 64, "coatnet_0_rw_224.sw_in1k"),
+    "coatnet_1": ((2, 6, 14, 2), (96, 192, 384, 768), 64, "coatnet_1_rw_224.sw_in1k"),
+    "coatnet_2": ((2, 6, 14, 2), (128, 256, 512, 1024), 128, "coatnet_2_rw_224.sw_in12k_ft_in1k"),
+}
+MEDSIGHT_MODELS = tuple(_COATNETS)
+
+default_cfgs = generate_default_cfgs({
+    f"{name}.untrained": {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7), "crop_pct": 0.95,
+        "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+        "first_conv": "stem.conv1", "classifier": "head.fc", "fixed_input_size": True,
+    }
+    for name in _COATNETS
+})
+
+
+def _build_coatnet(name: str, pretrained: bool = False, layout: str = "CCTT", **kwargs: Any) -> MaxxVit:
+    depths, dims, stem, _ = _COATNETS[name]
+    layout = (layout or "CCTT").upper()
+    if layout not in _COAT_LAYOUTS:
+        raise ModelError(f"layout must be one of {', '.join(_COAT_LAYOUTS)}, got {layout!r}")
+    cfg = MaxxVitCfg(embed_dim=dims, depths=depths, block_type=_COAT_LAYOUTS[layout], stem_width=stem,
+                     head_hidden_size=dims[-1] if name != "coatnet_tiny" else None)
+    return build_model_with_cfg(MaxxVit, name, pretrained, model_cfg=cfg,
+                                feature_cfg=dict(flatten_sequential=True),
+                                pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+
+
+@register_model
+def coatnet_tiny(pretrained: bool = False, **kwargs: Any) -> MaxxVit:
+    """One block per stage (1-1-1-1), 32-64-128-256 channels: CoAtNet for small data and CPUs."""
+    return _build_coatnet("coatnet_tiny", pretrained, **kwargs)
+
+
+@register_model
+def coatnet_0(pretrained: bool = False, **kwargs: Any) -> MaxxVit:
+    """The paper's CoAtNet-0: 2-3-5-2 blocks, 96-192-384-768 channels."""
+    return _build_coatnet("coatnet_0", pretrained, **kwargs)
+
+
+@register_model
+def coatnet_1(pretrained: bool = False, **kwargs: Any) -> MaxxVit:
+    """The paper's CoAtNet-1: 2-6-14-2 blocks, 96-192-384-768 channels."""
+    return _build_coatnet("coatnet_1", pretrained, **kwargs)
+
+
+@register_model
+def coatnet_2(pretrained: bool = False, **kwargs: Any) -> MaxxVit:
+    """The paper's CoAtNet-2: 2-6-14-2 blocks, 128-256-512-1024 channels."""
+    return _build_coatnet("coatnet_2", pretrained, **kwargs)
+
+
+def list_models(pattern: str = "") -> list[str]:
+    """Every backbone name medsight can build (timm's registry, medsight's CoAtNets included)."""
+    return timm.list_models(pattern or "*")
+
+
+def _unknown_model(name: str) -> ModelError:
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Close names: {', '.join(close)}." if close else " `medsight models` lists them."
+    return ModelError(f"unknown model {name!r}: timm has no backbone of that name.{hint}")
+
+
+def create_model(name: str, num_classes: int, img_size: int, pretrained: bool = False,
+                 weights: str | None = None, layout: str | None = None, drop_path_rate: float = 0.0) -> nn.Module:
+    """Build a timm backbone with a fresh ``num_classes`` head.
+
+    ``pretrained`` downloads timm's weights (for medsight's CoAtNets: the closest timm CoAtNet's weights,
+    which only fit the default layout); ``weights`` loads a local file instead.
+    """
+    if not timm.is_model(name):
+        raise _unknown_model(name)
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    fixed = timm.models.get_pretrained_cfg_value(name, "fixed_input_size")
+    if fixed or name in _COATNETS:
+        kwargs["img_size"] = img_size
+    if name in _COATNETS:
+        kwargs["layout"] = layout or "CCTT"
+    elif layout:
+        raise ModelError(f"model.layout applies to medsight's CoAtNets ({', '.join(_COATNETS)}), not {name}")
+    if pretrained and weights:
+        raise ModelError("give either --pretrained (download timm's weights) or --weights PATH, not both")
+    if pretrained and name in _COATNETS:
+        source = _COATNETS[name][3]
+        if source is None or (layout or "CCTT").upper() != "CCTT":
+            raise ModelError(f"no pretrained weights exist for {name} with layout {layout or 'CCTT'}; "
+                             f"train from scratch or pass --weights PATH")
+        kwargs["pretrained_cfg_overlay"] = {"hf_hub_id": f"timm/{source.split('.')[0]}.{source.split('.')[1]}"}
+        model = _download(lambda: timm.create_model(source, pretrained=True, **{k: v for k, v in kwargs.items()
+                                                                                 if k not in ("layout", "pretrained_cfg_overlay")}), name)
+        return model
+    if pretrained:
+        return _download(lambda: timm.create_model(name, pretrained=True, **kwargs), name)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if weights:
+        load_weights(model, weights)
+    return model
+
+
+def _download(build: Callable[[], nn.Module], name: str) -> nn.Module:
+    try:
+        return build()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ModelError(f"could not get pretrained weights for {name} ({type(exc).__name__}: {exc}). "
+                         f"Without network access, download them elsewhere and pass --weights PATH, or train "
+                         f"from scratch without --pretrained.") from exc
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load backbone weights from a local .safetensors / .pt / .pth file; a mismatched head is left fresh."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"weights file not found: {p}")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means the file is not usable weights
+        raise ModelError(f"cannot read weights from {p}: {exc}") from exc
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ModelError(f"{p} does not hold a state dict")
+    own = model.state_dict()
+    fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not fitting:
+        raise ModelError(f"none of the {len(state)} tensors in {p} fit this model; is it for another architecture?")
+    skipped = sorted(set(state) - set(fitting))
+    missing = sorted(set(own) - set(fitting))
+    model.load_state_dict(fitting, strict=False)
+    log.info("loaded %d tensors from %s (%d skipped, %d left at init: %s)", len(fitting), p, len(skipped),
+             len(missing), ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else ""))
+
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """Mean/std/interpolation from timm's own data config of the model."""
+    return timm.data.resolve_model_data_config(model)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------- what timm lacks: CAM layers
+
+@dataclass
+class CamTarget:
+    """The layer Grad-CAM reads, and how its output becomes (B, C, H, W)."""
+
+    layer: nn.Module
+    name: str
+    reshape: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def _nhwc_to_nchw(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 3, 1, 2)
+
+
+def _tokens_to_nchw(prefix: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def reshape(t: torch.Tensor) -> torch.Tensor:
+        t = t[:, prefix:, :]
+        side = int(round(t.shape[1] ** 0.5))
+        return t.reshape(t.shape[0], side, side, t.shape[2]).permute(0, 3, 1, 2)
+    return reshape
+
+
+def _family_target(model: nn.Module) -> tuple[str, Callable[[torch.Tensor], torch.Tensor] | None]:
+    cls = type(model).__name__
+    if cls in ("MaxxVit", "ConvNeXt", "RegNet", "CoaT"):
+        return "stages.%d" % (len(model.stages) - 1), None
+    if cls in ("ResNet",):
+        return "layer4", None
+    if cls in ("DenseNet",):
+        return "features", None
+    if cls in ("EfficientNet", "MobileNetV3"):
+        return "bn2", None
+    if cls in ("SwinTransformerV2", "SwinTransformer"):
+        return "layers.%d" % (len(model.layers) - 1), _nhwc_to_nchw
+    if cls in ("VisionTransformer", "Eva", "DeiT"):
+        prefix = getattr(model, "num_prefix_tokens", 1)
+        return "blocks.%d.norm1" % (len(model.blocks) - 1), _tokens_to_nchw(prefix)
+    if hasattr(model, "stages"):
+        return "stages.%d" % (len(model.stages) - 1), None
+    if hasattr(model, "layer4"):
+        return "layer4", None
+    raise ModelError(f"no default Grad-CAM layer for {cls}; pass a target layer name")
+
+
+def cam_target(model: nn.Module, name: str | None = None) -> CamTarget:
+    """The Grad-CAM target of ``model``: ``name`` (a dotted module path) or the family's last stage."""
+    inner = getattr(model, "module", model)  # DDP wrapper
+    default_name, reshape = _family_target(inner)
+    name = name or default_name
+    modules = dict(inner.named_modules())
+    if name not in modules:
+        close = difflib.get_close_matches(name, [n for n in modules if n], n=5, cutoff=0.5)
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        raise ModelError(f"target layer {name!r} does not exist in {type(inner).__name__}.{hint}")
+    return CamTarget(layer=modules[name], name=name, reshape=reshape if name == default_name else None)

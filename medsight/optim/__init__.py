@@ -1,0 +1,66 @@
+"""Optimizers by name (plain and SAM-wrapped) and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from medsight.optim.sam import SAM, bn_update_disabled
+
+if TYPE_CHECKING:
+    from medsight.config import OptimConfig, ScheduleConfig
+
+__all__ = ["SAM", "OPTIMIZERS", "bn_update_disabled", "create_optimizer", "create_scheduler", "is_sam"]
+
+#: name -> (base optimizer class, wrapped in SAM?). The CLI choices and config validation read this.
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], bool]] = {
+    "sgd": (torch.optim.SGD, False),
+    "adam": (torch.optim.Adam, False),
+    "adamw": (torch.optim.AdamW, False),
+    "sam-sgd": (torch.optim.SGD, True),
+    "sam-adam": (torch.optim.Adam, True),
+    "sam-adamw": (torch.optim.AdamW, True),
+}
+
+
+def is_sam(optimizer: torch.optim.Optimizer) -> bool:
+    return isinstance(optimizer, SAM)
+
+
+def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Build the optimizer named in ``cfg``; biases and norm weights get no weight decay (timm's grouping)."""
+    from timm.optim import param_groups_weight_decay
+
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.name!r}; choose from {', '.join(OPTIMIZERS)}")
+    base, sam = OPTIMIZERS[cfg.name]
+    params = param_groups_weight_decay(model, cfg.weight_decay)
+    kwargs: dict = {"lr": cfg.lr}
+    if base is torch.optim.SGD:
+        kwargs.update(momentum=cfg.momentum, nesterov=False)
+    if sam:
+        return SAM(params, base, rho=cfg.rho, adaptive=cfg.adaptive, **kwargs)
+    return base(params, **kwargs)
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int,
+                     steps_per_epoch: int, base_lr: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-iteration schedule: cosine with linear warmup, StepLR (by epoch) or constant."""
+    total = max(1, epochs * steps_per_epoch)
+    warmup = min(cfg.warmup_epochs * steps_per_epoch, total - 1) if cfg.name == "cosine" else 0
+    floor = min(cfg.min_lr / base_lr, 1.0)
+
+    def factor(step: int) -> float:
+        if cfg.name == "step":
+            return cfg.gamma ** (step // (cfg.step_size * steps_per_epoch))
+        if cfg.name == "none":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

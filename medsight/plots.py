@@ -1,0 +1,118 @@
+"""Figures of a run: training curves, confusion matrix, ROC curves, Grad-CAM gallery and overlays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+__all__ = ["plot_curves", "plot_confusion", "plot_roc", "plot_gallery", "plot_explanation"]
+
+
+def _save(fig: plt.Figure, path: str | Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(history: Sequence[dict[str, float]], path: str | Path, best_epoch: int | None = None) -> None:
+    ep = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(ep, [r["train_loss"] for r in history], "o-", label="train")
+    axes[0].plot(ep, [r["val_loss"] for r in history], "o-", label="val")
+    axes[0].set_title("loss")
+    axes[1].plot(ep, [r["train_acc"] for r in history], "o-", label="train acc")
+    axes[1].plot(ep, [r["val_acc"] for r in history], "o-", label="val acc")
+    axes[1].plot(ep, [r["val_auc"] for r in history], "s--", label="val AUC")
+    axes[1].set_title("accuracy / AUC")
+    axes[2].plot(ep, [r["lr"] for r in history], "o-")
+    axes[2].set_title("learning rate (end of epoch)")
+    axes[2].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if best_epoch:
+            ax.axvline(best_epoch, color="grey", ls=":", lw=1)
+    axes[0].legend()
+    axes[1].legend()
+    _save(fig, path)
+
+
+def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path, title: str = "") -> None:
+    cm = np.asarray(cm)
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(2.2 + 0.7 * k, 1.8 + 0.7 * k))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(range(k), classes, rotation=30, ha="right")
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix (test)")
+    _save(fig, path)
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], classes: Sequence[str], path: str | Path) -> None:
+    """``curves``: name -> (labels, probs); binary plots the positive class, multi-class one curve per class."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    for name, (labels, probs) in curves.items():
+        if probs.shape[1] == 2:
+            if len(np.unique(labels)) > 1:
+                fpr, tpr, _ = roc_curve(labels, probs[:, 1])
+                ax.plot(fpr, tpr, label=name)
+        else:
+            for c in range(probs.shape[1]):
+                y = (labels == c).astype(int)
+                if 0 < y.sum() < len(y):
+                    fpr, tpr, _ = roc_curve(y, probs[:, c])
+                    ax.plot(fpr, tpr, label=f"{name}: {classes[c]}")
+    ax.plot([0, 1], [0, 1], "k:", lw=1)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("ROC")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_gallery(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """``rows``: each {"title": str, "items": [{"image": HxWx3, "overlay": HxWx3, "caption": str}]}."""
+    n_cols = max(1, max((len(r["items"]) for r in rows), default=1)) * 2
+    n_rows = max(1, len(rows))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.6 * n_cols, 1.9 * n_rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for r, row in enumerate(rows):
+        axes[r, 0].set_title(row["title"], fontsize=8, loc="left")
+        for i, item in enumerate(row["items"]):
+            axes[r, 2 * i].imshow(item["image"])
+            axes[r, 2 * i + 1].imshow(item["overlay"])
+            axes[r, 2 * i + 1].set_title(item["caption"], fontsize=7)
+        if not row["items"]:
+            axes[r, 0].text(0, 0.5, "(none)", fontsize=8)
+    _save(fig, path)
+
+
+def plot_explanation(image: np.ndarray, overlays: dict[str, np.ndarray], title: str, path: str | Path) -> None:
+    """The original beside one overlay per method."""
+    n = 1 + len(overlays)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.5), squeeze=False)
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title("image", fontsize=9)
+    for ax, (name, ov) in zip(axes[0, 1:], overlays.items()):
+        ax.imshow(ov)
+        ax.set_title(name, fontsize=9)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)

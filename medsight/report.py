@@ -1,0 +1,222 @@
+"""After training: evaluate the best checkpoint, draw the figures, write metrics.json and report.html."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from medsight.checkpoint import load_model, write_text_atomic
+from medsight.config import DEFAULT_DATA, Config, config_to_dict
+from medsight.data import DataBundle, ImageDataset
+from medsight.explain import BORDER_WARN, border_score, explain, overlay
+from medsight.metrics import best_threshold, classification_metrics
+from medsight.plots import plot_confusion, plot_curves, plot_gallery, plot_roc
+
+__all__ = ["finish_run", "write_report", "gradcam_gallery", "PNEUMONIAMNIST_BASELINES", "baseline_table"]
+
+#: Published test-set results on PneumoniaMNIST (MedMNIST v2, Yang et al. 2023, Table 3).
+PNEUMONIAMNIST_BASELINES = [
+    ("ResNet-18 (28)", 0.944, 0.854),
+    ("ResNet-18 (224)", 0.956, 0.864),
+    ("ResNet-50 (28)", 0.948, 0.854),
+    ("ResNet-50 (224)", 0.962, 0.884),
+    ("auto-sklearn", 0.942, 0.855),
+    ("AutoKeras", 0.947, 0.878),
+    ("Google AutoML Vision", 0.991, 0.946),
+]
+
+
+def baseline_table(name: str, auc: float | None, acc: float) -> str:
+    rows = [(f"medsight {name}", auc, acc)] + PNEUMONIAMNIST_BASELINES
+    lines = [f"{'PneumoniaMNIST test':<28} {'AUC':>6} {'ACC':>6}"]
+    for label, a, c in sorted(rows, key=lambda r: -(r[1] or 0)):
+        mark = "  <-- this run" if label.startswith("medsight") else ""
+        lines.append(f"{label:<28} {a if a is not None else float('nan'):>6.3f} {c:>6.3f}{mark}")
+    return "\n".join(lines)
+
+
+def _display(img: torch.Tensor) -> np.ndarray:
+    return img.permute(1, 2, 0).clamp(0, 1).numpy()
+
+
+def gradcam_gallery(model: torch.nn.Module, ds: ImageDataset, probs: np.ndarray, labels: np.ndarray,
+                    classes: list[str], device: torch.device, method: str, target_layer: str | None,
+                    per_class: int, seed: int = 0) -> tuple[list[dict[str, Any]], float, int]:
+    """Gallery rows (correct / misclassified per class) and the mean border score over a test sample."""
+    rng = np.random.default_rng(seed)
+    pred = probs.argmax(1)
+    chosen: list[tuple[str, list[int]]] = []
+    for c, name in enumerate(classes):
+        for kind, mask in (("correct", (labels == c) & (pred == c)), ("misclassified", (labels == c) & (pred != c))):
+            idx = np.flatnonzero(mask)
+            pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
+            chosen.append((f"{name}: {kind}", [int(i) for i in pick]))
+    sample = rng.choice(len(labels), size=min(len(labels), 256), replace=False)
+    wanted = sorted({i for _, ids in chosen for i in ids} | {int(i) for i in sample})
+    size = ds.transform.transforms[0].size
+    heat: dict[int, np.ndarray] = {}
+    scores = []
+    for start in range(0, len(wanted), 64):
+        ids = wanted[start:start + 64]
+        items = [ds[i] for i in ids]
+        keep = [(i, x) for i, (x, _) in zip(ids, items) if x is not None]
+        if not keep:
+            continue
+        x = torch.stack([x for _, x in keep]).to(device)
+        maps = explain(model, x, method=method, target_layer=target_layer)
+        scores.append(border_score(maps).cpu())
+        for (i, _), m in zip(keep, maps.cpu().numpy()):
+            heat[i] = m
+    rows = []
+    for title, ids in chosen:
+        items = []
+        for i in ids:
+            if i not in heat:
+                continue
+            img = torch.nn.functional.interpolate(ds.load(i)[None], size=size, mode="bilinear",
+                                                  antialias=True, align_corners=False)[0]
+            disp = _display(img)
+            items.append({"image": disp, "overlay": overlay(disp, heat[i]),
+                          "caption": f"pred {classes[pred[i]]} {probs[i, pred[i]]:.2f}"})
+        rows.append({"title": title, "items": items})
+    mean_border = float(torch.cat(scores).mean()) if scores else float("nan")
+    return rows, mean_border, len(torch.cat(scores)) if scores else 0
+
+
+def _img_tag(path: Path) -> str:
+    if not path.exists():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return html.escape(str(v))
+
+
+def write_report(out: Path, cfg: Config, metrics: dict[str, Any], title: str = "medsight run") -> Path:
+    """A self-contained HTML page (figures embedded) with config, metrics, plots and the gallery."""
+    test = metrics["test"]
+    val = metrics.get("val", {})
+    rows = []
+    for key in ("accuracy", "balanced_accuracy", "auc", "ece", "accuracy_at_threshold"):
+        if key in test:
+            ci = test.get("ci95", {}).get(key)
+            ci_txt = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+            rows.append(f"<tr><td>{key}</td><td>{_fmt(val.get(key))}</td><td>{_fmt(test[key])}{ci_txt}</td></tr>")
+    per_class = "".join(
+        f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(m[k])}</td>" for k in
+                                                   ("precision", "recall", "specificity", "f1", "support")) + "</tr>"
+        for c, m in test["per_class"].items())
+    expl = metrics.get("explain", {})
+    warn = ""
+    if expl.get("border_warning"):
+        warn = (f'<p class="warn">⚠ Mean border score {expl["border_score_mean"]:.3f} &gt; {BORDER_WARN}: the '
+                f'heatmaps concentrate on image borders/corners — check for shortcuts (markers, text, '
+                f'collimation).</p>')
+    baseline = metrics.get("baselines")
+    baseline_html = f"<h2>Published baselines</h2><pre>{html.escape(baseline)}</pre>" if baseline else ""
+    skipped = metrics.get("skipped_files", [])
+    skipped_html = (f"<p class='warn'>{len(skipped)} unreadable file(s) skipped: "
+                    f"{html.escape(', '.join(skipped[:20]))}</p>") if skipped else ""
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+img {{ max-width: 100%; margin: 0.5em 0; }}
+pre {{ background: #f6f6f6; padding: 0.8em; overflow-x: auto; }}
+.warn {{ color: #a00; font-weight: bold; }}
+.note {{ color: #666; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p class="note">Research use only — not for clinical use. Model {html.escape(cfg.model.name)} ·
+optimizer {html.escape(cfg.optim.name)} · best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')} ·
+{metrics.get('parameters', 0) / 1e6:.2f}M parameters · data {html.escape(str(metrics.get('data')))}</p>
+{skipped_html}
+<h2>Metrics</h2>
+<table><tr><th>metric</th><th>val</th><th>test (95% CI)</th></tr>{''.join(rows)}</table>
+<h3>Per class (test)</h3>
+<table><tr><th>class</th><th>precision</th><th>recall</th><th>specificity</th><th>F1</th><th>support</th></tr>
+{per_class}</table>
+<pre>{html.escape(test.get('report', ''))}</pre>
+{baseline_html}
+<h2>Training curves</h2>{_img_tag(out / 'curves.png')}
+<h2>Confusion matrix and ROC</h2>{_img_tag(out / 'confusion_matrix.png')} {_img_tag(out / 'roc.png')}
+<h2>Grad-CAM gallery ({html.escape(expl.get('method', ''))}, layer {html.escape(str(expl.get('target_layer')))})</h2>
+<p>Mean border score over {expl.get('n', 0)} test images: {_fmt(expl.get('border_score_mean'))}
+(share of heat in the outer 10% band; a uniform map scores 0.36).</p>{warn}
+{_img_tag(out / 'gradcam_gallery.png')}
+<h2>Configuration</h2><pre>{html.escape(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))}</pre>
+</body></html>
+"""
+    path = out / "report.html"
+    write_text_atomic(page, path)
+    return path
+
+
+def finish_run(out: Path, cfg: Config, bundle: DataBundle, val_loader: DataLoader, test_loader: DataLoader,
+               test_ds: ImageDataset, device: torch.device, history: list[dict[str, float]], best_epoch: int,
+               skipped: list[str], n_params: int) -> dict[str, Any]:
+    """Reload best.pt, evaluate on val and test, write figures, metrics.json and report.html."""
+    from medsight.models import cam_target
+    from medsight.train import predict_proba
+
+    model, _ = load_model(out / "best.pt", device)
+    model = model.to(memory_format=torch.channels_last)
+    vp, vl, _, _ = predict_proba(model, val_loader, device, desc="val")
+    tp, tl, _, _ = predict_proba(model, test_loader, device, desc="test")
+    classes = bundle.classes
+    threshold = best_threshold(vl, vp) if len(classes) == 2 and len(np.unique(vl)) == 2 else None
+    val_m = classification_metrics(vl, vp, classes, n_boot=0, threshold=threshold)
+    test_m = classification_metrics(tl, tp, classes, n_boot=1000, seed=cfg.train.seed, threshold=threshold)
+    plot_curves(history, out / "curves.png", best_epoch)
+    plot_confusion(test_m["confusion_matrix"], classes, out / "confusion_matrix.png")
+    plot_roc({"val": (vl, vp), "test": (tl, tp)}, classes, out / "roc.png")
+    layer = cam_target(model, cfg.explain.target_layer).name
+    rows, border, n_border = gradcam_gallery(model, test_ds, tp, tl, classes, device, cfg.explain.method,
+                                             cfg.explain.target_layer, cfg.explain.gallery_per_class,
+                                             seed=cfg.train.seed)
+    plot_gallery(rows, out / "gradcam_gallery.png")
+    metrics: dict[str, Any] = {
+        "val": val_m, "test": test_m, "classes": classes, "best_epoch": best_epoch, "epochs_run": len(history),
+        "monitor": cfg.train.monitor, "parameters": n_params, "data": bundle.source,
+        "train_seconds": float(sum(r["seconds"] for r in history)),
+        "explain": {"method": cfg.explain.method, "target_layer": layer, "border_score_mean": border,
+                    "n": n_border, "border_warning": bool(border > BORDER_WARN)},
+        "skipped_files": skipped,
+    }
+    if Path(bundle.source) == DEFAULT_DATA:
+        metrics["baselines"] = baseline_table(cfg.model.name, test_m["auc"], test_m["accuracy"])
+    write_text_atomic(json.dumps(metrics, indent=2), out / "metrics.json")
+    write_report(out, cfg, metrics, title=f"medsight run: {out.name}")
+    ci = test_m.get("ci95", {})
+    auc_ci = ci.get("auc")
+    print(f"test: accuracy {test_m['accuracy']:.4f} [{ci['accuracy'][0]:.4f}, {ci['accuracy'][1]:.4f}] · "
+          f"balanced {test_m['balanced_accuracy']:.4f} · AUC "
+          + (f"{test_m['auc']:.4f} [{auc_ci[0]:.4f}, {auc_ci[1]:.4f}]" if auc_ci else "n/a")
+          + f" · ECE {test_m['ece']:.4f}")
+    if "accuracy_at_threshold" in test_m:
+        print(f"test: accuracy {test_m['accuracy_at_threshold']:.4f} at the threshold chosen on val "
+              f"({test_m['threshold']:.3f})")
+    if border > BORDER_WARN:
+        print(f"WARNING: mean Grad-CAM border score {border:.3f} > {BORDER_WARN}: the model may rely on "
+              f"image borders/corners (shortcut); see {out / 'report.html'}")
+    if "baselines" in metrics:
+        print(metrics["baselines"])
+    print(f"run folder: {out}  (report: {out / 'report.html'})")
+    return metrics
