@@ -86,10 +86,10 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 12
+    epochs: int = 4
     batch_size: int = 64
     label_smoothing: float = 0.0
-    class_weights: bool = False  # inverse-frequency weights in the cross-entropy
+    class_weights: bool = True  # inverse-frequency weights in the cross-entropy
     monitor: str = "auc"  # validation metric that picks best.pt: auc | accuracy | balanced_accuracy | loss
     patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
     seed: int = 0
@@ -148,6 +148,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return [_coerce(v, item_tp, key) for v in value]
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)

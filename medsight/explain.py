@@ -95,7 +95,7 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
     if isinstance(target_layer, nn.Module):
         layer = target_layer
     else:
-        target = cam_target(model, target_layer)
+        target = cam_target(model, target_layer, img_size=min(images.shape[-2:]))
         layer, reshape = target.layer, target.reshape
     try:
         with torch.no_grad():

@@ -233,10 +233,30 @@ def _family_target(model: nn.Module) -> tuple[str, Callable[[torch.Tensor], torc
     raise ModelError(f"no default Grad-CAM layer for {cls}; pass a target layer name")
 
 
-def cam_target(model: nn.Module, name: str | None = None) -> CamTarget:
-    """The Grad-CAM target of ``model``: ``name`` (a dotted module path) or the family's last stage."""
+def _deepest_usable_stage(model: nn.Module, default: str, img_size: int, min_side: int) -> str:
+    """For small inputs the last stage can be 1×1 or 2×2, which makes a flat heatmap: step back to the
+    deepest stage (per timm's ``feature_info``) whose map is at least ``min_side`` pixels on a side."""
+    info = getattr(model, "feature_info", None)
+    if not info or img_size is None:
+        return default
+    entries = list(info) if isinstance(info, list) else [
+        {"module": m, "reduction": r} for m, r in zip(info.module_name(), info.reduction())]
+    if not entries or entries[-1].get("module") != default:
+        return default
+    for entry in reversed(entries):
+        if img_size // entry["reduction"] >= min_side:
+            return entry["module"]
+    return entries[0]["module"]
+
+
+def cam_target(model: nn.Module, name: str | None = None, img_size: int | None = None,
+               min_side: int = 4) -> CamTarget:
+    """The Grad-CAM target of ``model``: ``name`` (a dotted module path) or the family's last stage
+    (or, for inputs so small that it is under ``min_side``×``min_side``, the deepest stage that is not)."""
     inner = getattr(model, "module", model)  # DDP wrapper
     default_name, reshape = _family_target(inner)
+    if reshape is None and name is None:
+        default_name = _deepest_usable_stage(inner, default_name, img_size, min_side)
     name = name or default_name
     modules = dict(inner.named_modules())
     if name not in modules:

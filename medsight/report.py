@@ -187,7 +187,7 @@ def finish_run(out: Path, cfg: Config, bundle: DataBundle, val_loader: DataLoade
     plot_curves(history, out / "curves.png", best_epoch)
     plot_confusion(test_m["confusion_matrix"], classes, out / "confusion_matrix.png")
     plot_roc({"val": (vl, vp), "test": (tl, tp)}, classes, out / "roc.png")
-    layer = cam_target(model, cfg.explain.target_layer).name
+    layer = cam_target(model, cfg.explain.target_layer, img_size=cfg.data.image_size).name
     rows, border, n_border = gradcam_gallery(model, test_ds, tp, tl, classes, device, cfg.explain.method,
                                              cfg.explain.target_layer, cfg.explain.gallery_per_class,
                                              seed=cfg.train.seed)

@@ -87,6 +87,7 @@ class SAM(torch.optim.Optimizer):
         """Return to w and let the base optimizer step with the gradient taken at w + ε(w)."""
         self.restore()
         self.base_optimizer.step()
+        self._opt_called = True  # what torch's LR schedulers check; they only see a wrapped SAM.step
         if zero_grad:
             self.zero_grad()
 

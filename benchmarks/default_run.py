@@ -1,0 +1,56 @@
+"""Measure the main job: `medsight train` with no arguments, wall-clock time and test metrics.
+
+Targets (issue "The main job, end to end"): at most 5 minutes on a 2-core CPU; test AUC >= 0.95 and
+accuracy >= 0.87 on PneumoniaMNIST, above the published MedMNIST v2 ResNet-18 (28) baseline (0.944 / 0.854).
+
+    python benchmarks/default_run.py            # runs `medsight train` in a temporary folder
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+TARGET_SECONDS, TARGET_AUC, TARGET_ACC = 300, 0.95, 0.87
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "medsight", "train", "--no-progress"], cwd=tmp, check=True)
+        seconds = time.perf_counter() - t0
+        (run,) = list((Path(tmp) / "runs").iterdir())
+        metrics = json.loads((run / "metrics.json").read_text())
+    test = metrics["test"]
+    row = {
+        "command": "medsight train",
+        "seconds": round(seconds, 1),
+        "test_auc": round(test["auc"], 4),
+        "test_auc_ci95": [round(v, 4) for v in test["ci95"]["auc"]],
+        "test_acc": round(test["accuracy"], 4),
+        "test_acc_ci95": [round(v, 4) for v in test["ci95"]["accuracy"]],
+        "test_balanced_acc": round(test["balanced_accuracy"], 4),
+        "test_ece": round(test["ece"], 4),
+        "val_auc": round(metrics["val"]["auc"], 4),
+        "best_epoch": metrics["best_epoch"],
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads",
+        "targets_met": {"time": seconds <= TARGET_SECONDS, "auc": test["auc"] >= TARGET_AUC,
+                        "accuracy": test["accuracy"] >= TARGET_ACC},
+    }
+    out = Path(__file__).parent / "results" / "default_run.json"
+    out.write_text(json.dumps(row, indent=2) + "\n")
+    print(json.dumps(row, indent=2))
+    return 0 if all(row["targets_met"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Shared fixtures: small real image files on disk, in the layouts users have."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(2)
+
+
+def blob_image(label: int, rng: np.random.Generator, size: int = 32) -> np.ndarray:
+    """Grayscale uint8 noise; class 1 carries its evidence, a bright square, in the top-left quadrant."""
+    img = rng.integers(0, 60, (size, size)).astype(np.uint8)
+    q, side = size // 2, max(6, size // 6)
+    r0 = rng.integers(2, q - side - 2)
+    c0 = rng.integers(2, q - side - 2)
+    if label == 1:
+        img[r0:r0 + side, c0:c0 + side] = 230
+    return img
+
+
+def write_class_folders(root: Path, n_per_class: int = 12, seed: int = 0, fmt: str = "png") -> Path:
+    rng = np.random.default_rng(seed)
+    for label, name in enumerate(["normal", "pneumonia"]):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            Image.fromarray(blob_image(label, rng)).save(d / f"{name}_{i:03d}.{fmt}")
+    return root
+
+
+@pytest.fixture
+def class_folders(tmp_path: Path) -> Path:
+    return write_class_folders(tmp_path / "images")
+
+
+@pytest.fixture
+def small_npz(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(1)
+    arrays = {}
+    for split, n in (("train", 40), ("val", 12), ("test", 12)):
+        labels = np.array([i % 2 for i in range(n)], dtype=np.uint8)
+        arrays[f"{split}_images"] = np.stack([blob_image(int(y), rng) for y in labels])
+        arrays[f"{split}_labels"] = labels[:, None]
+    path = tmp_path / "blobs.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def tiny_overrides(out: Path, data: Path | str, epochs: int = 1) -> list[str]:
+    """Settings for a run that takes seconds on a CPU."""
+    return [f"data.path={data}", f"out={out}", f"train.epochs={epochs}", "data.image_size=32",
+            "train.batch_size=16", "explain.gallery_per_class=1", "schedule.warmup_epochs=0"]
