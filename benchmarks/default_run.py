@@ -47,6 +47,7 @@ def main() -> int:
                         "accuracy": test["accuracy"] >= TARGET_ACC},
     }
     out = Path(__file__).parent / "results" / "default_run.json"
+    out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(row, indent=2) + "\n")
     print(json.dumps(row, indent=2))
     return 0 if all(row["targets_met"].values()) else 1

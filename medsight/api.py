@@ -19,7 +19,7 @@ from medsight.metrics import classification_metrics
 from medsight.plots import plot_confusion, plot_explanation, plot_roc
 from medsight.train import predict_proba, resolve_device
 
-__all__ = ["Predictor", "evaluate", "predict", "explain_files", "collect_images"]
+__all__ = ["Predictor", "evaluate", "predict", "explain_files", "collect_images", "checkpoint_sharpness"]
 
 
 class Predictor:
@@ -145,3 +145,43 @@ def explain_files(checkpoint: str | Path, inputs: Sequence[str | Path], out: str
         lines.append(json.dumps(rec))
     write_text_atomic("\n".join(lines) + "\n", out / "explanations.jsonl")
     return results
+
+
+def checkpoint_sharpness(checkpoint: str | Path, data: str | None = None, rho: float = 0.05, n_batches: int = 4,
+                         device: str = "auto", seed: int = 0, write: bool = True) -> dict[str, Any]:
+    """ρ-sharpness of a checkpoint on fixed batches of its training images (or of ``data``).
+
+    With ``write``, the result is added under ``"sharpness"`` to the metrics.json beside the checkpoint.
+    """
+    from medsight.config import config_from_dict
+    from medsight.data import load_data
+    from medsight.sharpness import fixed_batches, sharpness
+
+    if not rho > 0:
+        raise ValueError(f"--rho must be > 0, got {rho}")
+    if n_batches < 1:
+        raise ValueError(f"--batches must be >= 1, got {n_batches}")
+    dev = resolve_device(device)
+    model, ckpt = load_model(checkpoint, dev)
+    classes = list(ckpt["classes"])
+    if data is None:
+        cfg = config_from_dict(ckpt["config"])
+        bundle = load_data(cfg.data)
+        split, source = bundle.splits["train"], bundle.source
+    else:
+        from medsight.data import _read_source
+
+        splits, data_classes, source = _read_source(data)
+        if len(data_classes) != len(classes):
+            raise ValueError(f"{source} has {len(data_classes)} classes but the model was trained on {len(classes)}")
+        split = splits.get("train") or splits.get("all") or next(iter(splits.values()))
+    ds = ImageDataset(split, make_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"], train=False))
+    result = sharpness(model, fixed_batches(ds, n_batches, seed=seed), rho=rho, seed=seed)
+    result["data"] = source
+    metrics_path = Path(checkpoint).parent / "metrics.json"
+    if write and metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+        metrics["sharpness"] = {k: v for k, v in result.items() if k != "written"}
+        write_text_atomic(json.dumps(metrics, indent=2), metrics_path)
+        result["written"] = str(metrics_path)
+    return result

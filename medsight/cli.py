@@ -90,6 +90,18 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sharpness(args: argparse.Namespace) -> int:
+    from medsight.api import checkpoint_sharpness
+
+    result = checkpoint_sharpness(args.checkpoint, data=args.data, rho=args.rho, n_batches=args.batches,
+                                  device=args.device, seed=args.seed, write=not args.no_write)
+    print(f"sharpness (rho {result['rho']:g}, {result['images']} images of {result['data']}): "
+          f"ascent {result['ascent']:.4f} · random {result['random']:.4f} · loss {result['loss']:.4f}")
+    if result.get("written"):
+        print(f"stored in {result['written']}")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from medsight.models import MEDSIGHT_MODELS, list_models
 
@@ -164,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="one JSON object per line")
     r.add_argument("--device", default="auto")
     r.set_defaults(func=_cmd_predict)
+
+    s = sub.add_parser("sharpness", help="estimate max L(w+e) - L(w) over ||e|| <= rho on fixed training batches")
+    s.add_argument("checkpoint")
+    s.add_argument("--rho", type=float, default=0.05)
+    s.add_argument("--data", help="images to measure on (default: the run's training split)")
+    s.add_argument("--batches", type=int, default=4, help="batches of 64 images")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-write", action="store_true", help="do not add the result to the run's metrics.json")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=_cmd_sharpness)
 
     m = sub.add_parser("models", help="list backbones (timm's registry plus medsight's CoAtNets)")
     m.add_argument("pattern", nargs="?", help="wildcard filter, e.g. 'convnext*'")

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,10 @@ class OptimConfig:
     momentum: float = 0.9
     rho: float = 0.05
     adaptive: bool = False
+    sam_bn: str = "first"  # BatchNorm running statistics from SAM's first pass only ("first") or "both"
+    sam_sync_first_pass: bool = False  # many GPUs: all-reduce the ascent gradient (False: per-replica, as in the paper)
+    looksam_k: int = 5  # looksam-*: SAM gradient recomputed every k steps
+    looksam_alpha: float = 0.7  # looksam-*: weight of the reused orthogonal SAM direction
 
 
 @dataclass
@@ -95,6 +100,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     grad_clip: float = 0.0  # max gradient norm; 0 = off
+    accum_steps: int = 1  # gradient accumulation: micro-batches of batch_size per optimizer step
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + gradient scaler)
+    grad_scaler: bool | None = None  # fp16 loss scaling; None = on for fp16 (ignored, with a warning, for bf16)
+    compile: bool = False  # torch.compile the model (GPU speed; CoAtNet compiles with fused attention off)
+    sharpness_batches: int = 4  # batches of training images for the sharpness estimate in metrics.json; 0 = off
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
 
@@ -113,10 +123,11 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
-    out: str = "runs/default"
+    out: str = ""  # run folder; empty: runs/MODEL-TIMESTAMP
 
 
 MONITORS = ("auc", "accuracy", "balanced_accuracy", "loss")
+PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "step", "none")
 LAYOUTS = ("CCTT", "CCCT")
 
@@ -254,8 +265,19 @@ def validate_config(cfg: Config) -> None:
     _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
     _check(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}")
-    if o.name.startswith("sam"):
+    if "sam" in o.name:
         _check(o.rho > 0, f"optim.rho must be > 0 for SAM, got {o.rho}")
+        if o.adaptive and not 0.01 <= o.rho <= 10:
+            warnings.warn(f"optim.rho={o.rho} is outside the usual range for adaptive SAM (0.01-10; the ASAM "
+                          f"paper uses 0.5-2)", stacklevel=2)
+    _check(o.sam_bn in ("first", "both"), f"optim.sam_bn must be 'first' or 'both', got {o.sam_bn!r}")
+    _check(o.looksam_k >= 1, f"optim.looksam_k must be >= 1, got {o.looksam_k}")
+    _check(o.looksam_alpha >= 0, f"optim.looksam_alpha must be >= 0, got {o.looksam_alpha}")
+    _check(t.accum_steps >= 1, f"train.accum_steps must be >= 1, got {t.accum_steps}")
+    _check(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
+    if t.grad_scaler and t.precision != "fp16":
+        warnings.warn(f"train.grad_scaler is only for fp16; ignored with precision {t.precision}", stacklevel=2)
+    _check(t.sharpness_batches >= 0, f"train.sharpness_batches must be >= 0, got {t.sharpness_batches}")
     _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     _check(0 <= t.label_smoothing < 1, f"train.label_smoothing must be in [0, 1), got {t.label_smoothing}")

@@ -13,7 +13,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from medsight.checkpoint import load_model, write_text_atomic
+from medsight.checkpoint import load_model, save_atomic, write_text_atomic
 from medsight.config import DEFAULT_DATA, Config, config_to_dict
 from medsight.data import DataBundle, ImageDataset
 from medsight.explain import BORDER_WARN, border_score, explain, overlay
@@ -131,6 +131,11 @@ def write_report(out: Path, cfg: Config, metrics: dict[str, Any], title: str = "
     skipped = metrics.get("skipped_files", [])
     skipped_html = (f"<p class='warn'>{len(skipped)} unreadable file(s) skipped: "
                     f"{html.escape(', '.join(skipped[:20]))}</p>") if skipped else ""
+    sh = metrics.get("sharpness")
+    sharp_html = (f"<h3>Sharpness</h3><p>max L(w+ε) − L(w) over ‖ε‖ ≤ {sh['rho']:g} on {sh['images']} training "
+                  f"images: gradient ascent {sh['ascent']:.4f}, random directions {sh['random']:.4f} "
+                  f"(loss at w {sh['loss']:.4f}). Flatter minima (smaller values) tend to generalize better.</p>"
+                  if sh else "")
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -154,7 +159,7 @@ optimizer {html.escape(cfg.optim.name)} · best epoch {metrics.get('best_epoch')
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>specificity</th><th>F1</th><th>support</th></tr>
 {per_class}</table>
 <pre>{html.escape(test.get('report', ''))}</pre>
-{baseline_html}
+{baseline_html}{sharp_html}
 <h2>Training curves</h2>{_img_tag(out / 'curves.png')}
 <h2>Confusion matrix and ROC</h2>{_img_tag(out / 'confusion_matrix.png')} {_img_tag(out / 'roc.png')}
 <h2>Grad-CAM gallery ({html.escape(expl.get('method', ''))}, layer {html.escape(str(expl.get('target_layer')))})</h2>
@@ -171,17 +176,20 @@ optimizer {html.escape(cfg.optim.name)} · best epoch {metrics.get('best_epoch')
 
 def finish_run(out: Path, cfg: Config, bundle: DataBundle, val_loader: DataLoader, test_loader: DataLoader,
                test_ds: ImageDataset, device: torch.device, history: list[dict[str, float]], best_epoch: int,
-               skipped: list[str], n_params: int) -> dict[str, Any]:
-    """Reload best.pt, evaluate on val and test, write figures, metrics.json and report.html."""
+               skipped: list[str], n_params: int, train_ds: ImageDataset | None = None,
+               loss_fn: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Reload best.pt, evaluate on val and test, measure sharpness, write figures, metrics.json, report.html."""
     from medsight.models import cam_target
     from medsight.train import predict_proba
 
-    model, _ = load_model(out / "best.pt", device)
+    model, ckpt = load_model(out / "best.pt", device)
     model = model.to(memory_format=torch.channels_last)
     vp, vl, _, _ = predict_proba(model, val_loader, device, desc="val")
     tp, tl, _, _ = predict_proba(model, test_loader, device, desc="test")
     classes = bundle.classes
     threshold = best_threshold(vl, vp) if len(classes) == 2 and len(np.unique(vl)) == 2 else None
+    if threshold is not None:  # kept with the model: `medsight evaluate` reports accuracy at it too
+        save_atomic({**ckpt, "threshold": float(threshold)}, out / "best.pt")
     val_m = classification_metrics(vl, vp, classes, n_boot=0, threshold=threshold)
     test_m = classification_metrics(tl, tp, classes, n_boot=1000, seed=cfg.train.seed, threshold=threshold)
     plot_curves(history, out / "curves.png", best_epoch)
@@ -200,6 +208,11 @@ def finish_run(out: Path, cfg: Config, bundle: DataBundle, val_loader: DataLoade
                     "n": n_border, "border_warning": bool(border > BORDER_WARN)},
         "skipped_files": skipped,
     }
+    if train_ds is not None and cfg.train.sharpness_batches:
+        from medsight.sharpness import fixed_batches, sharpness
+
+        batches = fixed_batches(train_ds, cfg.train.sharpness_batches, batch_size=64, seed=cfg.train.seed)
+        metrics["sharpness"] = sharpness(model, batches, rho=cfg.optim.rho, seed=cfg.train.seed)
     if Path(bundle.source) == DEFAULT_DATA:
         metrics["baselines"] = baseline_table(cfg.model.name, test_m["auc"], test_m["accuracy"])
     write_text_atomic(json.dumps(metrics, indent=2), out / "metrics.json")
@@ -213,6 +226,10 @@ def finish_run(out: Path, cfg: Config, bundle: DataBundle, val_loader: DataLoade
     if "accuracy_at_threshold" in test_m:
         print(f"test: accuracy {test_m['accuracy_at_threshold']:.4f} at the threshold chosen on val "
               f"({test_m['threshold']:.3f})")
+    if "sharpness" in metrics:
+        sh = metrics["sharpness"]
+        print(f"sharpness (rho {sh['rho']:g}, {sh['images']} training images): ascent {sh['ascent']:.4f} · "
+              f"random {sh['random']:.4f} · loss {sh['loss']:.4f}")
     if border > BORDER_WARN:
         print(f"WARNING: mean Grad-CAM border score {border:.3f} > {BORDER_WARN}: the model may rely on "
               f"image borders/corners (shortcut); see {out / 'report.html'}")

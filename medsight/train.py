@@ -7,6 +7,7 @@ atomically, so an interrupted run can always be resumed with ``resume=True``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -15,6 +16,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,11 +29,12 @@ from tqdm import tqdm
 
 from medsight.checkpoint import FORMAT, load_checkpoint, save_atomic, write_text_atomic
 from medsight.config import Config, ConfigError, config_to_dict, save_config, validate_config
+from medsight.distributed import DistInfo, broadcast_flag, check_replicas, init_distributed, shutdown
 from medsight.data import DataBundle, ImageDataset, load_data, make_loader, make_transform
 from medsight.models import count_parameters, create_model, data_config
-from medsight.optim import bn_update_disabled, create_optimizer, create_scheduler, is_sam
+from medsight.optim import LookSAM, bn_update_disabled, create_optimizer, create_scheduler, is_sam
 
-__all__ = ["train", "train_step", "predict_proba", "RunResult", "resolve_device", "TrainingError",
+__all__ = ["train", "train_step", "StepOptions", "autocast", "predict_proba", "RunResult", "resolve_device", "TrainingError",
            "HISTORY_FIELDS", "seed_everything"]
 
 log = logging.getLogger("medsight")
@@ -66,28 +69,99 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
-               loss_fn: nn.Module, grad_clip: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimization step; for SAM two forward-backward passes, BatchNorm statistics from the first.
+@dataclass
+class StepOptions:
+    """How :func:`train_step` runs: precision, accumulation, SAM's BatchNorm and multi-GPU behaviour."""
 
-    Returns the (detached) loss and logits of the first, unperturbed pass.
+    grad_clip: float = 0.0
+    accum_steps: int = 1
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+    sam_bn: str = "first"  # "first" | "both"
+    sync_first_pass: bool = True  # DDP: all-reduce the gradient of SAM's ascent pass
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def _forward_backward(model: nn.Module, chunks: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: nn.Module,
+                      opts: StepOptions, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate gradients over micro-batches; under DDP only the last one all-reduces (if ``sync``)."""
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    total, logits_all = torch.zeros(()), []
+    device = chunks[0][0].device
+    for i, (x, y) in enumerate(chunks):
+        last = i == len(chunks) - 1
+        no_sync = model.no_sync() if ddp and not (sync and last) else contextlib.nullcontext()
+        with no_sync:
+            with autocast(device, opts.precision):
+                logits = model(x)
+                loss = loss_fn(logits.float(), y) * (len(y) / sum(len(c[1]) for c in chunks))
+            (opts.scaler.scale(loss) if opts.scaler is not None else loss).backward()
+        total = total + loss.detach().float().cpu()
+        logits_all.append(logits.detach().float())
+    return total, torch.cat(logits_all)
+
+
+def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+               loss_fn: nn.Module, grad_clip: float = 0.0, opts: StepOptions | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimization step on a batch; for SAM two forward-backward passes.
+
+    The batch is split into ``opts.accum_steps`` micro-batches whose gradients are accumulated, so SAM's
+    perturbation uses the gradient of the whole batch. BatchNorm statistics come from the first pass
+    only unless ``opts.sam_bn == "both"``. With fp16, the scaler's inf/nan check covers both passes: an
+    overflow in either skips the update, and the scale is updated once per step. Returns the (detached)
+    loss and logits of the first, unperturbed pass.
     """
-    logits = model(images)
-    loss = loss_fn(logits, labels)
-    loss.backward()
-    if is_sam(optimizer):
+    opts = opts or StepOptions(grad_clip=grad_clip)
+    scaler = opts.scaler
+    chunks = list(zip(images.chunk(opts.accum_steps), labels.chunk(opts.accum_steps)))
+    sam = is_sam(optimizer)
+    two_pass = sam and (not isinstance(optimizer, LookSAM) or optimizer.needs_second_pass())
+    loss, logits = _forward_backward(model, chunks, loss_fn, opts, sync=opts.sync_first_pass or not two_pass)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if two_pass:
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # the ascent needs the true gradient norm
+            if not _grads_finite(optimizer):  # skip both passes; the scaler backs off once
+                optimizer.zero_grad(set_to_none=True)
+                scaler.update()
+                return loss, logits
         optimizer.first_step(zero_grad=True)
-        with bn_update_disabled(model):
-            loss_fn(model(images), labels).backward()
-        if grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.second_step(zero_grad=True)
+        bn = contextlib.nullcontext() if opts.sam_bn == "both" else bn_update_disabled(model)
+        with bn:
+            _forward_backward(model, chunks, loss_fn, opts, sync=True)
+        if scaler is not None:
+            scaler.unscale_(optimizer.base_optimizer)
+        if opts.grad_clip:
+            nn.utils.clip_grad_norm_(params, opts.grad_clip)
+        optimizer.second_step(zero_grad=True, scaler=scaler)
     else:
-        if grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), logits.detach()
+        step_opt = optimizer.base_optimizer if sam else optimizer
+        if scaler is not None:
+            scaler.unscale_(step_opt)
+        if opts.grad_clip:
+            nn.utils.clip_grad_norm_(params, opts.grad_clip)
+        if sam:
+            optimizer.reuse_step(zero_grad=True, scaler=scaler)
+        else:
+            if scaler is not None:
+                scaler.step(optimizer)
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.update()
+    return loss, logits
 
 
 @torch.no_grad()
@@ -113,6 +187,15 @@ def predict_proba(model: nn.Module, loader: torch.utils.data.DataLoader, device:
     if n == 0:
         raise TrainingError("no readable images to evaluate")
     return np.concatenate(probs), np.concatenate(labels), loss_sum / n, skipped
+
+
+def _cpu_fp16_ok() -> bool:
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            torch.ones(2, 2) @ torch.ones(2, 2)
+        return True
+    except (RuntimeError, AssertionError):
+        return False
 
 
 def _class_weights(bundle: DataBundle) -> torch.Tensor:
@@ -150,14 +233,36 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> RunResult
         resume: continue the run in ``cfg.out`` from its ``last.pt``.
         progress: show tqdm bars (the one-line epoch summaries are always printed).
     """
+    validate_config(cfg)
+    dinfo, device = init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, resume, progress and dinfo.main, dinfo, device)
+    finally:
+        shutdown()
+
+
+def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: torch.device) -> RunResult:
     from medsight.metrics import auc_score
 
-    validate_config(cfg)
-    device = resolve_device(cfg.train.device)
+    main = dinfo.main
+    say = print if main else (lambda *a, **k: None)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     out = Path(cfg.out) if cfg.out else _default_out(cfg)
+    if dinfo.enabled:  # every rank uses rank 0's folder name (the default one carries a timestamp)
+        names = [str(out)]
+        torch.distributed.broadcast_object_list(names, 0)
+        out = Path(names[0])
     cfg.out = str(out)
+    t = cfg.train
+    if t.precision == "fp16" and device.type == "cpu" and not _cpu_fp16_ok():
+        raise ConfigError("train.precision fp16 is not supported on this CPU build of torch; use bf16")
+    if dinfo.enabled and t.precision == "fp16" and not cfg.optim.sam_sync_first_pass and "sam" in cfg.optim.name:
+        # Per-replica ascent gradients could overflow on one rank only; the ranks would then disagree
+        # about skipping the step and the loss scale. Synced gradients make the overflow check global.
+        warnings.warn("fp16 on many processes: SAM's first pass is synced across ranks so that every rank "
+                      "sees the same overflow check", stacklevel=2)
+        cfg.optim.sam_sync_first_pass = True
     state: dict[str, Any] | None = None
     if resume:
         state = load_checkpoint(out / "last.pt")
@@ -177,21 +282,38 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> RunResult
     dc = data_config(model)
     mean, std = list(dc["mean"]), list(dc["std"])
     model = model.to(device).to(memory_format=torch.channels_last)
+    seed_everything(cfg.train.seed + dinfo.rank)  # augmentations differ per rank; DDP syncs the weights
     size = cfg.data.image_size
     train_ds = ImageDataset(bundle.splits["train"], make_transform(size, mean, std, train=True, cfg=cfg.data))
     eval_tf = make_transform(size, mean, std, train=False)
     val_ds = ImageDataset(bundle.splits["val"], eval_tf)
     test_ds = ImageDataset(bundle.splits["test"], eval_tf)
     nw = cfg.data.num_workers
-    train_loader = make_loader(train_ds, cfg.train.batch_size, True, nw, seed=cfg.train.seed)
+    sampler = (torch.utils.data.DistributedSampler(train_ds, dinfo.world_size, dinfo.rank, shuffle=True,
+                                                   seed=cfg.train.seed) if dinfo.enabled else None)
+    per_step = t.batch_size * t.accum_steps
+    train_loader = make_loader(train_ds, per_step, True, nw, seed=cfg.train.seed, sampler=sampler)
     val_loader = make_loader(val_ds, cfg.train.batch_size * 2, False, nw)
     test_loader = make_loader(test_ds, cfg.train.batch_size * 2, False, nw)
 
-    optimizer = create_optimizer(model, cfg.optim)
+    fused = device.type == "cuda"
+    optimizer = create_optimizer(model, cfg.optim, fused=fused)
     scheduler = create_scheduler(optimizer, cfg.schedule, cfg.train.epochs, len(train_loader), cfg.optim.lr)
     weight = _class_weights(bundle).to(device) if cfg.train.class_weights else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
     eval_loss_fn = nn.CrossEntropyLoss()
+    use_scaler = t.precision == "fp16" and t.grad_scaler is not False
+    scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+    step_model: nn.Module = model
+    if dinfo.enabled:
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if t.compile:
+        import timm.layers
+
+        timm.layers.set_fused_attn(False)  # inductor fails on CoAtNet's relative-position bias with SDPA
+        step_model = torch.compile(step_model)
+    opts = StepOptions(grad_clip=t.grad_clip, accum_steps=t.accum_steps, precision=t.precision, scaler=scaler,
+                       sam_bn=cfg.optim.sam_bn, sync_first_pass=cfg.optim.sam_sync_first_pass)
 
     history: list[dict[str, float]] = []
     best, best_epoch, start_epoch = float("-inf"), 0, 0
@@ -203,21 +325,28 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> RunResult
         history = list(state["history"])
         best, best_epoch, start_epoch = state["best"], state["best_epoch"], state["epoch"]
         skipped = set(state.get("skipped", []))
-        torch.set_rng_state(state["rng"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if not dinfo.enabled:
+            torch.set_rng_state(state["rng"])
         train_loader.generator.set_state(state["loader_rng"])
-        print(f"resuming {out} at epoch {start_epoch + 1}/{cfg.train.epochs}")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+        say(f"resuming {out} at epoch {start_epoch + 1}/{cfg.train.epochs}")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
 
     n_params = count_parameters(model)
     counts = bundle.counts()
-    print(f"medsight: {cfg.model.name} ({n_params / 1e6:.2f}M parameters{', layout ' + cfg.model.layout if cfg.model.layout else ''}) "
+    world = f" · {dinfo.world_size} processes" if dinfo.enabled else ""
+    extra = "".join(f" · {v}" for v in (t.precision if t.precision != "fp32" else "",
+                                         f"accumulate {t.accum_steps}" if t.accum_steps > 1 else "") if v)
+    say(f"medsight: {cfg.model.name} ({n_params / 1e6:.2f}M parameters{', layout ' + cfg.model.layout if cfg.model.layout else ''}) "
           f"· {cfg.optim.name} lr {cfg.optim.lr:g}{f' rho {cfg.optim.rho:g}' if is_sam(optimizer) else ''} "
-          f"· {cfg.train.epochs} epochs · {device}")
-    print(f"data: {bundle.source} · classes {', '.join(bundle.classes)} · "
+          f"· {cfg.train.epochs} epochs · {device}{world}{extra}")
+    say(f"data: {bundle.source} · classes {', '.join(bundle.classes)} · "
           + " · ".join(f"{s} {sum(c)} {c}" for s, c in counts.items()))
     for note in bundle.notes:
-        print(f"data: {note}")
+        say(f"data: {note}")
 
     meta = {"format": FORMAT, "classes": bundle.classes, "image_size": size, "mean": mean, "std": std,
             "config": config_to_dict(cfg)}
@@ -226,6 +355,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> RunResult
     try:
         for epoch in range(start_epoch, cfg.train.epochs):
             t0 = time.time()
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             model.train()
             loss_sum, correct, seen = 0.0, 0, 0
             bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
@@ -236,7 +367,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> RunResult
                     continue
                 x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 y = y.to(device, non_blocking=True)
-                loss, logits = train_step(model, x, y, optimizer, loss_fn, cfg.train.grad_clip)
+                loss, logits = train_step(step_model, x, y, optimizer, loss_fn, opts=opts)
                 scheduler.step()
                 lv = float(loss)
                 if not math.isfinite(lv):
@@ -249,6 +380,10 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> RunResult
             bar.close()
             if seen == 0:
                 raise TrainingError("no readable training images in this epoch")
+            if dinfo.enabled:
+                for b in model.buffers():  # BatchNorm statistics: rank 0's, so every rank evaluates alike
+                    torch.distributed.broadcast(b, 0)
+                check_replicas(model, device)
             vp, vl, val_loss, vbad = predict_proba(model, val_loader, device, loss_fn=eval_loss_fn)
             skipped.update(vbad)
             val_acc = float((vp.argmax(1) == vl).mean())
@@ -264,36 +399,43 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> RunResult
             improved = current > best
             if improved:
                 best, best_epoch, since_best = current, epoch + 1, 0
-                save_atomic({**meta, "model": model.state_dict(), "epoch": epoch + 1}, out / "best.pt")
+                if main:
+                    save_atomic({**meta, "model": model.state_dict(), "epoch": epoch + 1}, out / "best.pt")
             else:
                 since_best += 1
-            save_atomic({**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
-                         "best": best, "best_epoch": best_epoch, "skipped": sorted(skipped),
-                         "rng": torch.get_rng_state(), "loader_rng": train_loader.generator.get_state()},
-                        out / "last.pt")
-            _write_history(history, out / "history.csv")
+            if main:
+                save_atomic({**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
+                             "best": best, "best_epoch": best_epoch, "skipped": sorted(skipped),
+                             "rng": torch.get_rng_state(), "loader_rng": train_loader.generator.get_state(),
+                             "scaler": scaler.state_dict() if scaler is not None else None},
+                            out / "last.pt")
+                _write_history(history, out / "history.csv")
             auc_txt = f"{val_auc:.4f}" if val_auc is not None else "n/a"
-            tqdm.write(f"epoch {epoch + 1:>3}/{cfg.train.epochs}  train loss {row['train_loss']:.4f} "
+            (tqdm.write if main else say)(f"epoch {epoch + 1:>3}/{cfg.train.epochs}  train loss {row['train_loss']:.4f} "
                        f"acc {row['train_acc']:.4f} │ val loss {val_loss:.4f} acc {val_acc:.4f} auc {auc_txt} "
                        f"│ lr {row['lr']:.2e} │ {row['seconds']:.1f}s{'  ★ best' if improved else ''}")
-            if cfg.train.patience and since_best >= cfg.train.patience:
-                print(f"early stopping: no {cfg.train.monitor} improvement for {cfg.train.patience} epochs")
+            stop = bool(cfg.train.patience and since_best >= cfg.train.patience)
+            if broadcast_flag(stop, device):
+                say(f"early stopping: no {cfg.train.monitor} improvement for {cfg.train.patience} epochs")
                 break
     except KeyboardInterrupt:
         interrupted = True
-        print(f"\ninterrupted: {out}/last.pt and history.csv hold the last finished epoch "
+        say(f"\ninterrupted: {out}/last.pt and history.csv hold the last finished epoch "
               f"({len(history)}); continue with `medsight train --resume --out {out}`")
     if skipped:
-        print(f"skipped {len(skipped)} unreadable file(s): {', '.join(sorted(skipped)[:5])}"
+        say(f"skipped {len(skipped)} unreadable file(s): {', '.join(sorted(skipped)[:5])}"
               f"{' ...' if len(skipped) > 5 else ''}")
     if not history:
         return RunResult(out=out, metrics={}, history=history, interrupted=True)
     if interrupted:
         return RunResult(out=out, metrics={}, history=history, interrupted=True)
+    if not main:  # rank 0 evaluates on test, explains and writes the report
+        return RunResult(out=out, metrics={}, history=history)
 
     from medsight.report import finish_run
 
     metrics = finish_run(out, cfg, bundle, val_loader, test_loader, test_ds, device, history, best_epoch,
-                         sorted(skipped), n_params)
+                         sorted(skipped), n_params, train_ds=ImageDataset(bundle.splits["train"], eval_tf),
+                         loss_fn=loss_fn)
     return RunResult(out=out, metrics=metrics, history=history)

@@ -50,6 +50,18 @@ def test_run_folder_contract(trained_run):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4  # curves, confusion, ROC, gallery embedded
     assert "not for clinical use" in html
+    sh = m["sharpness"]
+    assert sh["rho"] == 0.05 and sh["ascent"] >= 0 and sh["images"] > 0 and "Sharpness" in html
+
+
+def test_cli_sharpness_measures_and_stores(trained_run, tmp_path, capsys):
+    _, _, out = trained_run
+    before = json.loads((out / "metrics.json").read_text())["sharpness"]
+    assert main(["sharpness", str(out / "best.pt"), "--rho", "0.1", "--batches", "4"]) == 0  # same images
+    assert "ascent" in capsys.readouterr().out
+    after = json.loads((out / "metrics.json").read_text())["sharpness"]
+    assert after["rho"] == 0.1 and after["ascent"] > before["ascent"]  # a bigger ball holds a higher point
+    assert main(["sharpness", str(out / "best.pt"), "--rho", "0"]) == 2
 
 
 def test_checkpoint_reloads_and_reproduces_metrics(trained_run):

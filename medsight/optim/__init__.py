@@ -8,21 +8,24 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from medsight.optim.sam import SAM, bn_update_disabled
+from medsight.optim.sam import SAM, LookSAM, bn_update_disabled
 
 if TYPE_CHECKING:
     from medsight.config import OptimConfig, ScheduleConfig
 
-__all__ = ["SAM", "OPTIMIZERS", "bn_update_disabled", "create_optimizer", "create_scheduler", "is_sam"]
+__all__ = ["SAM", "LookSAM", "OPTIMIZERS", "bn_update_disabled", "create_optimizer", "create_scheduler", "is_sam"]
 
-#: name -> (base optimizer class, wrapped in SAM?). The CLI choices and config validation read this.
-OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], bool]] = {
-    "sgd": (torch.optim.SGD, False),
-    "adam": (torch.optim.Adam, False),
-    "adamw": (torch.optim.AdamW, False),
-    "sam-sgd": (torch.optim.SGD, True),
-    "sam-adam": (torch.optim.Adam, True),
-    "sam-adamw": (torch.optim.AdamW, True),
+#: name -> (base optimizer class, wrapper: None, SAM or LookSAM). The CLI and config validation read this.
+OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], type[SAM] | None]] = {
+    "sgd": (torch.optim.SGD, None),
+    "adam": (torch.optim.Adam, None),
+    "adamw": (torch.optim.AdamW, None),
+    "sam-sgd": (torch.optim.SGD, SAM),
+    "sam-adam": (torch.optim.Adam, SAM),
+    "sam-adamw": (torch.optim.AdamW, SAM),
+    "looksam-sgd": (torch.optim.SGD, LookSAM),
+    "looksam-adam": (torch.optim.Adam, LookSAM),
+    "looksam-adamw": (torch.optim.AdamW, LookSAM),
 }
 
 
@@ -30,18 +33,26 @@ def is_sam(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, SAM)
 
 
-def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Build the optimizer named in ``cfg``; biases and norm weights get no weight decay (timm's grouping)."""
+def create_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+    """Build the optimizer named in ``cfg``; biases and norm weights get no weight decay (timm's grouping).
+
+    ``fused`` asks torch for its fused multi-tensor kernels (CUDA parameters only).
+    """
     from timm.optim import param_groups_weight_decay
 
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.name!r}; choose from {', '.join(OPTIMIZERS)}")
-    base, sam = OPTIMIZERS[cfg.name]
+    base, wrapper = OPTIMIZERS[cfg.name]
     params = param_groups_weight_decay(model, cfg.weight_decay)
     kwargs: dict = {"lr": cfg.lr}
     if base is torch.optim.SGD:
         kwargs.update(momentum=cfg.momentum, nesterov=False)
-    if sam:
+    if fused:
+        kwargs["fused"] = True  # torch's fused kernels (CUDA); one launch for all parameters
+    if wrapper is LookSAM:
+        return LookSAM(params, base, rho=cfg.rho, adaptive=cfg.adaptive, k=cfg.looksam_k,
+                       alpha=cfg.looksam_alpha, **kwargs)
+    if wrapper is SAM:
         return SAM(params, base, rho=cfg.rho, adaptive=cfg.adaptive, **kwargs)
     return base(params, **kwargs)
 

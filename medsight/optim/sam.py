@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["SAM", "bn_update_disabled"]
+__all__ = ["SAM", "LookSAM", "bn_update_disabled"]
 
 
 class SAM(torch.optim.Optimizer):
@@ -83,10 +83,17 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Return to w and let the base optimizer step with the gradient taken at w + ε(w)."""
+    def second_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Return to w and let the base optimizer step with the gradient taken at w + ε(w).
+
+        With an fp16 ``scaler`` the step goes through ``scaler.step(base_optimizer)``, which skips it when
+        the second pass overflowed; unscale the second pass with ``scaler.unscale_(base_optimizer)`` first.
+        """
         self.restore()
-        self.base_optimizer.step()
+        if scaler is not None:
+            scaler.step(self.base_optimizer)
+        else:
+            self.base_optimizer.step()
         self._opt_called = True  # what torch's LR schedulers check; they only see a wrapped SAM.step
         if zero_grad:
             self.zero_grad()
@@ -116,6 +123,85 @@ class SAM(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
+
+
+class LookSAM(SAM):
+    """SAM that computes the sharpness-aware gradient only every ``k`` steps (Liu et al., CVPR 2022).
+
+    On a refresh step it runs both SAM passes and keeps ``g_v``, the part of the SAM gradient g_s
+    orthogonal to the plain gradient g. On the k-1 steps between, one pass gives g and the update uses
+    g + α·(‖g‖/‖g_v‖)·g_v, so the extra cost of SAM is paid once every k steps. Written here because
+    no maintained package ships it.
+
+    Training loops ask :meth:`needs_second_pass` before each step; when False they call
+    :meth:`reuse_step` after the single backward instead of ``first_step``/``second_step``.
+    """
+
+    def __init__(self, params: Any, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05,
+                 adaptive: bool = False, k: int = 5, alpha: float = 0.7, **kwargs: Any) -> None:
+        if k < 1:
+            raise ValueError(f"LookSAM: k must be >= 1, got {k}")
+        if alpha < 0:
+            raise ValueError(f"LookSAM: alpha must be >= 0, got {alpha}")
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
+        self.k, self.alpha = k, alpha
+        self.steps = 0
+        self.g_v: dict[torch.Tensor, torch.Tensor] = {}
+
+    def needs_second_pass(self) -> bool:
+        return self.steps % self.k == 0 or not self.g_v
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.state[p]["g"] = p.grad.detach().clone()
+        super().first_step(zero_grad)
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None) -> None:
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None and "g" in self.state[p]]
+        if params:
+            gs = [p.grad for p in params]
+            g = [self.state[p].pop("g") for p in params]
+            dot = sum((a.double() * b.double()).sum() for a, b in zip(gs, g))
+            gg = sum((b.double() ** 2).sum() for b in g)
+            cos = dot / (gg + 1e-24)
+            if torch.isfinite(cos):
+                self.g_v = {p: (a - cos.to(a.dtype) * b) for p, a, b in zip(params, gs, g)}
+        super().second_step(zero_grad, scaler)
+        self.steps += 1
+
+    @torch.no_grad()
+    def reuse_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None) -> None:
+        """One-pass step: add the stored orthogonal SAM direction to the plain gradient, then step."""
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None and p in self.g_v]
+        if params:
+            g_norm = torch.stack([p.grad.norm() for p in params]).norm()
+            v_norm = torch.stack([self.g_v[p].norm() for p in params]).norm()
+            scale = self.alpha * g_norm / (v_norm + 1e-12)
+            for p in params:
+                p.grad.add_(self.g_v[p] * scale.to(p.grad.dtype))
+        if scaler is not None:
+            scaler.step(self.base_optimizer)
+        else:
+            self.base_optimizer.step()
+        self._opt_called = True
+        self.steps += 1
+        if zero_grad:
+            self.zero_grad()
+
+    def state_dict(self) -> dict[str, Any]:
+        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        return {"base": self.base_optimizer.state_dict(), "steps": self.steps,
+                "g_v": {index[p]: v for p, v in self.g_v.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict["base"])
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.steps = int(state_dict["steps"])
+        self.g_v = {params[int(i)]: v.to(params[int(i)]) for i, v in state_dict["g_v"].items()}
 
 
 @contextlib.contextmanager
