@@ -19,7 +19,7 @@ from medsight.metrics import classification_metrics
 from medsight.plots import plot_confusion, plot_explanation, plot_roc
 from medsight.train import predict_proba, resolve_device
 
-__all__ = ["Predictor", "evaluate", "predict", "explain_files", "collect_images", "checkpoint_sharpness"]
+__all__ = ["Predictor", "load_predictor", "evaluate", "predict", "explain_files", "collect_images", "checkpoint_sharpness"]
 
 
 class Predictor:
@@ -69,9 +69,22 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def predict(checkpoint: str | Path, inputs: Sequence[str | Path], device: str = "auto") -> list[dict[str, Any]]:
-    """Class probabilities per image; unreadable files get an ``error`` entry instead."""
-    pred = Predictor(checkpoint, device)
+def load_predictor(checkpoint: str | Path, device: str = "auto", onnx: bool | None = None) -> Any:
+    """A :class:`Predictor` for a checkpoint, or an onnxruntime predictor for an exported ``.onnx`` file."""
+    if onnx or (onnx is None and str(checkpoint).endswith(".onnx")):
+        from medsight.export import OnnxPredictor
+
+        return OnnxPredictor(checkpoint)
+    return Predictor(checkpoint, device)
+
+
+def predict(checkpoint: str | Path, inputs: Sequence[str | Path], device: str = "auto",
+            onnx: bool | None = None) -> list[dict[str, Any]]:
+    """Class probabilities per image; unreadable files get an ``error`` entry instead.
+
+    ``onnx`` runs an exported model in onnxruntime (default: when the file name ends in ``.onnx``).
+    """
+    pred = load_predictor(checkpoint, device, onnx)
     results = []
     for path in collect_images(inputs):
         try:

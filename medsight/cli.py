@@ -64,7 +64,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from medsight.api import predict
 
-    for rec in predict(args.checkpoint, args.images, device=args.device):
+    for rec in predict(args.checkpoint, args.images, device=args.device, onnx=args.onnx or None):
         if args.json:
             print(json.dumps(rec))
         elif "error" in rec:
@@ -99,6 +99,22 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
           f"ascent {result['ascent']:.4f} · random {result['random']:.4f} · loss {result['loss']:.4f}")
     if result.get("written"):
         print(f"stored in {result['written']}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from medsight.export import export_onnx
+
+    result = export_onnx(args.checkpoint, args.out, opset=args.opset)
+    print(f"wrote {result['out']} (opset {result['opset']}; onnxruntime vs PyTorch max |Δp| "
+          f"{result['max_abs_diff']:.1e})")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from medsight.serve import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port, device=args.device, page=not args.no_page)
     return 0
 
 
@@ -174,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("checkpoint")
     r.add_argument("images", nargs="+")
     r.add_argument("--json", action="store_true", help="one JSON object per line")
+    r.add_argument("--onnx", action="store_true", help="CHECKPOINT is an exported .onnx model: run it in onnxruntime")
     r.add_argument("--device", default="auto")
     r.set_defaults(func=_cmd_predict)
 
@@ -187,6 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.set_defaults(func=_cmd_sharpness)
 
+    o = sub.add_parser("export", help="export a checkpoint to ONNX (checked against PyTorch with onnxruntime)")
+    o.add_argument("checkpoint")
+    o.add_argument("--out", required=True, help="the .onnx file to write")
+    o.add_argument("--opset", type=int, default=18)
+    o.set_defaults(func=_cmd_export)
+
+    v = sub.add_parser("serve", help="web page and REST API for a checkpoint (/health, /predict, /explain)")
+    v.add_argument("checkpoint")
+    v.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--device", default="auto")
+    v.add_argument("--no-page", action="store_true", help="REST API only, no web page")
+    v.set_defaults(func=_cmd_serve)
+
     m = sub.add_parser("models", help="list backbones (timm's registry plus medsight's CoAtNets)")
     m.add_argument("pattern", nargs="?", help="wildcard filter, e.g. 'convnext*'")
     m.add_argument("--all", action="store_true", help="every timm model")
@@ -199,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from medsight.checkpoint import CheckpointError
     from medsight.config import ConfigError
     from medsight.data import DataError
+    from medsight.export import ExportError
     from medsight.imageio import ImageReadError
     from medsight.models import ModelError
     from medsight.train import TrainingError
@@ -209,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return args.func(args)
-    except (ConfigError, DataError, ModelError, CheckpointError, TrainingError, ImageReadError,
+    except (ConfigError, DataError, ExportError, ModelError, CheckpointError, TrainingError, ImageReadError,
             FileNotFoundError, ValueError) as exc:
         print(f"medsight: error: {exc}", file=sys.stderr)
         return 2

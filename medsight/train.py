@@ -380,6 +380,7 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
             bar.close()
             if seen == 0:
                 raise TrainingError("no readable training images in this epoch")
+            train_seconds = time.time() - t0
             if dinfo.enabled:
                 for b in model.buffers():  # BatchNorm statistics: rank 0's, so every rank evaluates alike
                     torch.distributed.broadcast(b, 0)
@@ -390,7 +391,8 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
             val_auc = auc_score(vl, vp)
             row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                    "val_loss": val_loss, "val_acc": val_acc, "val_auc": val_auc if val_auc is not None else float("nan"),
-                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0}
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0,
+                   "train_seconds": train_seconds, "train_images": seen}
             history.append(row)
             from sklearn.metrics import balanced_accuracy_score
 

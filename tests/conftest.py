@@ -55,3 +55,16 @@ def tiny_overrides(out: Path, data: Path | str, epochs: int = 1) -> list[str]:
     """Settings for a run that takes seconds on a CPU."""
     return [f"data.path={data}", f"out={out}", f"train.epochs={epochs}", "data.image_size=32",
             "train.batch_size=16", "explain.gallery_per_class=1", "schedule.warmup_epochs=0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A trained run folder (one epoch, 32 px) shared by the tests that only need a checkpoint."""
+    from medsight.config import Config, apply_overrides
+    from medsight.train import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = write_class_folders(root / "images", n_per_class=16)
+    cfg = apply_overrides(Config(), tiny_overrides(root / "run", data) + ["train.sharpness_batches=1"])
+    train(cfg, progress=False)
+    return root / "run"

@@ -1,0 +1,36 @@
+"""AdamW vs SAM vs LookSAM on the embedded default: test AUC/ACC and sharpness side by side.
+
+Each row is `medsight train --optimizer NAME` with every other option at its default (coatnet_tiny,
+64 px, 4 epochs, batch 64, lr 2e-3, cosine), so any row can be rerun by hand.
+
+    python benchmarks/optimizers.py            # writes benchmarks/results/optimizers.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from default_run import measure  # noqa: E402
+
+NAMES = ("adamw", "sam-adamw", "looksam-adamw")
+
+
+def main() -> int:
+    rows = [measure(["--optimizer", name]) for name in NAMES]
+    by = {n: r for n, r in zip(NAMES, rows)}
+    gain_sam = by["sam-adamw"]["test_acc"] - by["adamw"]["test_acc"]
+    gain_look = by["looksam-adamw"]["test_acc"] - by["adamw"]["test_acc"]
+    summary = {"rows": rows, "sam_acc_gain": round(gain_sam, 4), "looksam_acc_gain": round(gain_look, 4),
+               "looksam_keeps_90pct_of_sam_gain": bool(gain_sam > 0 and gain_look >= 0.9 * gain_sam)}
+    out = Path(__file__).parent / "results" / "optimizers.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
