@@ -22,14 +22,15 @@ import torch
 TARGET_SECONDS, TARGET_AUC, TARGET_ACC = 300, 0.95, 0.87
 
 
-def measure(extra: list[str] | None = None) -> dict:
-    """Run `medsight train [extra]` in a temporary folder; wall-clock time and test metrics."""
+def measure(extra: list[str] | None = None, keep: Path | None = None) -> dict:
+    """Run `medsight train [extra]` in a temporary folder (or into ``keep``); wall-clock time and test metrics."""
     extra = list(extra or [])
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "medsight", "train", "--no-progress", *extra], cwd=tmp, check=True)
+        out = ["--out", str(keep.resolve())] if keep is not None else []
+        subprocess.run([sys.executable, "-m", "medsight", "train", "--no-progress", *extra, *out], cwd=tmp, check=True)
         seconds = time.perf_counter() - t0
-        (run,) = list((Path(tmp) / "runs").iterdir())
+        (run,) = [keep] if keep is not None else list((Path(tmp) / "runs").iterdir())
         metrics = json.loads((run / "metrics.json").read_text())
     test = metrics["test"]
     row = {

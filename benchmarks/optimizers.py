@@ -1,7 +1,8 @@
 """AdamW vs SAM vs LookSAM on the embedded default: test AUC/ACC and sharpness side by side.
 
 Each row is `medsight train --optimizer NAME` with every other option at its default (coatnet_tiny,
-64 px, 4 epochs, batch 64, lr 2e-3, cosine), so any row can be rerun by hand.
+64 px, 4 epochs, batch 64, lr 2e-3, cosine), so any row can be rerun by hand. The run folders are kept
+in benchmarks/runs/ for benchmarks/ensembles.py.
 
     python benchmarks/optimizers.py            # writes benchmarks/results/optimizers.json
 """
@@ -19,7 +20,15 @@ NAMES = ("adamw", "sam-adamw", "looksam-adamw")
 
 
 def main() -> int:
-    rows = [measure(["--optimizer", name]) for name in NAMES]
+    keep = Path(__file__).parent / "runs"  # kept for benchmarks/ensembles.py
+    keep.mkdir(exist_ok=True)
+    rows = []
+    for name in NAMES:
+        if (keep / name).exists():
+            import shutil
+
+            shutil.rmtree(keep / name)
+        rows.append(measure(["--optimizer", name], keep=keep / name))
     by = {n: r for n, r in zip(NAMES, rows)}
     gain_sam = by["sam-adamw"]["test_acc"] - by["adamw"]["test_acc"]
     gain_look = by["looksam-adamw"]["test_acc"] - by["adamw"]["test_acc"]

@@ -70,11 +70,16 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def load_predictor(checkpoint: str | Path, device: str = "auto", onnx: bool | None = None) -> Any:
-    """A :class:`Predictor` for a checkpoint, or an onnxruntime predictor for an exported ``.onnx`` file."""
+    """A :class:`Predictor` for a checkpoint, an onnxruntime predictor for an exported ``.onnx`` file, or
+    an :class:`~medsight.ensemble.EnsemblePredictor` for an ``ensemble.json``."""
     if onnx or (onnx is None and str(checkpoint).endswith(".onnx")):
         from medsight.export import OnnxPredictor
 
         return OnnxPredictor(checkpoint)
+    if str(checkpoint).endswith(".json"):
+        from medsight.ensemble import EnsemblePredictor
+
+        return EnsemblePredictor(checkpoint, device)
     return Predictor(checkpoint, device)
 
 
@@ -123,7 +128,7 @@ def explain_files(checkpoint: str | Path, inputs: Sequence[str | Path], out: str
                   device: str = "auto") -> list[dict[str, Any]]:
     """Per image: an overlay PNG (original beside heatmap, predicted class and probability in the title)
     and one JSON line in ``out/explanations.jsonl``. ``compare`` draws every method side by side."""
-    pred = Predictor(checkpoint, device)
+    pred = load_predictor(checkpoint, device, onnx=False)
     if class_idx is not None and not 0 <= class_idx < len(pred.classes):
         raise ValueError(f"class index {class_idx} is out of range: the model has {len(pred.classes)} classes "
                          f"({', '.join(f'{i}={c}' for i, c in enumerate(pred.classes))})")

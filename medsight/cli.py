@@ -38,9 +38,45 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         saved = Path(args.out) / "config.yaml"
         config_path = str(saved) if saved.exists() else None
+    if args.models:
+        return _train_many(args, config_path)
     cfg = load_config(config_path, _train_overrides(args))
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     return 130 if result.interrupted else 0
+
+
+def _train_many(args: argparse.Namespace, config_path: str | None) -> int:
+    """One run per backbone, in sibling folders OUT/MODEL, then a comparison of them in OUT/compare."""
+    from datetime import datetime
+    from pathlib import Path
+
+    from medsight.config import load_config, validate_config
+    from medsight.ensemble import compare
+    from medsight.train import train
+
+    if args.model or args.resume:
+        raise ValueError("--models trains several backbones; do not combine it with --model or --resume")
+    base = Path(args.out or f"runs/multi-{datetime.now():%Y%m%d-%H%M%S}")
+    cfgs = []
+    for name in args.models:  # check every config before the first run starts
+        cfg = load_config(config_path, _train_overrides(args) + [f"model.name={name}", f"out={base / name}"])
+        validate_config(cfg)
+        cfgs.append(cfg)
+    from medsight.models import create_model
+
+    for cfg in cfgs:
+        create_model(cfg.model.name, num_classes=2, img_size=cfg.data.image_size, layout=cfg.model.layout)
+    runs = []
+    for cfg in cfgs:
+        print(f"=== {cfg.model.name} -> {cfg.out}")
+        result = train(cfg, progress=not args.no_progress)
+        if result.interrupted:
+            return 130
+        runs.append(result.out)
+    if len(runs) > 1:
+        compare(runs, base / "compare")
+        print(f"comparison: {base / 'compare' / 'compare.html'}")
+    return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -118,6 +154,33 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from medsight.ensemble import compare
+
+    result = compare(args.runs, args.out, speed=not args.no_speed)
+    for r in result["runs"]:
+        auc = f"{r['auc']:.4f}" if r["auc"] is not None else "n/a"
+        print(f"{r['run']:<32} {r['model']:<20} AUC {auc} · accuracy {r['accuracy']:.4f} · "
+              f"balanced {r['balanced_accuracy']:.4f} · ECE {r['ece']:.4f}")
+    print(f"wrote {args.out}/compare.html")
+    return 0
+
+
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from medsight.ensemble import ensemble
+
+    m = ensemble(args.runs, args.method, args.out, meta=args.meta)
+    t = m["test"]
+    auc = f"{t['auc']:.4f}" if t["auc"] is not None else "n/a"
+    for member in m["members"]:
+        print(f"member {member['run']}: AUC {member['test_auc']:.4f} · accuracy {member['test_accuracy']:.4f}")
+    print(f"{args.method} ensemble: AUC {auc} · accuracy {t['accuracy']:.4f} · balanced {t['balanced_accuracy']:.4f}")
+    if "checklist" in m:
+        print(f"checklist: {'PASS' if m['checklist']['pass'] else 'FAIL'}")
+    print(f"wrote {args.out}/ensemble.json (use it like a checkpoint) and {args.out}/report.html")
+    return 0
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
     from medsight.models import MEDSIGHT_MODELS, list_models
 
@@ -153,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="YAML config file (defaults: the embedded PneumoniaMNIST run)")
     t.add_argument("--data", help="class-per-folder directory, CSV manifest (path,label[,patient_id][,split]) or .npz")
     t.add_argument("--model", help="any timm model name, or coatnet_tiny / coatnet_0 / coatnet_1 / coatnet_2")
+    t.add_argument("--models", nargs="+", metavar="MODEL", help="train one run per backbone into OUT/MODEL and "
+                   "compare them")
     t.add_argument("--layout", help="block layout of medsight's CoAtNets: CCTT or CCCT")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
@@ -218,6 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-page", action="store_true", help="REST API only, no web page")
     v.set_defaults(func=_cmd_serve)
 
+    c = sub.add_parser("compare", help="compare finished runs: table, ROC curves, recall bars, diversity")
+    c.add_argument("runs", nargs="+", help="run folders")
+    c.add_argument("--out", required=True)
+    c.add_argument("--no-speed", action="store_true", help="skip timing each model")
+    c.set_defaults(func=_cmd_compare)
+
+    n = sub.add_parser("ensemble", help="combine finished runs (fit on validation predictions only)")
+    n.add_argument("runs", nargs="+", help="run folders")
+    n.add_argument("--method", default="soft", choices=["soft", "weighted", "stacking", "ovo"])
+    n.add_argument("--meta", default="logistic", choices=["logistic", "mlp"], help="stacking's meta-learner")
+    n.add_argument("--out", required=True)
+    n.set_defaults(func=_cmd_ensemble)
+
     m = sub.add_parser("models", help="list backbones (timm's registry plus medsight's CoAtNets)")
     m.add_argument("pattern", nargs="?", help="wildcard filter, e.g. 'convnext*'")
     m.add_argument("--all", action="store_true", help="every timm model")
@@ -230,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from medsight.checkpoint import CheckpointError
     from medsight.config import ConfigError
     from medsight.data import DataError
+    from medsight.ensemble import EnsembleError
     from medsight.export import ExportError
     from medsight.imageio import ImageReadError
     from medsight.models import ModelError
@@ -241,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return args.func(args)
-    except (ConfigError, DataError, ExportError, ModelError, CheckpointError, TrainingError, ImageReadError,
+    except (ConfigError, DataError, EnsembleError, ExportError, ModelError, CheckpointError, TrainingError, ImageReadError,
             FileNotFoundError, ValueError) as exc:
         print(f"medsight: error: {exc}", file=sys.stderr)
         return 2

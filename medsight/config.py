@@ -26,6 +26,7 @@ __all__ = [
     "ScheduleConfig",
     "TrainConfig",
     "ExplainConfig",
+    "ChecklistConfig",
     "DEFAULT_DATA",
     "load_config",
     "apply_overrides",
@@ -116,6 +117,16 @@ class ExplainConfig:
 
 
 @dataclass
+class ChecklistConfig:
+    """Validation checklist: each threshold set here gets a PASS/FAIL line in metrics.json and the report."""
+
+    min_accuracy: float | None = None
+    min_auc: float | None = None
+    min_recall: float | None = None  # every class's recall (sensitivity)
+    max_ece: float | None = None
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -123,6 +134,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
+    checklist: ChecklistConfig = field(default_factory=ChecklistConfig)
     out: str = ""  # run folder; empty: runs/MODEL-TIMESTAMP
 
 
@@ -300,6 +312,8 @@ def validate_config(cfg: Config) -> None:
     _check(m.layout is None or m.layout.upper() in LAYOUTS,
            f"model.layout must be one of {', '.join(LAYOUTS)}, got {m.layout!r}")
     _check(0 <= m.drop_path_rate < 1, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+    for key, value in dataclasses.asdict(cfg.checklist).items():
+        _check(value is None or 0 <= value <= 1, f"checklist.{key} must be in [0, 1], got {value}")
     _check(cfg.explain.gallery_per_class >= 0, "explain.gallery_per_class must be >= 0")
     from medsight.explain import EXPLAINERS
 

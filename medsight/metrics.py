@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
-__all__ = ["classification_metrics", "expected_calibration_error", "auc_score", "bootstrap_ci",
+__all__ = ["classification_metrics", "checklist", "expected_calibration_error", "auc_score", "bootstrap_ci",
            "best_threshold"]
 
 
@@ -117,3 +117,23 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[
         out["threshold"] = float(threshold)
         out["accuracy_at_threshold"] = float(((probs[:, 1] >= threshold).astype(int) == labels).mean())
     return out
+
+
+def checklist(m: dict[str, Any], min_accuracy: float | None = None, min_auc: float | None = None,
+              min_recall: float | None = None, max_ece: float | None = None) -> list[dict[str, Any]]:
+    """PASS/FAIL lines for the thresholds that are set: ``[{"check", "threshold", "value", "pass"}]``."""
+    rows = []
+
+    def add(name: str, threshold: float, value: float | None, ok: bool) -> None:
+        rows.append({"check": name, "threshold": threshold, "value": value, "pass": bool(ok)})
+
+    if min_accuracy is not None:
+        add("accuracy >=", min_accuracy, m["accuracy"], m["accuracy"] >= min_accuracy)
+    if min_auc is not None:
+        add("AUC >=", min_auc, m["auc"], m["auc"] is not None and m["auc"] >= min_auc)
+    if min_recall is not None:
+        for cls, pc in m["per_class"].items():
+            add(f"recall of {cls} >=", min_recall, pc["recall"], pc["recall"] >= min_recall)
+    if max_ece is not None:
+        add("ECE <=", max_ece, m["ece"], m["ece"] <= max_ece)
+    return rows

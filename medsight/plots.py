@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-__all__ = ["plot_curves", "plot_confusion", "plot_roc", "plot_gallery", "plot_explanation"]
+__all__ = ["plot_curves", "plot_confusion", "plot_roc", "plot_recall_bars", "plot_gallery", "plot_explanation"]
 
 
 def _save(fig: plt.Figure, path: str | Path) -> None:
@@ -82,6 +82,24 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], classes: Sequence
     ax.set_title("ROC")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_recall_bars(recalls: dict[str, dict[str, float]], path: str | Path) -> None:
+    """Grouped bars: per-class recall (sensitivity) of each run."""
+    names = list(recalls)
+    classes = list(next(iter(recalls.values())))
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(max(4.8, 1.2 * len(classes) * len(names) * 0.6), 3.8))
+    for i, name in enumerate(names):
+        xs = np.arange(len(classes)) + i * width
+        ax.bar(xs, [recalls[name][c] for c in classes], width, label=name)
+    ax.set_xticks(np.arange(len(classes)) + width * (len(names) - 1) / 2, classes)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("recall (test)")
+    ax.set_title("recall per class")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3, axis="y")
     _save(fig, path)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 from pathlib import Path
@@ -17,7 +18,7 @@ from medsight.checkpoint import load_model, save_atomic, write_text_atomic
 from medsight.config import DEFAULT_DATA, Config, config_to_dict
 from medsight.data import DataBundle, ImageDataset
 from medsight.explain import BORDER_WARN, border_score, explain, overlay
-from medsight.metrics import best_threshold, classification_metrics
+from medsight.metrics import best_threshold, checklist, classification_metrics
 from medsight.plots import plot_confusion, plot_curves, plot_gallery, plot_roc
 
 __all__ = ["finish_run", "write_report", "gradcam_gallery", "PNEUMONIAMNIST_BASELINES", "baseline_table"]
@@ -91,7 +92,19 @@ def gradcam_gallery(model: torch.nn.Module, ds: ImageDataset, probs: np.ndarray,
     return rows, mean_border, len(torch.cat(scores)) if scores else 0
 
 
-def _img_tag(path: Path) -> str:
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+td, th { border: 1px solid #ccc; padding: 4px 10px; text-align: right; }
+td:first-child, th:first-child { text-align: left; }
+img { max-width: 100%; margin: 0.5em 0; }
+pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
+.warn { color: #a00; font-weight: bold; }
+.note { color: #666; }
+"""
+
+
+def img_tag(path: Path) -> str:
     if not path.exists():
         return ""
     data = base64.b64encode(path.read_bytes()).decode()
@@ -104,6 +117,17 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}"
     return html.escape(str(v))
+
+
+def checklist_html(check: dict[str, Any] | None) -> str:
+    """The validation checklist as an HTML table (empty when no thresholds are configured)."""
+    if not check:
+        return ""
+    rows = "".join(f"<tr><td style='text-align:left'>{html.escape(c['check'])} {c['threshold']:g}</td>"
+                   f"<td>{_fmt(c['value'])}</td><td>{'PASS' if c['pass'] else '<b>FAIL</b>'}</td></tr>"
+                   for c in check["checks"])
+    return (f"<h3>Validation checklist: {'PASS' if check['pass'] else 'FAIL'}</h3>"
+            f"<table><tr><th>check</th><th>test value</th><th>result</th></tr>{rows}</table>")
 
 
 def write_report(out: Path, cfg: Config, metrics: dict[str, Any], title: str = "medsight run") -> Path:
@@ -131,6 +155,7 @@ def write_report(out: Path, cfg: Config, metrics: dict[str, Any], title: str = "
     skipped = metrics.get("skipped_files", [])
     skipped_html = (f"<p class='warn'>{len(skipped)} unreadable file(s) skipped: "
                     f"{html.escape(', '.join(skipped[:20]))}</p>") if skipped else ""
+    check_html = checklist_html(metrics.get("checklist"))
     sh = metrics.get("sharpness")
     sharp_html = (f"<h3>Sharpness</h3><p>max L(w+ε) − L(w) over ‖ε‖ ≤ {sh['rho']:g} on {sh['images']} training "
                   f"images: gradient ascent {sh['ascent']:.4f}, random directions {sh['random']:.4f} "
@@ -138,16 +163,7 @@ def write_report(out: Path, cfg: Config, metrics: dict[str, Any], title: str = "
                   if sh else "")
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
-td, th {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
-td:first-child, th:first-child {{ text-align: left; }}
-img {{ max-width: 100%; margin: 0.5em 0; }}
-pre {{ background: #f6f6f6; padding: 0.8em; overflow-x: auto; }}
-.warn {{ color: #a00; font-weight: bold; }}
-.note {{ color: #666; }}
-</style></head><body>
+<style>{STYLE}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p class="note">Research use only — not for clinical use. Model {html.escape(cfg.model.name)} ·
 optimizer {html.escape(cfg.optim.name)} · best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')} ·
@@ -159,13 +175,13 @@ optimizer {html.escape(cfg.optim.name)} · best epoch {metrics.get('best_epoch')
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>specificity</th><th>F1</th><th>support</th></tr>
 {per_class}</table>
 <pre>{html.escape(test.get('report', ''))}</pre>
-{baseline_html}{sharp_html}
-<h2>Training curves</h2>{_img_tag(out / 'curves.png')}
-<h2>Confusion matrix and ROC</h2>{_img_tag(out / 'confusion_matrix.png')} {_img_tag(out / 'roc.png')}
+{check_html}{baseline_html}{sharp_html}
+<h2>Training curves</h2>{img_tag(out / 'curves.png')}
+<h2>Confusion matrix and ROC</h2>{img_tag(out / 'confusion_matrix.png')} {img_tag(out / 'roc.png')}
 <h2>Grad-CAM gallery ({html.escape(expl.get('method', ''))}, layer {html.escape(str(expl.get('target_layer')))})</h2>
 <p>Mean border score over {expl.get('n', 0)} test images: {_fmt(expl.get('border_score_mean'))}
 (share of heat in the outer 10% band; a uniform map scores 0.36).</p>{warn}
-{_img_tag(out / 'gradcam_gallery.png')}
+{img_tag(out / 'gradcam_gallery.png')}
 <h2>Configuration</h2><pre>{html.escape(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))}</pre>
 </body></html>
 """
@@ -208,6 +224,11 @@ def finish_run(out: Path, cfg: Config, bundle: DataBundle, val_loader: DataLoade
                     "n": n_border, "border_warning": bool(border > BORDER_WARN)},
         "skipped_files": skipped,
     }
+    checks = checklist(test_m, **dataclasses.asdict(cfg.checklist))
+    if checks:
+        metrics["checklist"] = {"pass": all(c["pass"] for c in checks), "checks": checks}
+    np.savez_compressed(out / "predictions.npz", val_probs=vp, val_labels=vl, test_probs=tp, test_labels=tl,
+                        classes=np.array(classes))
     if train_ds is not None and cfg.train.sharpness_batches:
         from medsight.sharpness import fixed_batches, sharpness
 
@@ -226,6 +247,9 @@ def finish_run(out: Path, cfg: Config, bundle: DataBundle, val_loader: DataLoade
     if "accuracy_at_threshold" in test_m:
         print(f"test: accuracy {test_m['accuracy_at_threshold']:.4f} at the threshold chosen on val "
               f"({test_m['threshold']:.3f})")
+    if "checklist" in metrics:
+        failed = [f"{c['check']} {c['threshold']:g}" for c in metrics["checklist"]["checks"] if not c["pass"]]
+        print(f"checklist: {'PASS' if not failed else 'FAIL (' + '; '.join(failed) + ')'}")
     if "sharpness" in metrics:
         sh = metrics["sharpness"]
         print(f"sharpness (rho {sh['rho']:g}, {sh['images']} training images): ascent {sh['ascent']:.4f} · "

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medsight.api import Predictor
+from medsight.api import load_predictor
 from medsight.explain import BORDER_WARN, EXPLAINERS, border_score, overlay
 from medsight.imageio import ImageReadError, read_image_bytes
 
@@ -32,7 +32,7 @@ class Service:
     """Model, lock and the three operations behind both the page and the API."""
 
     def __init__(self, checkpoint: str | Path, device: str = "auto") -> None:
-        self.predictor = Predictor(checkpoint, device)
+        self.predictor = load_predictor(checkpoint, device, onnx=False)  # a checkpoint or an ensemble.json
         # Grad-CAM registers hooks on the shared model: one explanation at a time. Plain predictions run
         # concurrently (inference mode, no shared state).
         self._cam_lock = threading.Lock()
