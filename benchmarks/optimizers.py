@@ -4,7 +4,8 @@ Each row is `medsight train --optimizer NAME` with every other option at its def
 64 px, 4 epochs, batch 64, lr 2e-3, cosine), so any row can be rerun by hand. The run folders are kept
 in benchmarks/runs/ for benchmarks/ensembles.py.
 
-    python benchmarks/optimizers.py            # writes benchmarks/results/optimizers.json
+    python benchmarks/optimizers.py                  # writes benchmarks/results/optimizers.json
+    python benchmarks/optimizers.py looksam-adamw    # rerun one row
 """
 
 from __future__ import annotations
@@ -22,8 +23,14 @@ NAMES = ("adamw", "sam-adamw", "looksam-adamw")
 def main() -> int:
     keep = Path(__file__).parent / "runs"  # kept for benchmarks/ensembles.py
     keep.mkdir(exist_ok=True)
+    out = Path(__file__).parent / "results" / "optimizers.json"
+    only = sys.argv[1:]  # rerun just these optimizers, keeping the other rows
+    previous = {r["command"].split()[-1]: r for r in json.loads(out.read_text())["rows"]} if only and out.exists() else {}
     rows = []
     for name in NAMES:
+        if only and name not in only and name in previous:
+            rows.append(previous[name])
+            continue
         if (keep / name).exists():
             import shutil
 
@@ -34,7 +41,6 @@ def main() -> int:
     gain_look = by["looksam-adamw"]["test_acc"] - by["adamw"]["test_acc"]
     summary = {"rows": rows, "sam_acc_gain": round(gain_sam, 4), "looksam_acc_gain": round(gain_look, 4),
                "looksam_keeps_90pct_of_sam_gain": bool(gain_sam > 0 and gain_look >= 0.9 * gain_sam)}
-    out = Path(__file__).parent / "results" / "optimizers.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

@@ -22,6 +22,13 @@ from medsight.train import predict_proba, resolve_device
 __all__ = ["Predictor", "load_predictor", "evaluate", "predict", "explain_files", "collect_images", "checkpoint_sharpness"]
 
 
+def _data_config(ckpt: dict[str, Any]) -> Any:
+    """The data options a checkpoint was trained with (for inference-time preprocessing such as CLAHE)."""
+    from medsight.config import config_from_dict
+
+    return config_from_dict(ckpt["config"]).data
+
+
 class Predictor:
     """A loaded checkpoint ready for single images: preprocessing, probabilities and heatmaps."""
 
@@ -30,7 +37,8 @@ class Predictor:
         self.model, self.ckpt = load_model(checkpoint, self.device)
         self.classes: list[str] = list(self.ckpt["classes"])
         self.image_size: int = int(self.ckpt["image_size"])
-        self.transform = make_transform(self.image_size, self.ckpt["mean"], self.ckpt["std"], train=False)
+        self.transform = make_transform(self.image_size, self.ckpt["mean"], self.ckpt["std"], train=False,
+                                        cfg=_data_config(self.ckpt))
         self.name = self.ckpt["config"]["model"]["name"]
 
     def preprocess(self, img: torch.Tensor) -> torch.Tensor:
@@ -109,7 +117,8 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path | None = None, d
     model, ckpt = load_model(checkpoint, dev)
     classes = list(ckpt["classes"])
     split, source = load_eval_data(data, classes)
-    ds = ImageDataset(split, make_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"], train=False))
+    ds = ImageDataset(split, make_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"], train=False,
+                                                 cfg=_data_config(ckpt)))
     probs, labels, _, skipped = predict_proba(model, make_loader(ds, batch_size, False, 0), dev, desc="evaluate")
     threshold = ckpt.get("threshold")
     metrics = classification_metrics(labels, probs, classes, n_boot=1000, threshold=threshold)
@@ -151,7 +160,8 @@ def explain_files(checkpoint: str | Path, inputs: Sequence[str | Path], out: str
         for m in methods:
             heat = pred.heatmap(img, m, target_layer, class_idx)
             overlays[m] = overlay(disp, heat)
-            borders[m] = float(border_score(torch.from_numpy(heat)[None])[0])
+            b = float(border_score(torch.from_numpy(heat)[None])[0])
+            borders[m] = None if np.isnan(b) else b  # None: an empty map
         target = pred.classes[class_idx] if class_idx is not None else pred.classes[label]
         png = out / f"{path.stem}_{'compare' if compare else method.replace('+', 'p')}.png"
         plot_explanation(disp, overlays, f"{path.name}: predicted {pred.classes[label]} ({probs[label]:.3f})"
@@ -193,7 +203,8 @@ def checkpoint_sharpness(checkpoint: str | Path, data: str | None = None, rho: f
         if len(data_classes) != len(classes):
             raise ValueError(f"{source} has {len(data_classes)} classes but the model was trained on {len(classes)}")
         split = splits.get("train") or splits.get("all") or next(iter(splits.values()))
-    ds = ImageDataset(split, make_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"], train=False))
+    ds = ImageDataset(split, make_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"], train=False,
+                                                 cfg=_data_config(ckpt)))
     result = sharpness(model, fixed_batches(ds, n_batches, seed=seed), rho=rho, seed=seed)
     result["data"] = source
     metrics_path = Path(checkpoint).parent / "metrics.json"

@@ -38,6 +38,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         saved = Path(args.out) / "config.yaml"
         config_path = str(saved) if saved.exists() else None
+    if args.synthetic and not args.dry_run:
+        raise ValueError("--synthetic only goes with --dry-run")
+    if args.dry_run:
+        from medsight.train import dry_run
+
+        names = args.models or [None]
+        for name in names:
+            sets = _train_overrides(args) + ([f"model.name={name}"] if name else [])
+            r = dry_run(load_config(config_path, sets), synthetic=args.synthetic)
+            frozen = f" ({r['frozen'] / 1e6:.2f}M frozen)" if r["frozen"] else ""
+            print(f"dry run OK: {r['model']} · {r['parameters'] / 1e6:.2f}M parameters{frozen}"
+                  f" · {r['classes']} classes · {len(r['losses'])} training steps (loss "
+                  f"{' -> '.join(f'{v:.4f}' for v in r['losses'])}) and one evaluation step on {r['images']} "
+                  f"{'generated' if r['synthetic'] else 'real'} images · {r['seconds']:.1f}s"
+                  + (" · pretrained weights not loaded in a dry run" if r["pretrained_skipped"] else ""))
+        return 0
     if args.models:
         return _train_many(args, config_path)
     cfg = load_config(config_path, _train_overrides(args))
@@ -231,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config option, e.g. --set optim.rho=0.1")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines still print)")
+    t.add_argument("--dry-run", action="store_true", help="build everything, run two training steps and one "
+                   "evaluation step, print OK (checks a config in seconds)")
+    t.add_argument("--synthetic", action="store_true", help="with --dry-run: generated images of the configured "
+                   "size and class count instead of the data set")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on another data set")

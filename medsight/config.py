@@ -48,6 +48,7 @@ class ConfigError(ValueError):
 class DataConfig:
     path: str = ""  # empty: the embedded PneumoniaMNIST default
     class_names: list[str] | None = None  # display names in label order; default: from the data
+    num_classes: int | None = None  # expected class count (checked against the data; sizes a synthetic dry run)
     image_size: int = 64
     val_fraction: float = 0.1  # used only when the data carries no split of its own
     test_fraction: float = 0.15
@@ -56,6 +57,13 @@ class DataConfig:
     hflip: bool = True
     rotate_degrees: float = 0.0
     translate: float = 0.0  # fraction of the image size for random shifts
+    rrc_scale: float = 1.0  # random resized crop: smallest area fraction kept; 1 = off
+    brightness: float = 0.0  # colour jitter strengths; 0 = off
+    contrast: float = 0.0
+    clahe: bool = False  # contrast-limited adaptive histogram equalization (train and inference)
+    clahe_clip: float = 2.0
+    auto_augment: str = "none"  # none | randaugment | autoaugment | trivialaugment
+    random_erasing: float = 0.0  # probability of erasing a random rectangle
 
 
 @dataclass
@@ -65,6 +73,7 @@ class ModelConfig:
     weights: str | None = None  # a local .pt/.pth/.safetensors file of backbone weights
     layout: str | None = None  # block layout of medsight's CoAtNets: "CCTT" or "CCCT"
     drop_path_rate: float = 0.0
+    freeze_stages: int = 0  # freeze the stem and the first N stages (e.g. 2: train only CoAtNet's transformer stages)
 
 
 @dataclass
@@ -79,6 +88,7 @@ class OptimConfig:
     sam_sync_first_pass: bool = False  # many GPUs: all-reduce the ascent gradient (False: per-replica, as in the paper)
     looksam_k: int = 5  # looksam-*: SAM gradient recomputed every k steps
     looksam_alpha: float = 0.7  # looksam-*: weight of the reused orthogonal SAM direction
+    looksam_layerwise: bool = True  # looksam-*: scale the reused direction per parameter tensor
 
 
 @dataclass
@@ -95,7 +105,15 @@ class TrainConfig:
     epochs: int = 4
     batch_size: int = 64
     label_smoothing: float = 0.0
-    class_weights: bool = True  # inverse-frequency weights in the cross-entropy
+    class_weights: bool = True  # class weights in the loss (see class_weight_mode)
+    class_weight_mode: str = "inverse"  # inverse (N / K n_k) | effective (effective number of samples)
+    class_weight_beta: float = 0.999  # beta of the effective-number weights
+    loss: str = "ce"  # ce | focal
+    focal_gamma: float = 2.0
+    focal_alpha: list[float] | None = None  # per-class alpha of the focal loss (multiplies the class weights)
+    mixup: float = 0.0  # mixup alpha; 0 = off (soft targets, with the same loss)
+    cutmix: float = 0.0  # cutmix alpha; 0 = off
+    grad_checkpointing: bool = False  # trade compute for memory where timm supports it
     monitor: str = "auc"  # validation metric that picks best.pt: auc | accuracy | balanced_accuracy | loss
     patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
     seed: int = 0
@@ -114,6 +132,9 @@ class ExplainConfig:
     method: str = "gradcam"
     target_layer: str | None = None  # dotted module name; None picks the last stage
     gallery_per_class: int = 4  # correct and misclassified test images per class in the gallery
+    faithfulness_images: int = 16  # test images for deletion/insertion curves in metrics.json; 0 = off
+    faithfulness_methods: list[str] = field(default_factory=lambda: ["gradcam", "gradcam++", "hirescam",
+                                                                     "layercam", "eigencam"])
 
 
 @dataclass
@@ -140,6 +161,7 @@ class Config:
 
 MONITORS = ("auc", "accuracy", "balanced_accuracy", "loss")
 PRECISIONS = ("fp32", "bf16", "fp16")
+AUTO_AUGMENTS = ("none", "randaugment", "autoaugment", "trivialaugment")
 SCHEDULES = ("cosine", "step", "none")
 LAYOUTS = ("CCTT", "CCCT")
 
@@ -289,6 +311,23 @@ def validate_config(cfg: Config) -> None:
     _check(t.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}")
     if t.grad_scaler and t.precision != "fp16":
         warnings.warn(f"train.grad_scaler is only for fp16; ignored with precision {t.precision}", stacklevel=2)
+    _check(t.loss in ("ce", "focal"), f"train.loss must be ce or focal, got {t.loss!r}")
+    _check(t.focal_gamma >= 0, f"train.focal_gamma must be >= 0, got {t.focal_gamma}")
+    _check(t.focal_alpha is None or all(a > 0 for a in t.focal_alpha), "train.focal_alpha values must be > 0")
+    _check(t.class_weight_mode in ("inverse", "effective"),
+           f"train.class_weight_mode must be inverse or effective, got {t.class_weight_mode!r}")
+    _check(0 < t.class_weight_beta < 1, f"train.class_weight_beta must be in (0, 1), got {t.class_weight_beta}")
+    _check(t.mixup >= 0 and t.cutmix >= 0, "train.mixup and train.cutmix must be >= 0")
+    _check(d.num_classes is None or d.num_classes >= 2, f"data.num_classes must be >= 2, got {d.num_classes}")
+    _check(d.num_classes is None or not d.class_names or d.num_classes == len(d.class_names),
+           "data.num_classes and data.class_names disagree")
+    _check(0 < d.rrc_scale <= 1, f"data.rrc_scale must be in (0, 1], got {d.rrc_scale}")
+    _check(d.brightness >= 0 and d.contrast >= 0, "data.brightness and data.contrast must be >= 0")
+    _check(d.clahe_clip > 0, f"data.clahe_clip must be > 0, got {d.clahe_clip}")
+    _check(d.auto_augment in AUTO_AUGMENTS, f"data.auto_augment must be one of {', '.join(AUTO_AUGMENTS)}, "
+           f"got {d.auto_augment!r}")
+    _check(0 <= d.random_erasing <= 1, f"data.random_erasing must be in [0, 1], got {d.random_erasing}")
+    _check(cfg.model.freeze_stages >= 0, f"model.freeze_stages must be >= 0, got {cfg.model.freeze_stages}")
     _check(t.sharpness_batches >= 0, f"train.sharpness_batches must be >= 0, got {t.sharpness_batches}")
     _check(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
@@ -317,6 +356,10 @@ def validate_config(cfg: Config) -> None:
     _check(cfg.explain.gallery_per_class >= 0, "explain.gallery_per_class must be >= 0")
     from medsight.explain import EXPLAINERS
 
+    _check(cfg.explain.faithfulness_images >= 0, "explain.faithfulness_images must be >= 0")
+    for m in cfg.explain.faithfulness_methods:
+        _check(m in EXPLAINERS, f"explain.faithfulness_methods: unknown method {m!r}; choose from "
+               f"{', '.join(EXPLAINERS)}.{_suggest(m, EXPLAINERS)}")
     _check(cfg.explain.method in EXPLAINERS, f"explain.method: unknown method {cfg.explain.method!r}; "
            f"choose from {', '.join(EXPLAINERS)}.{_suggest(cfg.explain.method, EXPLAINERS)}")
 

@@ -266,6 +266,9 @@ def load_data(cfg: DataConfig) -> DataBundle:
     splits, classes, source = _read_source(cfg.path)
     notes: list[str] = []
     splits = _complete_splits(splits, cfg, notes)
+    if cfg.num_classes is not None and cfg.num_classes != len(classes):
+        raise DataError(f"data.num_classes is {cfg.num_classes} but {cfg.path or 'the data'} has {len(classes)} "
+                        f"classes ({', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''})")
     if cfg.class_names:
         if len(cfg.class_names) != len(classes):
             raise DataError(f"data.class_names has {len(cfg.class_names)} names but the data has "
@@ -299,13 +302,42 @@ def make_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
                    cfg: DataConfig | None = None) -> v2.Compose:
     """Float [C,H,W] in [0,1] -> 3-channel, resized, (augmented), normalized tensor."""
     steps: list[Any] = [v2.Resize((image_size, image_size), antialias=True)]
+    if cfg is not None and cfg.clahe:  # preprocessing, not augmentation: applied at inference too
+        steps.append(Clahe(cfg.clahe_clip))
     if train and cfg is not None:
+        if cfg.rrc_scale < 1:
+            steps.append(v2.RandomResizedCrop((image_size, image_size), scale=(cfg.rrc_scale, 1.0), antialias=True))
         if cfg.hflip:
             steps.append(v2.RandomHorizontalFlip())
         if cfg.rotate_degrees or cfg.translate:
             steps.append(v2.RandomAffine(degrees=cfg.rotate_degrees, translate=(cfg.translate, cfg.translate)))
+        if cfg.brightness or cfg.contrast:
+            steps.append(v2.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast))
+        if cfg.auto_augment != "none":
+            aug = {"randaugment": v2.RandAugment, "autoaugment": v2.AutoAugment,
+                   "trivialaugment": v2.TrivialAugmentWide}[cfg.auto_augment]
+            # the policies work on uint8 images: quantize, augment, and return to float
+            steps += [v2.ToDtype(torch.uint8, scale=True), aug(), v2.ToDtype(torch.float32, scale=True)]
     steps.append(v2.Normalize(mean=list(mean), std=list(std)))
+    if train and cfg is not None and cfg.random_erasing:
+        steps.append(v2.RandomErasing(p=cfg.random_erasing))
     return v2.Compose(steps)
+
+
+class Clahe(torch.nn.Module):
+    """OpenCV's CLAHE per channel on a float [C, H, W] image in [0, 1] (8-bit working depth)."""
+
+    def __init__(self, clip: float = 2.0, grid: int = 8) -> None:
+        super().__init__()
+        self.clip, self.grid = clip, grid
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        import cv2
+
+        clahe = cv2.createCLAHE(clipLimit=self.clip, tileGridSize=(self.grid, self.grid))
+        a = (img.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        out = np.stack([clahe.apply(np.ascontiguousarray(c)) for c in a])
+        return torch.from_numpy(out).float().div(255)
 
 
 def to_three_channels(img: torch.Tensor) -> torch.Tensor:

@@ -127,11 +127,13 @@ def border_score(heatmaps: torch.Tensor, band: float = 0.1) -> torch.Tensor:
     """Share of each heatmap's heat in the outer band (edges and corners, ``band`` of each side).
 
     A model that has learned a shortcut (markers, text, collimation at the image border) puts its heat
-    there; a uniform map scores 1 - (1 - 2·band)², 0.36 for the default band.
+    there; a uniform map scores 1 - (1 - 2·band)², 0.36 for the default band. An all-zero map scores NaN.
     """
     h, w = heatmaps.shape[-2:]
     bh, bw = max(1, round(h * band)), max(1, round(w * band))
     mask = torch.ones(h, w, dtype=torch.bool, device=heatmaps.device)
     mask[bh:h - bh, bw:w - bw] = False
-    total = heatmaps.sum(dim=(-2, -1)).clamp_min(1e-12)
-    return (heatmaps * mask).sum(dim=(-2, -1)) / total
+    total = heatmaps.sum(dim=(-2, -1))
+    score = (heatmaps * mask).sum(dim=(-2, -1)) / total.clamp_min(1e-12)
+    # An empty map (no positive evidence anywhere) has no location: NaN, left out of dataset means.
+    return torch.where(total > 1e-8, score, torch.full_like(score, float("nan")))

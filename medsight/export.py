@@ -51,6 +51,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18, check:
         meta = {"medsight_classes": json.dumps(ckpt["classes"]), "medsight_image_size": str(size),
                 "medsight_mean": json.dumps(list(ckpt["mean"])), "medsight_std": json.dumps(list(ckpt["std"])),
                 "medsight_model": ckpt["config"]["model"]["name"]}
+        if ckpt["config"].get("data", {}).get("clahe"):
+            meta["medsight_clahe_clip"] = str(ckpt["config"]["data"].get("clahe_clip", 2.0))
         if ckpt.get("threshold") is not None:
             meta["medsight_threshold"] = str(ckpt["threshold"])
         for k, v in meta.items():
@@ -105,7 +107,10 @@ class OnnxPredictor:
         self.name = meta.get("medsight_model", p.stem)
         from medsight.data import make_transform
 
-        self.transform = make_transform(self.image_size, self.mean, self.std, train=False)
+        from medsight.config import DataConfig
+
+        dcfg = DataConfig(clahe="medsight_clahe_clip" in meta, clahe_clip=float(meta.get("medsight_clahe_clip", 2.0)))
+        self.transform = make_transform(self.image_size, self.mean, self.std, train=False, cfg=dcfg)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(["probabilities"], {"image": np.ascontiguousarray(batch, dtype=np.float32)})[0]

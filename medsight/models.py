@@ -24,7 +24,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.maxxvit import MaxxVit, MaxxVitCfg, checkpoint_filter_fn
 from torch import nn
 
-__all__ = ["ModelError", "create_model", "data_config", "CamTarget", "cam_target", "count_parameters",
+__all__ = ["ModelError", "create_model", "layer_groups", "freeze_stages", "data_config", "CamTarget", "cam_target", "count_parameters",
            "list_models", "MEDSIGHT_MODELS", "load_weights"]
 
 log = logging.getLogger("medsight")
@@ -254,7 +254,12 @@ def cam_target(model: nn.Module, name: str | None = None, img_size: int | None =
     """The Grad-CAM target of ``model``: ``name`` (a dotted module path) or the family's last stage
     (or, for inputs so small that it is under ``min_side``×``min_side``, the deepest stage that is not)."""
     inner = getattr(model, "module", model)  # DDP wrapper
-    default_name, reshape = _family_target(inner)
+    try:
+        default_name, reshape = _family_target(inner)
+    except ModelError:
+        if name is None:
+            raise
+        default_name, reshape = name, None  # a model of the user's own: the named layer, as it is
     if reshape is None and name is None:
         default_name = _deepest_usable_stage(inner, default_name, img_size, min_side)
     name = name or default_name
@@ -264,3 +269,30 @@ def cam_target(model: nn.Module, name: str | None = None, img_size: int | None =
         hint = f" Close names: {', '.join(close)}." if close else ""
         raise ModelError(f"target layer {name!r} does not exist in {type(inner).__name__}.{hint}")
     return CamTarget(layer=modules[name], name=name, reshape=reshape if name == default_name else None)
+
+
+def layer_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names by depth, via timm's group matcher: stem, each stage, then the head."""
+    from timm.models import group_parameters
+
+    if not hasattr(model, "group_matcher"):
+        raise ModelError(f"{type(model).__name__} defines no layer groups (timm's group_matcher)")
+    return [list(names) for names in group_parameters(model, model.group_matcher(coarse=True)).values()]
+
+
+def freeze_stages(model: nn.Module, n: int) -> int:
+    """Freeze the stem and the first ``n`` stages; returns the number of frozen parameters."""
+    if n <= 0:
+        return 0
+    groups = layer_groups(model)
+    n_stages = len(groups) - 2  # stem ... head
+    if n > n_stages:
+        raise ModelError(f"model.freeze_stages={n}, but {type(model).__name__} has {n_stages} stages "
+                         f"(freeze at most {n_stages}; the head always trains)")
+    names = {name for g in groups[: n + 1] for name in g}
+    frozen = 0
+    for name, p in model.named_parameters():
+        if name in names:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-__all__ = ["plot_curves", "plot_confusion", "plot_roc", "plot_recall_bars", "plot_gallery", "plot_explanation"]
+__all__ = ["plot_curves", "plot_confusion", "plot_roc", "plot_recall_bars", "plot_faithfulness", "plot_gallery", "plot_explanation"]
 
 
 def _save(fig: plt.Figure, path: str | Path) -> None:
@@ -100,6 +100,24 @@ def plot_recall_bars(recalls: dict[str, dict[str, float]], path: str | Path) -> 
     ax.set_title("recall per class")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3, axis="y")
+    _save(fig, path)
+
+
+def plot_faithfulness(faith: dict[str, Any], path: str | Path) -> None:
+    """Mean deletion and insertion curves per explanation method (and the random map)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for name, v in faith["methods"].items():
+        xs = np.linspace(0, 1, len(v["deletion_curve"]))
+        style = {"color": "0.5", "ls": "--"} if name == "random" else {}
+        axes[0].plot(xs, v["deletion_curve"], label=f"{name} ({v['deletion_auc']:.3f})", **style)
+        axes[1].plot(xs, v["insertion_curve"], label=f"{name} ({v['insertion_auc']:.3f})", **style)
+    for ax, title in zip(axes, ("deletion (lower is better)", "insertion (higher is better)")):
+        ax.set_xlabel("share of pixels, hottest first")
+        ax.set_ylabel("probability of explained class")
+        ax.set_title(title)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     _save(fig, path)
 
 

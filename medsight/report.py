@@ -19,7 +19,7 @@ from medsight.config import DEFAULT_DATA, Config, config_to_dict
 from medsight.data import DataBundle, ImageDataset
 from medsight.explain import BORDER_WARN, border_score, explain, overlay
 from medsight.metrics import best_threshold, checklist, classification_metrics
-from medsight.plots import plot_confusion, plot_curves, plot_gallery, plot_roc
+from medsight.plots import plot_confusion, plot_curves, plot_faithfulness, plot_gallery, plot_roc
 
 __all__ = ["finish_run", "write_report", "gradcam_gallery", "PNEUMONIAMNIST_BASELINES", "baseline_table"]
 
@@ -50,8 +50,12 @@ def _display(img: torch.Tensor) -> np.ndarray:
 
 def gradcam_gallery(model: torch.nn.Module, ds: ImageDataset, probs: np.ndarray, labels: np.ndarray,
                     classes: list[str], device: torch.device, method: str, target_layer: str | None,
-                    per_class: int, seed: int = 0) -> tuple[list[dict[str, Any]], float, int]:
-    """Gallery rows (correct / misclassified per class) and the mean border score over a test sample."""
+                    per_class: int, seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Gallery rows (correct / misclassified per class) and border scores over a test sample.
+
+    The scores are summarized overall and per explained (predicted) class: a shortcut usually belongs to
+    one class (the marker on the positive cases), so the warning looks at the highest class mean.
+    """
     rng = np.random.default_rng(seed)
     pred = probs.argmax(1)
     chosen: list[tuple[str, list[int]]] = []
@@ -64,7 +68,7 @@ def gradcam_gallery(model: torch.nn.Module, ds: ImageDataset, probs: np.ndarray,
     wanted = sorted({i for _, ids in chosen for i in ids} | {int(i) for i in sample})
     size = ds.transform.transforms[0].size
     heat: dict[int, np.ndarray] = {}
-    scores = []
+    scores, explained = [], []
     for start in range(0, len(wanted), 64):
         ids = wanted[start:start + 64]
         items = [ds[i] for i in ids]
@@ -74,6 +78,7 @@ def gradcam_gallery(model: torch.nn.Module, ds: ImageDataset, probs: np.ndarray,
         x = torch.stack([x for _, x in keep]).to(device)
         maps = explain(model, x, method=method, target_layer=target_layer)
         scores.append(border_score(maps).cpu())
+        explained += [int(pred[i]) for i, _ in keep]
         for (i, _), m in zip(keep, maps.cpu().numpy()):
             heat[i] = m
     rows = []
@@ -88,8 +93,16 @@ def gradcam_gallery(model: torch.nn.Module, ds: ImageDataset, probs: np.ndarray,
             items.append({"image": disp, "overlay": overlay(disp, heat[i]),
                           "caption": f"pred {classes[pred[i]]} {probs[i, pred[i]]:.2f}"})
         rows.append({"title": title, "items": items})
-    mean_border = float(torch.cat(scores).mean()) if scores else float("nan")
-    return rows, mean_border, len(torch.cat(scores)) if scores else 0
+    allscores = torch.cat(scores).numpy() if scores else np.empty(0)
+    cls = np.array(explained)
+    ok = ~np.isnan(allscores)  # empty maps have no location
+    per = {classes[c]: float(allscores[ok & (cls == c)].mean()) for c in range(len(classes))
+           if (ok & (cls == c)).sum() >= 3}
+    mean = float(allscores[ok].mean()) if ok.any() else None
+    worst = max(per.values()) if per else mean
+    return rows, {"border_score_mean": mean, "border_score_per_class": per, "n": int(ok.sum()),
+                  "border_warning": bool(worst is not None and worst > BORDER_WARN),
+                  "border_score_max_class": worst}
 
 
 STYLE = """
@@ -117,6 +130,10 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}"
     return html.escape(str(v))
+
+
+def _fmt_scores(per: dict[str, float]) -> str:
+    return ", ".join(f"{c} {v:.3f}" for c, v in per.items()) or "n/a"
 
 
 def checklist_html(check: dict[str, Any] | None) -> str:
@@ -147,7 +164,7 @@ def write_report(out: Path, cfg: Config, metrics: dict[str, Any], title: str = "
     expl = metrics.get("explain", {})
     warn = ""
     if expl.get("border_warning"):
-        warn = (f'<p class="warn">⚠ Mean border score {expl["border_score_mean"]:.3f} &gt; {BORDER_WARN}: the '
+        warn = (f'<p class="warn">⚠ Border score {expl["border_score_max_class"]:.3f} &gt; {BORDER_WARN} (highest class mean): the '
                 f'heatmaps concentrate on image borders/corners — check for shortcuts (markers, text, '
                 f'collimation).</p>')
     baseline = metrics.get("baselines")
@@ -156,6 +173,16 @@ def write_report(out: Path, cfg: Config, metrics: dict[str, Any], title: str = "
     skipped_html = (f"<p class='warn'>{len(skipped)} unreadable file(s) skipped: "
                     f"{html.escape(', '.join(skipped[:20]))}</p>") if skipped else ""
     check_html = checklist_html(metrics.get("checklist"))
+    faith = metrics.get("faithfulness")
+    faith_html = ""
+    if faith:
+        rows_f = "".join(f"<tr><td>{html.escape(m)}</td><td>{v['deletion_auc']:.3f}</td><td>{v['insertion_auc']:.3f}</td></tr>"
+                         for m, v in faith["methods"].items())
+        faith_html = (f"<h3>Faithfulness ({faith['images']} test images)</h3><p>Deletion: the probability of the "
+                      f"explained class as the hottest pixels are replaced by the mean colour (lower area = more faithful); "
+                      f"insertion: as they are restored (higher = more faithful). The random map is the yardstick."
+                      f"</p><table><tr><th>method</th><th>deletion AUC ↓</th><th>insertion AUC ↑</th></tr>{rows_f}"
+                      f"</table>{img_tag(out / 'faithfulness.png')}")
     sh = metrics.get("sharpness")
     sharp_html = (f"<h3>Sharpness</h3><p>max L(w+ε) − L(w) over ‖ε‖ ≤ {sh['rho']:g} on {sh['images']} training "
                   f"images: gradient ascent {sh['ascent']:.4f}, random directions {sh['random']:.4f} "
@@ -179,9 +206,11 @@ optimizer {html.escape(cfg.optim.name)} · best epoch {metrics.get('best_epoch')
 <h2>Training curves</h2>{img_tag(out / 'curves.png')}
 <h2>Confusion matrix and ROC</h2>{img_tag(out / 'confusion_matrix.png')} {img_tag(out / 'roc.png')}
 <h2>Grad-CAM gallery ({html.escape(expl.get('method', ''))}, layer {html.escape(str(expl.get('target_layer')))})</h2>
-<p>Mean border score over {expl.get('n', 0)} test images: {_fmt(expl.get('border_score_mean'))}
+<p>Mean border score over {expl.get('n', 0)} test images: {_fmt(expl.get('border_score_mean'))}; per explained
+class: {html.escape(_fmt_scores(expl.get('border_score_per_class', {})))}
 (share of heat in the outer 10% band; a uniform map scores 0.36).</p>{warn}
 {img_tag(out / 'gradcam_gallery.png')}
+{faith_html}
 <h2>Configuration</h2><pre>{html.escape(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))}</pre>
 </body></html>
 """
@@ -212,7 +241,7 @@ def finish_run(out: Path, cfg: Config, bundle: DataBundle, val_loader: DataLoade
     plot_confusion(test_m["confusion_matrix"], classes, out / "confusion_matrix.png")
     plot_roc({"val": (vl, vp), "test": (tl, tp)}, classes, out / "roc.png")
     layer = cam_target(model, cfg.explain.target_layer, img_size=cfg.data.image_size).name
-    rows, border, n_border = gradcam_gallery(model, test_ds, tp, tl, classes, device, cfg.explain.method,
+    rows, border_info = gradcam_gallery(model, test_ds, tp, tl, classes, device, cfg.explain.method,
                                              cfg.explain.target_layer, cfg.explain.gallery_per_class,
                                              seed=cfg.train.seed)
     plot_gallery(rows, out / "gradcam_gallery.png")
@@ -220,10 +249,19 @@ def finish_run(out: Path, cfg: Config, bundle: DataBundle, val_loader: DataLoade
         "val": val_m, "test": test_m, "classes": classes, "best_epoch": best_epoch, "epochs_run": len(history),
         "monitor": cfg.train.monitor, "parameters": n_params, "data": bundle.source,
         "train_seconds": float(sum(r["seconds"] for r in history)),
-        "explain": {"method": cfg.explain.method, "target_layer": layer, "border_score_mean": border,
-                    "n": n_border, "border_warning": bool(border > BORDER_WARN)},
+        "explain": {"method": cfg.explain.method, "target_layer": layer, **border_info},
         "skipped_files": skipped,
     }
+    if cfg.explain.faithfulness_images:
+        from medsight.faithfulness import faithfulness
+
+        idx = np.random.default_rng(cfg.train.seed).permutation(len(test_ds))[: 4 * cfg.explain.faithfulness_images]
+        sample = [x for x, _ in (test_ds[int(i)] for i in idx) if x is not None][: cfg.explain.faithfulness_images]
+        if sample:
+            faith = faithfulness(model, torch.stack(sample).to(device), cfg.explain.faithfulness_methods,
+                                 cfg.explain.target_layer, seed=cfg.train.seed)
+            metrics["faithfulness"] = faith
+            plot_faithfulness(faith, out / "faithfulness.png")
     checks = checklist(test_m, **dataclasses.asdict(cfg.checklist))
     if checks:
         metrics["checklist"] = {"pass": all(c["pass"] for c in checks), "checks": checks}
@@ -254,8 +292,9 @@ def finish_run(out: Path, cfg: Config, bundle: DataBundle, val_loader: DataLoade
         sh = metrics["sharpness"]
         print(f"sharpness (rho {sh['rho']:g}, {sh['images']} training images): ascent {sh['ascent']:.4f} · "
               f"random {sh['random']:.4f} · loss {sh['loss']:.4f}")
-    if border > BORDER_WARN:
-        print(f"WARNING: mean Grad-CAM border score {border:.3f} > {BORDER_WARN}: the model may rely on "
+    if border_info["border_warning"]:
+        print(f"WARNING: Grad-CAM border score {border_info['border_score_max_class']:.3f} > {BORDER_WARN} "
+              f"(highest class mean; per class {_fmt_scores(border_info['border_score_per_class'])}): the model may rely on "
               f"image borders/corners (shortcut); see {out / 'report.html'}")
     if "baselines" in metrics:
         print(metrics["baselines"])

@@ -90,7 +90,8 @@ def _page(service: Service) -> Any:
         except (ImageReadError, ValueError) as exc:
             raise gr.Error(str(exc)) from exc
         p = result["probabilities"][result["label"]]
-        text = f"**Prediction: {result['label']}** ({p:.1%})  \nGrad-CAM border score {border:.2f}"
+        text = f"**Prediction: {result['label']}** ({p:.1%})  \n" + (
+            f"Grad-CAM border score {border:.2f}" if border == border else "The heatmap is empty (no positive evidence).")
         if border > BORDER_WARN:
             text += (f"  \n⚠️ **Warning:** the heat sits mostly at the image border (score {border:.2f} > "
                      f"{BORDER_WARN}); the model may be using a shortcut such as a marker or text.")
@@ -149,7 +150,8 @@ def create_app(checkpoint: str | Path, device: str = "auto", page: bool = True) 
         png, meta = service.explain_png(img, method)
         return Response(png, media_type="image/png", headers={
             "X-Label": meta["label"], "X-Probability": f"{meta['probabilities'][meta['label']]:.6f}",
-            "X-Border-Score": f"{meta['border_score']:.6f}", "X-Method": method})
+            "X-Border-Score": f"{meta['border_score']:.6f}" if meta["border_score"] == meta["border_score"] else "n/a",
+            "X-Method": method})
 
     if page:
         import gradio as gr

@@ -31,10 +31,10 @@ from medsight.checkpoint import FORMAT, load_checkpoint, save_atomic, write_text
 from medsight.config import Config, ConfigError, config_to_dict, save_config, validate_config
 from medsight.distributed import DistInfo, broadcast_flag, check_replicas, init_distributed, shutdown
 from medsight.data import DataBundle, ImageDataset, load_data, make_loader, make_transform
-from medsight.models import count_parameters, create_model, data_config
+from medsight.models import count_parameters, create_model, data_config, freeze_stages
 from medsight.optim import LookSAM, bn_update_disabled, create_optimizer, create_scheduler, is_sam
 
-__all__ = ["train", "train_step", "StepOptions", "autocast", "predict_proba", "RunResult", "resolve_device", "TrainingError",
+__all__ = ["train", "dry_run", "make_loss", "train_step", "StepOptions", "autocast", "predict_proba", "RunResult", "resolve_device", "TrainingError",
            "HISTORY_FIELDS", "seed_everything"]
 
 log = logging.getLogger("medsight")
@@ -198,10 +198,20 @@ def _cpu_fp16_ok() -> bool:
         return False
 
 
-def _class_weights(bundle: DataBundle) -> torch.Tensor:
-    counts = np.bincount(bundle.splits["train"].labels, minlength=len(bundle.classes)).astype(np.float64)
-    w = counts.sum() / (len(counts) * np.maximum(counts, 1))
-    return torch.tensor(w, dtype=torch.float32)
+def make_loss(cfg: Config, counts: Any) -> nn.Module:
+    """The training loss of ``cfg`` for training-set class ``counts``: CE or focal, class weights, smoothing."""
+    from medsight.losses import ClassificationLoss, class_weights
+
+    t, k = cfg.train, len(counts)
+    weight = class_weights(counts, t.class_weight_mode, t.class_weight_beta) if t.class_weights else None
+    alpha = None
+    if t.loss == "focal" and t.focal_alpha is not None:
+        if len(t.focal_alpha) != k:
+            raise ConfigError(f"train.focal_alpha has {len(t.focal_alpha)} values but the data has {k} classes")
+        alpha = torch.tensor(t.focal_alpha, dtype=torch.float32)
+    smoothing = 0.0 if (t.mixup or t.cutmix) else t.label_smoothing
+    return ClassificationLoss(gamma=t.focal_gamma if t.loss == "focal" else 0.0, weight=weight,
+                              label_smoothing=smoothing, alpha=alpha)
 
 
 def _default_out(cfg: Config) -> Path:
@@ -281,11 +291,16 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
                          drop_path_rate=cfg.model.drop_path_rate)
     dc = data_config(model)
     mean, std = list(dc["mean"]), list(dc["std"])
+    frozen = freeze_stages(model, cfg.model.freeze_stages)
+    if t.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ConfigError(f"train.grad_checkpointing: {cfg.model.name} does not support it")
+        model.set_grad_checkpointing(True)
     model = model.to(device).to(memory_format=torch.channels_last)
     seed_everything(cfg.train.seed + dinfo.rank)  # augmentations differ per rank; DDP syncs the weights
     size = cfg.data.image_size
     train_ds = ImageDataset(bundle.splits["train"], make_transform(size, mean, std, train=True, cfg=cfg.data))
-    eval_tf = make_transform(size, mean, std, train=False)
+    eval_tf = make_transform(size, mean, std, train=False, cfg=cfg.data)
     val_ds = ImageDataset(bundle.splits["val"], eval_tf)
     test_ds = ImageDataset(bundle.splits["test"], eval_tf)
     nw = cfg.data.num_workers
@@ -299,8 +314,14 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
     fused = device.type == "cuda"
     optimizer = create_optimizer(model, cfg.optim, fused=fused)
     scheduler = create_scheduler(optimizer, cfg.schedule, cfg.train.epochs, len(train_loader), cfg.optim.lr)
-    weight = _class_weights(bundle).to(device) if cfg.train.class_weights else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
+    loss_fn = make_loss(cfg, np.bincount(bundle.splits["train"].labels, minlength=len(bundle.classes))).to(device)
+    mixer = None
+    if t.mixup or t.cutmix:
+        from timm.data import Mixup
+
+        # smoothing is applied by timm's Mixup to the mixed targets, so the loss gets none of its own
+        mixer = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.label_smoothing,
+                      num_classes=len(bundle.classes))
     eval_loss_fn = nn.CrossEntropyLoss()
     use_scaler = t.precision == "fp16" and t.grad_scaler is not False
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
@@ -339,7 +360,10 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
     counts = bundle.counts()
     world = f" · {dinfo.world_size} processes" if dinfo.enabled else ""
     extra = "".join(f" · {v}" for v in (t.precision if t.precision != "fp32" else "",
-                                         f"accumulate {t.accum_steps}" if t.accum_steps > 1 else "") if v)
+                                         f"accumulate {t.accum_steps}" if t.accum_steps > 1 else "",
+                                         f"{frozen / 1e6:.2f}M frozen (stem + {cfg.model.freeze_stages} stages)"
+                                         if frozen else "",
+                                         f"{t.loss} loss" if t.loss != "ce" else "") if v)
     say(f"medsight: {cfg.model.name} ({n_params / 1e6:.2f}M parameters{', layout ' + cfg.model.layout if cfg.model.layout else ''}) "
           f"· {cfg.optim.name} lr {cfg.optim.lr:g}{f' rho {cfg.optim.rho:g}' if is_sam(optimizer) else ''} "
           f"· {cfg.train.epochs} epochs · {device}{world}{extra}")
@@ -367,14 +391,19 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
                     continue
                 x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 y = y.to(device, non_blocking=True)
-                loss, logits = train_step(step_model, x, y, optimizer, loss_fn, opts=opts)
+                target = y
+                if mixer is not None:
+                    if len(x) % 2:  # timm's Mixup pairs images within the batch
+                        x, y = x[:-1], y[:-1]
+                    x, target = mixer(x, y)
+                loss, logits = train_step(step_model, x, target, optimizer, loss_fn, opts=opts)
                 scheduler.step()
                 lv = float(loss)
                 if not math.isfinite(lv):
                     raise TrainingError(f"loss became {lv} at epoch {epoch + 1}: training diverged; lower "
                                         f"optim.lr (now {cfg.optim.lr:g}) or optim.rho, or set train.grad_clip")
                 loss_sum += lv * len(y)
-                correct += int((logits.argmax(1) == y).sum())
+                correct += int((logits.argmax(1) == y).sum())  # against the unmixed labels
                 seen += len(y)
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
             bar.close()
@@ -441,3 +470,78 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
                          sorted(skipped), n_params, train_ds=ImageDataset(bundle.splits["train"], eval_tf),
                          loss_fn=loss_fn)
     return RunResult(out=out, metrics=metrics, history=history)
+
+
+def dry_run(cfg: Config, synthetic: bool = True, steps: int = 2) -> dict[str, Any]:
+    """Build everything ``cfg`` describes and run ``steps`` training steps and one evaluation step.
+
+    With ``synthetic``, on generated images of the configured size and class count (``data.class_names``,
+    else 2), so a recipe is checked in seconds without its data set; otherwise on the first batches of
+    the real data. Pretrained weights are not downloaded (random init, said in the result).
+    """
+    from medsight.metrics import classification_metrics
+
+    validate_config(cfg)
+    t0 = time.time()
+    device = resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    size = cfg.data.image_size
+    if synthetic:
+        k = cfg.data.num_classes or (len(cfg.data.class_names) if cfg.data.class_names else 2)
+        n = max(2 * k, min(cfg.train.batch_size * cfg.train.accum_steps, 16))
+        g = torch.Generator().manual_seed(cfg.train.seed)
+        raw = [torch.rand(1, size + 8, size + 8, generator=g) for _ in range(n)]
+        labels = torch.arange(n) % k
+        counts = np.bincount(labels.numpy(), minlength=k)
+    else:
+        bundle = load_data(cfg.data)
+        k = len(bundle.classes)
+        counts = np.bincount(bundle.splits["train"].labels, minlength=k)
+    model = create_model(cfg.model.name, num_classes=k, img_size=size, pretrained=False, weights=cfg.model.weights,
+                         layout=cfg.model.layout, drop_path_rate=cfg.model.drop_path_rate)
+    frozen = freeze_stages(model, cfg.model.freeze_stages)
+    if cfg.train.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)
+    dc = data_config(model)
+    train_tf = make_transform(size, dc["mean"], dc["std"], train=True, cfg=cfg.data)
+    eval_tf = make_transform(size, dc["mean"], dc["std"], train=False, cfg=cfg.data)
+    if synthetic:
+        from medsight.data import to_three_channels
+
+        x_train = torch.stack([train_tf(to_three_channels(r)) for r in raw])
+        x_eval, y = torch.stack([eval_tf(to_three_channels(r)) for r in raw]), labels
+    else:
+        ds = ImageDataset(bundle.splits["train"], train_tf)
+        x_train, y, _ = next(iter(make_loader(ds, cfg.train.batch_size * cfg.train.accum_steps, True, 0)))
+        x_eval = x_train
+    model = model.to(device)
+    optimizer = create_optimizer(model, cfg.optim)
+    scheduler = create_scheduler(optimizer, cfg.schedule, cfg.train.epochs, 10, cfg.optim.lr)
+    loss_fn = make_loss(cfg, counts).to(device)
+    opts = StepOptions(grad_clip=cfg.train.grad_clip, accum_steps=min(cfg.train.accum_steps, len(y)),
+                       precision=cfg.train.precision if device.type == "cuda" or cfg.train.precision == "bf16" else "fp32",
+                       sam_bn=cfg.optim.sam_bn)
+    target: torch.Tensor = y.to(device)
+    x_train = x_train.to(device)
+    if cfg.train.mixup or cfg.train.cutmix:
+        from timm.data import Mixup
+
+        mixer = Mixup(mixup_alpha=cfg.train.mixup, cutmix_alpha=cfg.train.cutmix,
+                      label_smoothing=cfg.train.label_smoothing, num_classes=k)
+        even = len(x_train) - len(x_train) % 2
+        x_train, target = mixer(x_train[:even], target[:even])
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss, _ = train_step(model, x_train, target, optimizer, loss_fn, opts=opts)
+        scheduler.step()
+        if not math.isfinite(float(loss)):
+            raise TrainingError(f"dry run: the loss is {float(loss)}")
+        losses.append(float(loss))
+    model.eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(x_eval.to(device)).float(), 1).cpu().numpy()
+    metrics = classification_metrics(y.numpy(), probs, [str(i) for i in range(k)], n_boot=0)
+    return {"model": cfg.model.name, "classes": k, "parameters": count_parameters(model), "frozen": frozen,
+            "losses": losses, "eval_accuracy": metrics["accuracy"], "images": len(y), "synthetic": synthetic,
+            "pretrained_skipped": cfg.model.pretrained, "seconds": time.time() - t0}

@@ -54,7 +54,8 @@ def small_npz(tmp_path: Path) -> Path:
 def tiny_overrides(out: Path, data: Path | str, epochs: int = 1) -> list[str]:
     """Settings for a run that takes seconds on a CPU."""
     return [f"data.path={data}", f"out={out}", f"train.epochs={epochs}", "data.image_size=32",
-            "train.batch_size=16", "explain.gallery_per_class=1", "schedule.warmup_epochs=0"]
+            "train.batch_size=16", "explain.gallery_per_class=1", "schedule.warmup_epochs=0",
+            "explain.faithfulness_images=4"]
 
 
 @pytest.fixture(scope="session")

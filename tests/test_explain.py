@@ -84,3 +84,17 @@ def test_border_score_separates_border_from_center():
     assert float(border_score(border)) == pytest.approx(1.0)
     assert float(border_score(center)) == pytest.approx(0.0)
     assert float(border_score(uniform)) == pytest.approx(1 - 0.8 ** 2)
+    assert torch.isnan(border_score(torch.zeros(1, 20, 20))).all()  # no heat, no location
+
+
+@pytest.mark.parametrize("name", ["maxvit_nano_rw_256", "convnext_atto", "seresnext26d_32x4d", "densenet121",
+                                  "efficientnet_b0", "swinv2_cr_tiny_ns_224", "vit_tiny_patch16_224"])
+def test_every_family_gets_a_target_layer(name):
+    """One random model per backbone family: the automatic layer gives finite maps in [0, 1]."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=3, img_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    for method in ("gradcam", "gradcam++", "layercam", "eigencam"):
+        maps = explain(model, x, method=method)
+        assert maps.shape == (2, 64, 64) and torch.isfinite(maps).all(), (name, method)
+        assert float(maps.min()) >= 0 and float(maps.max()) <= 1, (name, method)

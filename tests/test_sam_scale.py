@@ -204,3 +204,23 @@ def test_questionable_options_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         validate_config(load_config(None, ["train.precision=fp16"]))
+
+
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_looksam_reuse_step_by_hand(layerwise):
+    a, b = nn.Parameter(torch.tensor([1.0, 2.0])), nn.Parameter(torch.tensor([3.0]))
+    opt = LookSAM([a, b], torch.optim.SGD, lr=1.0, k=5, alpha=0.5, layerwise=layerwise)
+    opt.g_v = {a: torch.tensor([0.0, 4.0]), b: torch.tensor([-2.0])}
+    opt.steps = 1
+    ga, gb = torch.tensor([3.0, 4.0]), torch.tensor([1.0])
+    a.grad, b.grad = ga.clone(), gb.clone()
+    opt.reuse_step()
+    if layerwise:  # per tensor: alpha * |g_l| / |v_l| * v_l
+        ea = ga + 0.5 * 5.0 / 4.0 * torch.tensor([0.0, 4.0])
+        eb = gb + 0.5 * 1.0 / 2.0 * torch.tensor([-2.0])
+    else:  # whole model: alpha * |g| / |v| * v
+        s = 0.5 * (26 ** 0.5) / (20 ** 0.5)
+        ea, eb = ga + s * torch.tensor([0.0, 4.0]), gb + s * torch.tensor([-2.0])
+    torch.testing.assert_close(a.detach(), torch.tensor([1.0, 2.0]) - ea)
+    torch.testing.assert_close(b.detach(), torch.tensor([3.0]) - eb)
+    assert opt.steps == 2

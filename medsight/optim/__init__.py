@@ -51,7 +51,7 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) ->
         kwargs["fused"] = True  # torch's fused kernels (CUDA); one launch for all parameters
     if wrapper is LookSAM:
         return LookSAM(params, base, rho=cfg.rho, adaptive=cfg.adaptive, k=cfg.looksam_k,
-                       alpha=cfg.looksam_alpha, **kwargs)
+                       alpha=cfg.looksam_alpha, layerwise=cfg.looksam_layerwise, **kwargs)
     if wrapper is SAM:
         return SAM(params, base, rho=cfg.rho, adaptive=cfg.adaptive, **kwargs)
     return base(params, **kwargs)

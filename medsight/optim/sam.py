@@ -130,7 +130,8 @@ class LookSAM(SAM):
 
     On a refresh step it runs both SAM passes and keeps ``g_v``, the part of the SAM gradient g_s
     orthogonal to the plain gradient g. On the k-1 steps between, one pass gives g and the update uses
-    g + α·(‖g‖/‖g_v‖)·g_v, so the extra cost of SAM is paid once every k steps. Written here because
+    g + α·(‖g‖/‖g_v‖)·g_v (norms per parameter tensor with ``layerwise``, the default; over the whole
+    model otherwise), so the extra cost of SAM is paid once every k steps. Written here because
     no maintained package ships it.
 
     Training loops ask :meth:`needs_second_pass` before each step; when False they call
@@ -138,13 +139,14 @@ class LookSAM(SAM):
     """
 
     def __init__(self, params: Any, base_optimizer: type[torch.optim.Optimizer], rho: float = 0.05,
-                 adaptive: bool = False, k: int = 5, alpha: float = 0.7, **kwargs: Any) -> None:
+                 adaptive: bool = False, k: int = 5, alpha: float = 0.7, layerwise: bool = True,
+                 **kwargs: Any) -> None:
         if k < 1:
             raise ValueError(f"LookSAM: k must be >= 1, got {k}")
         if alpha < 0:
             raise ValueError(f"LookSAM: alpha must be >= 0, got {alpha}")
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
-        self.k, self.alpha = k, alpha
+        self.k, self.alpha, self.layerwise = k, alpha, layerwise
         self.steps = 0
         self.g_v: dict[torch.Tensor, torch.Tensor] = {}
 
@@ -177,7 +179,14 @@ class LookSAM(SAM):
     def reuse_step(self, zero_grad: bool = False, scaler: torch.amp.GradScaler | None = None) -> None:
         """One-pass step: add the stored orthogonal SAM direction to the plain gradient, then step."""
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None and p in self.g_v]
-        if params:
+        if params and self.layerwise:
+            # Layer-wise LookSAM (the paper's variant for adaptive optimizers): each tensor's reused
+            # direction is scaled to its own gradient's norm, so Adam's per-coordinate normalization
+            # cannot blow a stale direction up in layers whose gradients are small.
+            for p in params:
+                v = self.g_v[p]
+                p.grad.add_(v * (self.alpha * p.grad.norm() / (v.norm() + 1e-12)))
+        elif params:
             g_norm = torch.stack([p.grad.norm() for p in params]).norm()
             v_norm = torch.stack([self.g_v[p].norm() for p in params]).norm()
             scale = self.alpha * g_norm / (v_norm + 1e-12)

@@ -1,0 +1,114 @@
+"""Training techniques: losses, class weights, augmentations, freezing, mixup, recipes and dry runs."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medsight.cli import main
+from medsight.config import Config, ConfigError, DataConfig, apply_overrides, load_config, validate_config
+from medsight.data import Clahe, make_transform
+from medsight.losses import ClassificationLoss, class_weights
+from medsight.models import ModelError, create_model, freeze_stages
+from medsight.train import train
+
+from conftest import tiny_overrides, write_class_folders
+
+RECIPES = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_ce_matches_torch_with_weights_and_smoothing():
+    torch.manual_seed(0)
+    logits, y = torch.randn(12, 4), torch.randint(0, 4, (12,))
+    w = torch.tensor([0.5, 1.0, 2.0, 1.5])
+    for smoothing in (0.0, 0.1):
+        ref = nn.CrossEntropyLoss(weight=w, label_smoothing=smoothing)(logits, y)
+        torch.testing.assert_close(ClassificationLoss(weight=w, label_smoothing=smoothing)(logits, y), ref)
+
+
+def test_focal_loss_by_hand():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.5]])
+    y = torch.tensor([0, 1])
+    p = torch.softmax(logits, 1)[[0, 1], [0, 1]]
+    expected = (-(1 - p) ** 3 * torch.log(p)).mean()
+    torch.testing.assert_close(ClassificationLoss(gamma=3.0)(logits, y), expected)
+    # alpha acts as per-class weights (weighted mean, as torch does for weights)
+    alpha = torch.tensor([0.25, 0.75])
+    per = -(1 - p) ** 3 * torch.log(p) * alpha
+    torch.testing.assert_close(ClassificationLoss(gamma=3.0, alpha=alpha)(logits, y), per.sum() / alpha.sum())
+    # soft targets (mixup) without weights equal timm's soft-target cross-entropy
+    from timm.loss import SoftTargetCrossEntropy
+
+    t = torch.tensor([[0.7, 0.3], [0.2, 0.8]])
+    torch.testing.assert_close(ClassificationLoss()(logits, t), SoftTargetCrossEntropy()(logits, t))
+
+
+def test_class_weights_inverse_and_effective_number():
+    inv = class_weights([10, 30], "inverse")
+    torch.testing.assert_close(inv, torch.tensor([1.5, 0.5]))
+    beta = 0.9
+    raw = np.array([(1 - beta) / (1 - beta ** 10), (1 - beta) / (1 - beta ** 30)])
+    torch.testing.assert_close(class_weights([10, 30], "effective", beta),
+                               torch.tensor(raw / raw.mean(), dtype=torch.float32))
+
+
+def test_freeze_stages_of_coatnet():
+    model = create_model("coatnet_tiny", num_classes=2, img_size=64)
+    frozen = freeze_stages(model, 2)
+    trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("stages") else "")
+                 for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"stages.2", "stages.3", "norm", "head"}  # the transformer stages, final norm, head
+    assert frozen == sum(p.numel() for p in model.parameters() if not p.requires_grad) > 0
+    with pytest.raises(ModelError, match="has 4 stages"):
+        freeze_stages(create_model("resnet18", num_classes=2, img_size=64), 5)
+
+
+def test_augmentations_keep_shape_and_clahe_adds_contrast():
+    torch.manual_seed(0)
+    dull = 0.45 + 0.1 * torch.rand(1, 80, 80)
+    out = Clahe(2.0)(dull)
+    assert out.std() > 2 * dull.std()
+    cfg = DataConfig(rrc_scale=0.5, brightness=0.2, contrast=0.2, clahe=True, auto_augment="randaugment",
+                     random_erasing=1.0, rotate_degrees=10)
+    tf = make_transform(48, [0.5] * 3, [0.5] * 3, train=True, cfg=cfg)
+    x = tf(torch.rand(3, 70, 90))
+    assert x.shape == (3, 48, 48) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert (x == 0).any()  # random erasing (p=1) zeroes a rectangle of the normalized image
+
+
+def test_mixup_cutmix_focal_and_frozen_run_end_to_end(tmp_path):
+    data = write_class_folders(tmp_path / "images", n_per_class=16)
+    cfg = apply_overrides(Config(), tiny_overrides(tmp_path / "run", data) + [
+        "train.mixup=0.4", "train.cutmix=1.0", "train.loss=focal", "train.label_smoothing=0.1",
+        "model.freeze_stages=1", "train.class_weight_mode=effective", "train.sharpness_batches=1",
+        "train.accum_steps=2", "data.clahe=true"])
+    result = train(cfg, progress=False)
+    assert np.isfinite(result.history[0]["train_loss"]) and (tmp_path / "run" / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_passes_a_synthetic_dry_run(recipe, capsys):
+    # the dry run checks the recipe itself; a smaller input keeps the big backbones quick on CPU
+    size = [] if "tiny_imagenet" in recipe.stem else ["--image-size", "64"]
+    assert main(["train", "--config", str(recipe), "--dry-run", "--synthetic", *size]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dry run OK:") and "training steps" in out
+
+
+def test_at_least_four_recipes_with_their_sources():
+    assert len(RECIPES) >= 4
+    for r in RECIPES:
+        assert r.read_text().startswith("#"), f"{r.name} must say where it comes from"
+        validate_config(load_config(r))
+
+
+def test_bad_recipe_options():
+    with pytest.raises(ConfigError, match="Did you mean 'focal_gamma'"):
+        load_config(None, ["train.focal_gama=2"])
+    with pytest.raises(ConfigError, match="train.loss"):
+        validate_config(load_config(None, ["train.loss=hinge"]))
+    with pytest.raises(ConfigError, match="auto_augment"):
+        validate_config(load_config(None, ["data.auto_augment=augmix"]))
+    assert main(["train", "--synthetic"]) == 2
