@@ -8,7 +8,6 @@ Writes benchmarks/results/onnx_latency.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _results import save_result
 from medsight.checkpoint import load_model
 from medsight.export import OnnxPredictor, export_onnx
 
@@ -58,10 +58,7 @@ def main() -> int:
         result[name] = {"latency_ms_median": round(1000 * float(np.median(lat)), 2),
                         "latency_ms_p95": round(1000 * float(np.percentile(lat, 95)), 2),
                         "images_per_s_batched": round(args.batch / float(np.median(thr)), 1)}
-    out = Path(__file__).parent / "results" / "onnx_latency.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    save_result("onnx_latency.json", result)
     return 0
 
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _results import save_result  # noqa: E402
 from default_run import measure  # noqa: E402
 
 NAMES = ("adamw", "sam-adamw", "looksam-adamw")
@@ -41,9 +42,7 @@ def main() -> int:
     gain_look = by["looksam-adamw"]["test_acc"] - by["adamw"]["test_acc"]
     summary = {"rows": rows, "sam_acc_gain": round(gain_sam, 4), "looksam_acc_gain": round(gain_look, 4),
                "looksam_keeps_90pct_of_sam_gain": bool(gain_sam > 0 and gain_look >= 0.9 * gain_sam)}
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    save_result(out.name, summary)
     return 0
 
 

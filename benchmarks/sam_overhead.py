@@ -14,17 +14,16 @@ its default k; the training loop, data included, within 10% of the step-only fig
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from _results import save_result
 from medsight.config import OptimConfig, load_config
 from medsight.models import create_model
 from medsight.optim import create_optimizer
@@ -108,11 +107,7 @@ def main() -> int:
     row["targets_met"] = {"sam_le_2.05x": ratios["sam-adamw"] <= 2.05, "looksam_le_1.35x": ratios["looksam-adamw"] <= 1.35}
     if "loop_vs_step" in row:
         row["targets_met"]["loop_within_10pct"] = all(v >= 0.9 for v in row["loop_vs_step"].values())
-    tag = "gpu" if device.type == "cuda" else "cpu"
-    out = Path(__file__).parent / "results" / f"sam_overhead_{tag}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(row, indent=2) + "\n")
-    print(json.dumps(row, indent=2))
+    save_result(f"sam_overhead_{'gpu' if device.type == 'cuda' else 'cpu'}.json", row)
     return 0
 
 

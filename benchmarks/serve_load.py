@@ -11,18 +11,18 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import io
-import json
 import os
 import platform
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
+
+from _results import save_result
 
 
 def main() -> int:
@@ -75,10 +75,7 @@ def main() -> int:
               "latency_ms_p95": round(1000 * float(np.percentile(lat, 95)), 1),
               "image": "224x224 8-bit PNG",
               "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores"}
-    out = Path(__file__).parent / "results" / "serve_load.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    save_result("serve_load.json", result)
     return 0 if result["all_ok"] and result["all_match_sequential"] else 1
 
 

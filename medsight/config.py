@@ -27,6 +27,7 @@ __all__ = [
     "TrainConfig",
     "ExplainConfig",
     "ChecklistConfig",
+    "FinetuneConfig",
     "DEFAULT_DATA",
     "load_config",
     "apply_overrides",
@@ -96,6 +97,7 @@ class ScheduleConfig:
     name: str = "cosine"  # cosine (with linear warmup) | step | none
     warmup_epochs: int = 1
     step_size: int = 10
+    milestones: list[int] = field(default_factory=list)  # multistep: epochs at which the lr is multiplied by gamma
     gamma: float = 0.1
     min_lr: float = 1e-6
 
@@ -138,6 +140,18 @@ class ExplainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Progressive fine-tuning in three phases: the head alone, then every layer with discriminative
+    learning rates (lr × lr_decay^(depth from the top) per layer group), then every layer at a low lr."""
+
+    progressive: bool = False
+    head_epochs: int = 1
+    discriminative_epochs: int = 1  # the rest of train.epochs is phase 3
+    lr_decay: float = 0.5
+    final_lr_scale: float = 0.1
+
+
+@dataclass
 class ChecklistConfig:
     """Validation checklist: each threshold set here gets a PASS/FAIL line in metrics.json and the report."""
 
@@ -156,13 +170,14 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
     checklist: ChecklistConfig = field(default_factory=ChecklistConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     out: str = ""  # run folder; empty: runs/MODEL-TIMESTAMP
 
 
 MONITORS = ("auc", "accuracy", "balanced_accuracy", "loss")
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUTO_AUGMENTS = ("none", "randaugment", "autoaugment", "trivialaugment")
-SCHEDULES = ("cosine", "step", "none")
+SCHEDULES = ("cosine", "step", "multistep", "none")
 LAYOUTS = ("CCTT", "CCCT")
 
 
@@ -345,12 +360,24 @@ def validate_config(cfg: Config) -> None:
     _check(0 <= d.translate < 0.5, f"data.translate must be in [0, 0.5), got {d.translate}")
     _check(s.name in SCHEDULES, f"schedule.name must be one of {', '.join(SCHEDULES)}, got {s.name!r}")
     _check(s.warmup_epochs >= 0, f"schedule.warmup_epochs must be >= 0, got {s.warmup_epochs}")
+    _check(s.name != "multistep" or (s.milestones and all(m >= 1 for m in s.milestones)),
+           "schedule.milestones must list epochs >= 1 for the multistep schedule")
     _check(s.step_size >= 1, f"schedule.step_size must be >= 1, got {s.step_size}")
     _check(0 < s.gamma <= 1, f"schedule.gamma must be in (0, 1], got {s.gamma}")
     m = cfg.model
     _check(m.layout is None or m.layout.upper() in LAYOUTS,
            f"model.layout must be one of {', '.join(LAYOUTS)}, got {m.layout!r}")
     _check(0 <= m.drop_path_rate < 1, f"model.drop_path_rate must be in [0, 1), got {m.drop_path_rate}")
+    f = cfg.finetune
+    if f.progressive:
+        _check(f.head_epochs >= 1 and f.discriminative_epochs >= 1,
+               "finetune.head_epochs and finetune.discriminative_epochs must be >= 1")
+        _check(f.head_epochs + f.discriminative_epochs <= t.epochs,
+               f"finetune: {f.head_epochs} head + {f.discriminative_epochs} discriminative epochs exceed "
+               f"train.epochs={t.epochs}")
+        _check(0 < f.lr_decay <= 1, f"finetune.lr_decay must be in (0, 1], got {f.lr_decay}")
+        _check(0 < f.final_lr_scale <= 1, f"finetune.final_lr_scale must be in (0, 1], got {f.final_lr_scale}")
+        _check(cfg.model.freeze_stages == 0, "finetune.progressive decides what trains; leave model.freeze_stages at 0")
     for key, value in dataclasses.asdict(cfg.checklist).items():
         _check(value is None or 0 <= value <= 1, f"checklist.{key} must be in [0, 1], got {value}")
     _check(cfg.explain.gallery_per_class >= 0, "explain.gallery_per_class must be >= 0")

@@ -392,10 +392,10 @@ def _collate(batch: list[tuple[torch.Tensor | None, Any]]) -> tuple[torch.Tensor
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_workers: int,
-                seed: int = 0, sampler: Any = None) -> DataLoader:
+                seed: int = 0, sampler: Any = None, drop_last: bool = False) -> DataLoader:
     """A loader whose batches are ``(images, labels, skipped_paths)``."""
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=num_workers, collate_fn=_collate, generator=g,
-                      persistent_workers=num_workers > 0, drop_last=False)
+                      persistent_workers=num_workers > 0, drop_last=drop_last)

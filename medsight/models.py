@@ -91,6 +91,91 @@ def coatnet_2(pretrained: bool = False, **kwargs: Any) -> MaxxVit:
     return _build_coatnet("coatnet_2", pretrained, **kwargs)
 
 
+_ADAPTER_BACKBONES = ("resnet18", "resnet50", "densenet121", "efficientnet_b0")
+default_cfgs = generate_default_cfgs({  # read by timm's register_model for the adapters below
+    f"cnn_transformer_{b}.untrained": {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "crop_pct": 0.95, "interpolation": "bicubic",
+        "mean": timm.data.IMAGENET_DEFAULT_MEAN, "std": timm.data.IMAGENET_DEFAULT_STD, "classifier": "head",
+        "fixed_input_size": True,
+    }
+    for b in _ADAPTER_BACKBONES
+})
+
+
+class CnnTransformer(nn.Module):
+    """The seed projects' CNN + Transformer adapter: a timm CNN's last feature map, projected and flattened
+    to tokens, a learned positional embedding, a Transformer encoder, mean-pooled, then a linear head.
+
+    Written here because timm has hybrid ViTs with a CNN stem but not this adapter over any CNN.
+    """
+
+    def __init__(self, backbone: str, num_classes: int = 1000, img_size: int = 224, embed_dim: int = 256,
+                 depth: int = 2, num_heads: int = 4, pretrained: bool = False, drop_rate: float = 0.1,
+                 **kwargs: Any) -> None:
+        super().__init__()
+        self.features = timm.create_model(backbone, pretrained=pretrained, features_only=True, out_indices=[-1])
+        info = self.features.feature_info
+        channels, reduction = info.channels()[-1], info.reduction()[-1]
+        self.grid = max(1, img_size // reduction)
+        self.proj = nn.Conv2d(channels, embed_dim, 1)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid * self.grid, embed_dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        layer = nn.TransformerEncoderLayer(embed_dim, num_heads, 4 * embed_dim, dropout=drop_rate,
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.num_classes = num_classes
+        self.head = nn.Linear(embed_dim, num_classes)
+        cfg = dict(self.features.pretrained_cfg)
+        cfg.update(input_size=(3, img_size, img_size), classifier="head")
+        self.pretrained_cfg = cfg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fmap = self.proj(self.features(x)[-1])
+        b, c, h, w = fmap.shape
+        tokens = fmap.flatten(2).transpose(1, 2)
+        pos = self.pos_embed
+        if h * w != pos.shape[1]:  # another input size: interpolate the positional grid
+            pos = torch.nn.functional.interpolate(pos.reshape(1, self.grid, self.grid, c).permute(0, 3, 1, 2),
+                                                  size=(h, w), mode="bilinear", align_corners=False)
+            pos = pos.permute(0, 2, 3, 1).reshape(1, h * w, c)
+        return self.head(self.norm(self.encoder(tokens + pos)).mean(1))
+
+
+def _cnn_transformer(backbone: str, pretrained: bool, **kwargs: Any) -> CnnTransformer:
+    kwargs.pop("pretrained_cfg", None)
+    kwargs.pop("pretrained_cfg_overlay", None)
+    kwargs.pop("drop_path_rate", None)
+    return CnnTransformer(backbone, pretrained=pretrained, **kwargs)
+
+
+@register_model
+def cnn_transformer_resnet18(pretrained: bool = False, **kwargs: Any) -> CnnTransformer:
+    """ResNet-18 feature map -> 2-layer Transformer encoder -> mean-pool head."""
+    return _cnn_transformer("resnet18", pretrained, **kwargs)
+
+
+@register_model
+def cnn_transformer_resnet50(pretrained: bool = False, **kwargs: Any) -> CnnTransformer:
+    """ResNet-50 feature map -> 2-layer Transformer encoder -> mean-pool head."""
+    return _cnn_transformer("resnet50", pretrained, **kwargs)
+
+
+@register_model
+def cnn_transformer_densenet121(pretrained: bool = False, **kwargs: Any) -> CnnTransformer:
+    """DenseNet-121 feature map -> 2-layer Transformer encoder -> mean-pool head."""
+    return _cnn_transformer("densenet121", pretrained, **kwargs)
+
+
+@register_model
+def cnn_transformer_efficientnet_b0(pretrained: bool = False, **kwargs: Any) -> CnnTransformer:
+    """EfficientNet-B0 feature map -> 2-layer Transformer encoder -> mean-pool head."""
+    return _cnn_transformer("efficientnet_b0", pretrained, **kwargs)
+
+
+MEDSIGHT_MODELS = MEDSIGHT_MODELS + tuple(f"cnn_transformer_{b}" for b in _ADAPTER_BACKBONES)
+
+
 def list_models(pattern: str = "") -> list[str]:
     """Every backbone name medsight can build (timm's registry, medsight's CoAtNets included)."""
     return timm.list_models(pattern or "*")
@@ -112,10 +197,15 @@ def create_model(name: str, num_classes: int, img_size: int, pretrained: bool = 
     if not timm.is_model(name):
         raise _unknown_model(name)
     kwargs: dict[str, Any] = {"num_classes": num_classes}
+    stride = 32 if name.startswith(("coatnet", "maxvit", "maxxvit")) else None
+    if stride and img_size % stride:
+        lo = max(stride, img_size // stride * stride)
+        raise ModelError(f"{name} needs data.image_size to be a multiple of {stride} (its attention windows "
+                         f"tile the final feature map); got {img_size}, try {lo} or {lo + stride}")
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
     fixed = timm.models.get_pretrained_cfg_value(name, "fixed_input_size")
-    if fixed or name in _COATNETS:
+    if fixed or name in _COATNETS or name.startswith("cnn_transformer_"):
         kwargs["img_size"] = img_size
     if name in _COATNETS:
         kwargs["layout"] = layout or "CCTT"
@@ -215,6 +305,8 @@ def _family_target(model: nn.Module) -> tuple[str, Callable[[torch.Tensor], torc
     cls = type(model).__name__
     if cls in ("MaxxVit", "ConvNeXt", "RegNet", "CoaT"):
         return "stages.%d" % (len(model.stages) - 1), None
+    if cls == "CnnTransformer":
+        return "proj", None  # the CNN's projected feature map, before it becomes tokens
     if cls in ("ResNet",):
         return "layer4", None
     if cls in ("DenseNet",):

@@ -40,6 +40,11 @@ def plot_curves(history: Sequence[dict[str, float]], path: str | Path, best_epoc
         ax.grid(alpha=0.3)
         if best_epoch:
             ax.axvline(best_epoch, color="grey", ls=":", lw=1)
+        for prev, row in zip(history, history[1:]):
+            if row.get("phase", 1) != prev.get("phase", 1):  # progressive fine-tuning: phase boundaries
+                ax.axvline(prev["epoch"] + 0.5, color="tab:red", ls="--", lw=1)
+                ax.text(prev["epoch"] + 0.55, 0.98, f"phase {row['phase']}", transform=ax.get_xaxis_transform(),
+                        fontsize=7, color="tab:red", va="top")
     axes[0].legend()
     axes[1].legend()
     _save(fig, path)

@@ -31,7 +31,7 @@ from medsight.checkpoint import FORMAT, load_checkpoint, save_atomic, write_text
 from medsight.config import Config, ConfigError, config_to_dict, save_config, validate_config
 from medsight.distributed import DistInfo, broadcast_flag, check_replicas, init_distributed, shutdown
 from medsight.data import DataBundle, ImageDataset, load_data, make_loader, make_transform
-from medsight.models import count_parameters, create_model, data_config, freeze_stages
+from medsight.models import count_parameters, create_model, data_config, freeze_stages, layer_groups
 from medsight.optim import LookSAM, bn_update_disabled, create_optimizer, create_scheduler, is_sam
 
 __all__ = ["train", "dry_run", "make_loss", "train_step", "StepOptions", "autocast", "predict_proba", "RunResult", "resolve_device", "TrainingError",
@@ -307,13 +307,38 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
     sampler = (torch.utils.data.DistributedSampler(train_ds, dinfo.world_size, dinfo.rank, shuffle=True,
                                                    seed=cfg.train.seed) if dinfo.enabled else None)
     per_step = t.batch_size * t.accum_steps
-    train_loader = make_loader(train_ds, per_step, True, nw, seed=cfg.train.seed, sampler=sampler)
+    shard = len(train_ds) // dinfo.world_size if dinfo.enabled else len(train_ds)
+    # a final batch of one image cannot be trained with BatchNorm: drop it (it is reshuffled next epoch)
+    train_loader = make_loader(train_ds, per_step, True, nw, seed=cfg.train.seed, sampler=sampler,
+                               drop_last=shard % per_step == 1)
     val_loader = make_loader(val_ds, cfg.train.batch_size * 2, False, nw)
     test_loader = make_loader(test_ds, cfg.train.batch_size * 2, False, nw)
 
     fused = device.type == "cuda"
-    optimizer = create_optimizer(model, cfg.optim, fused=fused)
-    scheduler = create_scheduler(optimizer, cfg.schedule, cfg.train.epochs, len(train_loader), cfg.optim.lr)
+    ft = cfg.finetune
+    phase_ends = [ft.head_epochs, ft.head_epochs + ft.discriminative_epochs, t.epochs] if ft.progressive else [t.epochs]
+
+    def phase_of(epoch: int) -> int:
+        return next(i for i, end in enumerate(phase_ends) if epoch < end) + 1
+
+    def setup_phase(phase: int) -> tuple[torch.optim.Optimizer, Any]:
+        """Trainable parameters, optimizer and schedule of a progressive fine-tuning phase (or the whole run)."""
+        scales = None
+        if ft.progressive:
+            groups = layer_groups(model)
+            for name, p in model.named_parameters():
+                p.requires_grad_(phase > 1 or name in set(groups[-1]))
+            if phase == 2:
+                scales = [(ft.lr_decay ** (len(groups) - 1 - i), g) for i, g in enumerate(groups)]
+            elif phase == 3:
+                scales = [(ft.final_lr_scale, [n for g in groups for n in g])]
+        opt = create_optimizer(model, cfg.optim, fused=fused, lr_scales=scales)
+        start = phase_ends[phase - 2] if phase > 1 else 0
+        sched = create_scheduler(opt, cfg.schedule, phase_ends[phase - 1] - start, len(train_loader), cfg.optim.lr)
+        return opt, sched
+
+    phase = phase_of(0)
+    optimizer, scheduler = setup_phase(phase)
     loss_fn = make_loss(cfg, np.bincount(bundle.splits["train"].labels, minlength=len(bundle.classes))).to(device)
     mixer = None
     if t.mixup or t.cutmix:
@@ -341,6 +366,9 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
     skipped: set[str] = set()
     if state is not None:
         model.load_state_dict(state["model"])
+        if ft.progressive and phase_of(state["epoch"]) != phase and state["epoch"] < t.epochs:
+            phase = phase_of(state["epoch"])
+            optimizer, scheduler = setup_phase(phase)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history = list(state["history"])
@@ -363,7 +391,9 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
                                          f"accumulate {t.accum_steps}" if t.accum_steps > 1 else "",
                                          f"{frozen / 1e6:.2f}M frozen (stem + {cfg.model.freeze_stages} stages)"
                                          if frozen else "",
-                                         f"{t.loss} loss" if t.loss != "ce" else "") if v)
+                                         f"{t.loss} loss" if t.loss != "ce" else "",
+                                         f"progressive fine-tuning {ft.head_epochs}+{ft.discriminative_epochs}+"
+                                         f"{t.epochs - phase_ends[1]} epochs" if ft.progressive else "") if v)
     say(f"medsight: {cfg.model.name} ({n_params / 1e6:.2f}M parameters{', layout ' + cfg.model.layout if cfg.model.layout else ''}) "
           f"· {cfg.optim.name} lr {cfg.optim.lr:g}{f' rho {cfg.optim.rho:g}' if is_sam(optimizer) else ''} "
           f"· {cfg.train.epochs} epochs · {device}{world}{extra}")
@@ -381,6 +411,11 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
             t0 = time.time()
             if sampler is not None:
                 sampler.set_epoch(epoch)
+            if phase_of(epoch) != phase:
+                phase = phase_of(epoch)
+                optimizer, scheduler = setup_phase(phase)
+                say(f"phase {phase}: " + ("every layer, discriminative learning rates" if phase == 2
+                                          else f"every layer at {ft.final_lr_scale:g}× the learning rate"))
             model.train()
             loss_sum, correct, seen = 0.0, 0, 0
             bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
@@ -421,7 +456,7 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
             row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
                    "val_loss": val_loss, "val_acc": val_acc, "val_auc": val_auc if val_auc is not None else float("nan"),
                    "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - t0,
-                   "train_seconds": train_seconds, "train_images": seen}
+                   "train_seconds": train_seconds, "train_images": seen, "phase": phase}
             history.append(row)
             from sklearn.metrics import balanced_accuracy_score
 

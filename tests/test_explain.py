@@ -98,3 +98,14 @@ def test_every_family_gets_a_target_layer(name):
         maps = explain(model, x, method=method)
         assert maps.shape == (2, 64, 64) and torch.isfinite(maps).all(), (name, method)
         assert float(maps.min()) >= 0 and float(maps.max()) <= 1, (name, method)
+
+
+def test_explain_restores_trainability_and_mode():
+    model = create_model("resnet18", num_classes=2, img_size=32).train()
+    model.fc.weight.requires_grad_(False)  # a user's frozen layer stays frozen
+    explain(model, torch.randn(2, 3, 32, 32), class_idx=[0, 1])
+    assert model.training
+    assert not model.fc.weight.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "fc.weight")
+    with pytest.raises(ValueError, match="out of range"):
+        explain(model, torch.randn(2, 3, 32, 32), class_idx=5)

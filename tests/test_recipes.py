@@ -112,3 +112,63 @@ def test_bad_recipe_options():
     with pytest.raises(ConfigError, match="auto_augment"):
         validate_config(load_config(None, ["data.auto_augment=augmix"]))
     assert main(["train", "--synthetic"]) == 2
+
+
+def test_multistep_schedule_multiplies_at_milestones():
+    from medsight.config import ScheduleConfig
+    from medsight.optim import create_scheduler
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = create_scheduler(opt, ScheduleConfig(name="multistep", milestones=[2, 3], gamma=0.1), 4, 5, 1.0)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[9] == 1.0 and lrs[10] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.01)
+    with pytest.raises(ConfigError, match="milestones"):
+        validate_config(load_config(None, ["schedule.name=multistep"]))
+
+
+def test_cnn_transformer_adapter_trains_explains_and_reloads(tmp_path):
+    from medsight.api import Predictor
+    from medsight.imageio import read_image
+
+    data = write_class_folders(tmp_path / "images", n_per_class=12)
+    cfg = apply_overrides(Config(), tiny_overrides(tmp_path / "run", data) + [
+        "model.name=cnn_transformer_resnet18", "optim.name=adamw", "optim.lr=1e-3", "train.sharpness_batches=1"])
+    metrics = train(cfg, progress=False).metrics
+    assert metrics["explain"]["target_layer"] == "proj"
+    pred = Predictor(tmp_path / "run" / "best.pt", "cpu")
+    img = read_image(sorted((data / "pneumonia").glob("*.png"))[0])
+    assert abs(float(pred.probabilities(img).sum()) - 1) < 1e-5
+    heat = pred.heatmap(img)
+    assert heat.shape == (32, 32) and 0 <= heat.min() and heat.max() <= 1
+
+
+def test_progressive_fine_tuning_phases(tmp_path, monkeypatch):
+    import medsight.train as T
+
+    seen = []
+    real = T.train_step
+
+    def spy(model, x, y, optimizer, loss_fn, grad_clip=0.0, opts=None):
+        trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+        lrs = sorted({round(g["lr"] / 1e-3, 6) for g in optimizer.param_groups})
+        seen.append((frozenset(trainable), tuple(lrs)))
+        return real(model, x, y, optimizer, loss_fn, grad_clip, opts)
+
+    monkeypatch.setattr(T, "train_step", spy)
+    data = write_class_folders(tmp_path / "images", n_per_class=12)
+    cfg = apply_overrides(Config(), tiny_overrides(tmp_path / "run", data, epochs=3) + [
+        "model.name=resnet18", "optim.name=adamw", "optim.lr=1e-3", "schedule.name=none",
+        "finetune.progressive=true", "finetune.lr_decay=0.5", "finetune.final_lr_scale=0.1"])
+    result = train(cfg, progress=False)
+    assert [r["phase"] for r in result.history] == [1, 2, 3]
+    per_epoch = len(seen) // 3
+    head, disc, final = seen[0], seen[per_epoch], seen[-1]
+    assert head[0] == {"fc"} and head[1] == (1.0,)  # phase 1: the head alone
+    assert "layer1" in disc[0] and disc[1] == (0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0)  # 0.5^(depth from top)
+    assert final[1] == (0.1,) and "conv1" in final[0]
+    with pytest.raises(ConfigError, match="exceed"):
+        validate_config(load_config(None, ["finetune.progressive=true", "finetune.head_epochs=3", "train.epochs=3"]))

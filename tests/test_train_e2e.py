@@ -176,6 +176,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, small_npz, monkeyp
     (["--set", "optim.rho=-0.1"], "optim.rho must be > 0"),
     (["--model", "coatnet_00"], "unknown model 'coatnet_00'.*coatnet_0"),
     (["--set", "train.epohcs=3"], "unknown config key 'train.epohcs'.*'epochs'"),
+    (["--image-size", "48"], "multiple of 32.*try 32 or 64"),
+    (["--set", "model.freeze_stages=9"], "has 4 stages"),
 ])
 def test_bad_train_input_fails_fast_with_named_cause(args, message, tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "r"), *args]) == 2

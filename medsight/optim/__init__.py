@@ -33,17 +33,29 @@ def is_sam(optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(optimizer, SAM)
 
 
-def create_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.Optimizer:
+def create_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False,
+                     lr_scales: list[tuple[float, list[str]]] | None = None) -> torch.optim.Optimizer:
     """Build the optimizer named in ``cfg``; biases and norm weights get no weight decay (timm's grouping).
 
-    ``fused`` asks torch for its fused multi-tensor kernels (CUDA parameters only).
+    ``fused`` asks torch for its fused multi-tensor kernels (CUDA parameters only). ``lr_scales`` gives
+    (scale, parameter names) pairs for discriminative learning rates; frozen parameters are left out.
     """
     from timm.optim import param_groups_weight_decay
 
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.name!r}; choose from {', '.join(OPTIMIZERS)}")
     base, wrapper = OPTIMIZERS[cfg.name]
-    params = param_groups_weight_decay(model, cfg.weight_decay)
+    if lr_scales is None:
+        params = param_groups_weight_decay(model, cfg.weight_decay)
+    else:  # discriminative learning rates: one pair of groups (decay / no decay) per scale
+        params = []
+        named = dict(model.named_parameters())
+        for scale, names in lr_scales:
+            ps = [named[n] for n in names if named[n].requires_grad]
+            decay = [p for p in ps if p.ndim > 1]
+            no_decay = [p for p in ps if p.ndim <= 1]
+            params += [g for g in ({"params": decay, "weight_decay": cfg.weight_decay, "lr": cfg.lr * scale},
+                                   {"params": no_decay, "weight_decay": 0.0, "lr": cfg.lr * scale}) if g["params"]]
     kwargs: dict = {"lr": cfg.lr}
     if base is torch.optim.SGD:
         kwargs.update(momentum=cfg.momentum, nesterov=False)
@@ -59,7 +71,7 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) ->
 
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int,
                      steps_per_epoch: int, base_lr: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-iteration schedule: cosine with linear warmup, StepLR (by epoch) or constant."""
+    """A per-iteration schedule: cosine with linear warmup, StepLR or MultiStepLR (by epoch), or constant."""
     total = max(1, epochs * steps_per_epoch)
     warmup = min(cfg.warmup_epochs * steps_per_epoch, total - 1) if cfg.name == "cosine" else 0
     floor = min(cfg.min_lr / base_lr, 1.0)
@@ -67,6 +79,8 @@ def create_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epoc
     def factor(step: int) -> float:
         if cfg.name == "step":
             return cfg.gamma ** (step // (cfg.step_size * steps_per_epoch))
+        if cfg.name == "multistep":
+            return cfg.gamma ** sum(step >= m * steps_per_epoch for m in cfg.milestones)
         if cfg.name == "none":
             return 1.0
         if step < warmup:

@@ -1,0 +1,17 @@
+"""Where benchmark results go: benchmarks/results/NAME.json, written whole and echoed to stdout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def save_result(name: str, data: Any) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / name
+    out.write_text(json.dumps(data, indent=2) + "\n")
+    print(json.dumps(data, indent=2))
+    return out

@@ -1,0 +1,50 @@
+"""The PneumoniaMNIST benchmark harness: a CPU smoke run and a table writer that refuses bad rows."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import pneumoniamnist as bench  # noqa: E402
+
+
+def test_quick_run_writes_rows_through_medsights_train(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pneumoniamnist.py"), "--quick", "--configs",
+                           "coatnet_tiny_sam", "resnet18_paper", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [(r["config"], r["seed"]) for r in rows] == [("coatnet_tiny_sam", 0), ("resnet18_paper", 0)]
+    for r in rows:
+        assert r["status"] == "ok" and r["epochs"] == 1 and 0 <= r["test_auc"] <= 1 and r["device"] == "CPU"
+    assert "| coatnet_tiny_sam | 1 |" in proc.stdout and "Google AutoML Vision (published)" in proc.stdout
+
+
+def row(**kw):
+    base = {"config": "coatnet0_sam", "seed": 0, "test_auc": 0.97, "test_acc": 0.9, "val_auc": 0.99, "epochs": 30,
+            "seconds": 100.0, "device": "GPU", "status": "ok", "sharpness": 0.5, "test_acc_at_val_threshold": 0.92}
+    base.update(kw)
+    return base
+
+
+def test_table_refuses_rows_without_seed_or_config():
+    with pytest.raises(ValueError, match="lacks seed"):
+        bench.table([row(seed=None)])
+    bad = row()
+    del bad["config"]
+    with pytest.raises(ValueError, match="lacks config"):
+        bench.table([bad])
+    with pytest.raises(ValueError, match="no finite test metrics"):
+        bench.table([row(test_auc=float("nan"))])
+
+
+def test_table_means_and_reports_diverged_runs():
+    rows = [row(seed=0, test_auc=0.96), row(seed=1, test_auc=0.98),
+            row(seed=2, status="diverged", test_auc=None, test_acc=None)]
+    text = bench.table(rows)
+    assert "| coatnet0_sam | 2 (+1 diverged) | 0.970 ± 0.014 |" in text
