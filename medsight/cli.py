@@ -204,7 +204,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     if not args.pattern and not args.all:
         names = list(MEDSIGHT_MODELS) + [n for n in names if n.split("_")[0] in (
             "coatnet", "convnext", "resnet18", "resnet50", "densenet121", "efficientnet", "seresnext50",
-            "swinv2", "vit", "maxvit")][:60]
+            "swinv2", "vit", "maxvit") and n not in MEDSIGHT_MODELS][:60]
     if args.params:
         import timm
 
