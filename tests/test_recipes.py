@@ -172,3 +172,18 @@ def test_progressive_fine_tuning_phases(tmp_path, monkeypatch):
     assert final[1] == (0.1,) and "conv1" in final[0]
     with pytest.raises(ConfigError, match="exceed"):
         validate_config(load_config(None, ["finetune.progressive=true", "finetune.head_epochs=3", "train.epochs=3"]))
+
+
+BACKBONES = [("coatnet_0", 64), ("coatnet_1", 64), ("coatnet_2", 64), ("convnext_tiny", 64),
+             ("swinv2_tiny_window8_256", 256), ("densenet121", 64), ("efficientnet_b2", 64), ("resnet18", 64),
+             ("resnet50", 64), ("seresnext50_32x4d", 64), ("cnn_transformer_resnet18", 64)]
+
+
+@pytest.mark.parametrize("name,size", BACKBONES, ids=[b[0] for b in BACKBONES])
+def test_backbone_smoke_dry_run(name, size):
+    from medsight.train import dry_run
+
+    cfg = load_config(None, [f"model.name={name}", f"data.image_size={size}", "train.batch_size=2",
+                             "data.num_classes=5", "optim.name=sam-adamw"])
+    r = dry_run(cfg)
+    assert r["classes"] == 5 and len(r["losses"]) == 2 and all(np.isfinite(r["losses"]))
