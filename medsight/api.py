@@ -22,11 +22,12 @@ from medsight.train import predict_proba, resolve_device
 __all__ = ["Predictor", "load_predictor", "evaluate", "predict", "explain_files", "collect_images", "checkpoint_sharpness"]
 
 
-def _data_config(ckpt: dict[str, Any]) -> Any:
-    """The data options a checkpoint was trained with (for inference-time preprocessing such as CLAHE)."""
+def eval_transform(ckpt: dict[str, Any]) -> Any:
+    """A checkpoint's inference preprocessing: its input size, normalization and data options (e.g. CLAHE)."""
     from medsight.config import config_from_dict
 
-    return config_from_dict(ckpt["config"]).data
+    return make_transform(int(ckpt["image_size"]), ckpt["mean"], ckpt["std"], train=False,
+                          cfg=config_from_dict(ckpt["config"]).data)
 
 
 class Predictor:
@@ -37,8 +38,7 @@ class Predictor:
         self.model, self.ckpt = load_model(checkpoint, self.device)
         self.classes: list[str] = list(self.ckpt["classes"])
         self.image_size: int = int(self.ckpt["image_size"])
-        self.transform = make_transform(self.image_size, self.ckpt["mean"], self.ckpt["std"], train=False,
-                                        cfg=_data_config(self.ckpt))
+        self.transform = eval_transform(self.ckpt)
         self.name = self.ckpt["config"]["model"]["name"]
 
     def preprocess(self, img: torch.Tensor) -> torch.Tensor:
@@ -117,8 +117,7 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path | None = None, d
     model, ckpt = load_model(checkpoint, dev)
     classes = list(ckpt["classes"])
     split, source = load_eval_data(data, classes)
-    ds = ImageDataset(split, make_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"], train=False,
-                                                 cfg=_data_config(ckpt)))
+    ds = ImageDataset(split, eval_transform(ckpt))
     probs, labels, _, skipped = predict_proba(model, make_loader(ds, batch_size, False, 0), dev, desc="evaluate")
     threshold = ckpt.get("threshold")
     metrics = classification_metrics(labels, probs, classes, n_boot=1000, threshold=threshold)
@@ -197,14 +196,8 @@ def checkpoint_sharpness(checkpoint: str | Path, data: str | None = None, rho: f
         bundle = load_data(cfg.data)
         split, source = bundle.splits["train"], bundle.source
     else:
-        from medsight.data import _read_source
-
-        splits, data_classes, source = _read_source(data)
-        if len(data_classes) != len(classes):
-            raise ValueError(f"{source} has {len(data_classes)} classes but the model was trained on {len(classes)}")
-        split = splits.get("train") or splits.get("all") or next(iter(splits.values()))
-    ds = ImageDataset(split, make_transform(ckpt["image_size"], ckpt["mean"], ckpt["std"], train=False,
-                                                 cfg=_data_config(ckpt)))
+        split, source = load_eval_data(data, classes, prefer=("train", "all", "val", "test"))
+    ds = ImageDataset(split, eval_transform(ckpt))
     result = sharpness(model, fixed_batches(ds, n_batches, seed=seed), rho=rho, seed=seed)
     result["data"] = source
     metrics_path = Path(checkpoint).parent / "metrics.json"

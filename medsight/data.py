@@ -284,12 +284,14 @@ def load_data(cfg: DataConfig) -> DataBundle:
     return bundle
 
 
-def load_eval_data(path: str, classes: list[str]) -> tuple[SplitData, str]:
-    """The set to evaluate a trained model on: the test split if the data has one, else every image."""
+def load_eval_data(path: str, classes: list[str], prefer: Sequence[str] = ("test", "all")) -> tuple[SplitData, str]:
+    """Images of ``path`` for a trained model: the first split of ``prefer`` that the data has (by default
+    the test split, else every image); the class count must match the model's."""
     splits, data_classes, source = _read_source(path)
-    data = splits.get("test") or splits.get("all")
+    data = next((splits[s] for s in prefer if splits.get(s)), None)
     if data is None:
-        raise DataError(f"{source} has no test split and no unsplit images to evaluate on")
+        wanted = " or ".join("unsplit" if s == "all" else s for s in prefer)
+        raise DataError(f"{source} has no {wanted} images to use")
     if len(data_classes) != len(classes):
         raise DataError(f"{source} has {len(data_classes)} classes ({', '.join(data_classes)}) but the model "
                         f"was trained on {len(classes)} ({', '.join(classes)})")

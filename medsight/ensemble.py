@@ -150,17 +150,11 @@ def compare(run_paths: list[str | Path], out: str | Path, speed: bool = True) ->
     return result
 
 
-def _cell(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    return html.escape(str(v))
-
-
 def _table(header: list[str], rows: list[list[Any]]) -> str:
+    from medsight.report import fmt_cell
+
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(c)}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{fmt_cell(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -286,9 +280,9 @@ def combine(method: str, combiner: dict[str, Any], probs: list[np.ndarray], k: i
 def ensemble(run_paths: list[str | Path], method: str, out: str | Path, meta: str = "logistic",
              seed: int = 0) -> dict[str, Any]:
     """Fit ``method`` on the runs' validation predictions, evaluate on test, write a run-like folder."""
-    from medsight.config import ChecklistConfig, config_from_dict
+    from medsight.config import config_from_dict
     from medsight.plots import plot_confusion, plot_roc
-    from medsight.report import checklist_html, img_tag
+    from medsight.report import checklist_html, img_tag, save_predictions
 
     if method not in METHODS:
         raise EnsembleError(f"unknown ensemble method {method!r}; choose from {', '.join(METHODS)}")
@@ -311,17 +305,16 @@ def ensemble(run_paths: list[str | Path], method: str, out: str | Path, meta: st
             "members": [str((r.path / "best.pt").resolve()) for r in runs], "combiner": combiner}
     write_text_atomic(json.dumps(spec, indent=2), out / "ensemble.json")
     first_cfg = config_from_dict(load_checkpoint(runs[0].path / "best.pt")["config"])
-    checks = checklist(test_m, **vars(first_cfg.checklist)) if first_cfg.checklist != ChecklistConfig() else []
+    check = checklist(test_m, **vars(first_cfg.checklist))
     metrics: dict[str, Any] = {
         "val": val_m, "test": test_m, "classes": classes, "method": method,
         "members": [{"run": str(r.path), "model": r.model, "test_auc": r.metrics["test"]["auc"],
                      "test_accuracy": r.metrics["test"]["accuracy"]} for r in runs],
         "diversity": diversity(runs)}
-    if checks:
-        metrics["checklist"] = {"pass": all(c["pass"] for c in checks), "checks": checks}
+    if check:
+        metrics["checklist"] = check
     write_text_atomic(json.dumps(metrics, indent=2), out / "metrics.json")
-    np.savez_compressed(out / "predictions.npz", val_probs=vp, val_labels=vl, test_probs=tp, test_labels=tl,
-                        classes=np.array(classes))
+    save_predictions(out, vp, vl, tp, tl, classes)
     plot_confusion(test_m["confusion_matrix"], classes, out / "confusion_matrix.png", title=f"{method} ensemble")
     plot_roc({**{r.name: (tl, r.test_probs) for r in runs}, f"ensemble ({method})": (tl, tp)}, classes,
              out / "roc.png")

@@ -44,11 +44,8 @@ EXPLAINERS: dict[str, type[BaseCAM]] = {
 BORDER_WARN = 0.5
 
 
-def resolve_classes(class_idx: int | Sequence[int] | torch.Tensor | None, n: int, num_classes: int,
-                    predicted: torch.Tensor | None) -> list[int]:
-    """One class per image: the predicted one by default; out-of-range indices are a clear error."""
-    if class_idx is None:
-        return predicted.tolist()
+def resolve_classes(class_idx: int | Sequence[int] | torch.Tensor, n: int, num_classes: int) -> list[int]:
+    """One class per image (an int applies to all); out-of-range indices are a clear error."""
     if isinstance(class_idx, torch.Tensor):
         idx = class_idx.reshape(-1).tolist()
     elif isinstance(class_idx, int):
@@ -108,7 +105,7 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
             if not isinstance(num_classes, int):
                 with torch.no_grad():
                     num_classes = model(images[:1]).shape[1]
-            targets = [ClassifierOutputTarget(c) for c in resolve_classes(class_idx, len(images), num_classes, None)]
+            targets = [ClassifierOutputTarget(c) for c in resolve_classes(class_idx, len(images), num_classes)]
         for p in frozen:
             p.requires_grad_(False)
         kwargs = {"reshape_transform": reshape} if reshape is not None else {}

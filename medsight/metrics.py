@@ -120,8 +120,9 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[
 
 
 def checklist(m: dict[str, Any], min_accuracy: float | None = None, min_auc: float | None = None,
-              min_recall: float | None = None, max_ece: float | None = None) -> list[dict[str, Any]]:
-    """PASS/FAIL lines for the thresholds that are set: ``[{"check", "threshold", "value", "pass"}]``."""
+              min_recall: float | None = None, max_ece: float | None = None) -> dict[str, Any] | None:
+    """PASS/FAIL lines for the thresholds that are set, ``{"pass", "checks": [{"check", "threshold", "value",
+    "pass"}]}``, or None when no threshold is set."""
     rows = []
 
     def add(name: str, threshold: float, value: float | None, ok: bool) -> None:
@@ -136,4 +137,4 @@ def checklist(m: dict[str, Any], min_accuracy: float | None = None, min_auc: flo
             add(f"recall of {cls} >=", min_recall, pc["recall"], pc["recall"] >= min_recall)
     if max_ece is not None:
         add("ECE <=", max_ece, m["ece"], m["ece"] <= max_ece)
-    return rows
+    return {"pass": all(r["pass"] for r in rows), "checks": rows} if rows else None

@@ -124,7 +124,15 @@ def img_tag(path: Path) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
 
 
-def _fmt(v: Any) -> str:
+def save_predictions(out: Path, val_probs: np.ndarray, val_labels: np.ndarray, test_probs: np.ndarray,
+                     test_labels: np.ndarray, classes: list[str]) -> None:
+    """``predictions.npz``: the validation and test probabilities that compare and ensemble work from."""
+    np.savez_compressed(out / "predictions.npz", val_probs=val_probs, val_labels=val_labels, test_probs=test_probs,
+                        test_labels=test_labels, classes=np.array(classes))
+
+
+def fmt_cell(v: Any) -> str:
+    """A table cell: floats to 4 places, None as n/a, everything HTML-escaped."""
     if v is None:
         return "n/a"
     if isinstance(v, float):
@@ -141,7 +149,7 @@ def checklist_html(check: dict[str, Any] | None) -> str:
     if not check:
         return ""
     rows = "".join(f"<tr><td style='text-align:left'>{html.escape(c['check'])} {c['threshold']:g}</td>"
-                   f"<td>{_fmt(c['value'])}</td><td>{'PASS' if c['pass'] else '<b>FAIL</b>'}</td></tr>"
+                   f"<td>{fmt_cell(c['value'])}</td><td>{'PASS' if c['pass'] else '<b>FAIL</b>'}</td></tr>"
                    for c in check["checks"])
     return (f"<h3>Validation checklist: {'PASS' if check['pass'] else 'FAIL'}</h3>"
             f"<table><tr><th>check</th><th>test value</th><th>result</th></tr>{rows}</table>")
@@ -156,9 +164,9 @@ def write_report(out: Path, cfg: Config, metrics: dict[str, Any], title: str = "
         if key in test:
             ci = test.get("ci95", {}).get(key)
             ci_txt = f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
-            rows.append(f"<tr><td>{key}</td><td>{_fmt(val.get(key))}</td><td>{_fmt(test[key])}{ci_txt}</td></tr>")
+            rows.append(f"<tr><td>{key}</td><td>{fmt_cell(val.get(key))}</td><td>{fmt_cell(test[key])}{ci_txt}</td></tr>")
     per_class = "".join(
-        f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(m[k])}</td>" for k in
+        f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{fmt_cell(m[k])}</td>" for k in
                                                    ("precision", "recall", "specificity", "f1", "support")) + "</tr>"
         for c, m in test["per_class"].items())
     expl = metrics.get("explain", {})
@@ -206,7 +214,7 @@ optimizer {html.escape(cfg.optim.name)} · best epoch {metrics.get('best_epoch')
 <h2>Training curves</h2>{img_tag(out / 'curves.png')}
 <h2>Confusion matrix and ROC</h2>{img_tag(out / 'confusion_matrix.png')} {img_tag(out / 'roc.png')}
 <h2>Grad-CAM gallery ({html.escape(expl.get('method', ''))}, layer {html.escape(str(expl.get('target_layer')))})</h2>
-<p>Mean border score over {expl.get('n', 0)} test images: {_fmt(expl.get('border_score_mean'))}; per explained
+<p>Mean border score over {expl.get('n', 0)} test images: {fmt_cell(expl.get('border_score_mean'))}; per explained
 class: {html.escape(_fmt_scores(expl.get('border_score_per_class', {})))}
 (share of heat in the outer 10% band; a uniform map scores 0.36).</p>{warn}
 {img_tag(out / 'gradcam_gallery.png')}
@@ -221,8 +229,7 @@ class: {html.escape(_fmt_scores(expl.get('border_score_per_class', {})))}
 
 def finish_run(out: Path, cfg: Config, bundle: DataBundle, val_loader: DataLoader, test_loader: DataLoader,
                test_ds: ImageDataset, device: torch.device, history: list[dict[str, float]], best_epoch: int,
-               skipped: list[str], n_params: int, train_ds: ImageDataset | None = None,
-               loss_fn: torch.nn.Module | None = None) -> dict[str, Any]:
+               skipped: list[str], n_params: int, train_ds: ImageDataset | None = None) -> dict[str, Any]:
     """Reload best.pt, evaluate on val and test, measure sharpness, write figures, metrics.json, report.html."""
     from medsight.models import cam_target
     from medsight.train import predict_proba
@@ -252,23 +259,23 @@ def finish_run(out: Path, cfg: Config, bundle: DataBundle, val_loader: DataLoade
         "explain": {"method": cfg.explain.method, "target_layer": layer, **border_info},
         "skipped_files": skipped,
     }
+    from medsight.sharpness import fixed_batches
+
     if cfg.explain.faithfulness_images:
         from medsight.faithfulness import faithfulness
 
-        idx = np.random.default_rng(cfg.train.seed).permutation(len(test_ds))[: 4 * cfg.explain.faithfulness_images]
-        sample = [x for x, _ in (test_ds[int(i)] for i in idx) if x is not None][: cfg.explain.faithfulness_images]
+        sample = fixed_batches(test_ds, 1, batch_size=cfg.explain.faithfulness_images, seed=cfg.train.seed)
         if sample:
-            faith = faithfulness(model, torch.stack(sample).to(device), cfg.explain.faithfulness_methods,
+            faith = faithfulness(model, sample[0][0].to(device), cfg.explain.faithfulness_methods,
                                  cfg.explain.target_layer, seed=cfg.train.seed)
             metrics["faithfulness"] = faith
             plot_faithfulness(faith, out / "faithfulness.png")
-    checks = checklist(test_m, **dataclasses.asdict(cfg.checklist))
-    if checks:
-        metrics["checklist"] = {"pass": all(c["pass"] for c in checks), "checks": checks}
-    np.savez_compressed(out / "predictions.npz", val_probs=vp, val_labels=vl, test_probs=tp, test_labels=tl,
-                        classes=np.array(classes))
+    check = checklist(test_m, **dataclasses.asdict(cfg.checklist))
+    if check:
+        metrics["checklist"] = check
+    save_predictions(out, vp, vl, tp, tl, classes)
     if train_ds is not None and cfg.train.sharpness_batches:
-        from medsight.sharpness import fixed_batches, sharpness
+        from medsight.sharpness import sharpness
 
         batches = fixed_batches(train_ds, cfg.train.sharpness_batches, batch_size=64, seed=cfg.train.seed)
         metrics["sharpness"] = sharpness(model, batches, rho=cfg.optim.rho, seed=cfg.train.seed)

@@ -34,7 +34,7 @@ from medsight.data import DataBundle, ImageDataset, load_data, make_loader, make
 from medsight.models import count_parameters, create_model, data_config, freeze_stages, layer_groups
 from medsight.optim import LookSAM, bn_update_disabled, create_optimizer, create_scheduler, is_sam
 
-__all__ = ["train", "dry_run", "make_loss", "train_step", "StepOptions", "autocast", "predict_proba", "RunResult", "resolve_device", "TrainingError",
+__all__ = ["train", "dry_run", "build_model", "make_loss", "make_mixer", "mix_batch", "train_step", "StepOptions", "autocast", "predict_proba", "RunResult", "resolve_device", "TrainingError",
            "HISTORY_FIELDS", "seed_everything"]
 
 log = logging.getLogger("medsight")
@@ -91,19 +91,20 @@ def _forward_backward(model: nn.Module, chunks: list[tuple[torch.Tensor, torch.T
                       opts: StepOptions, sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate gradients over micro-batches; under DDP only the last one all-reduces (if ``sync``)."""
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    total, logits_all = torch.zeros(()), []
+    losses, logits_all = [], []
     device = chunks[0][0].device
+    n = sum(len(y) for _, y in chunks)
     for i, (x, y) in enumerate(chunks):
         last = i == len(chunks) - 1
         no_sync = model.no_sync() if ddp and not (sync and last) else contextlib.nullcontext()
         with no_sync:
             with autocast(device, opts.precision):
                 logits = model(x)
-                loss = loss_fn(logits.float(), y) * (len(y) / sum(len(c[1]) for c in chunks))
+                loss = loss_fn(logits.float(), y) * (len(y) / n)
             (opts.scaler.scale(loss) if opts.scaler is not None else loss).backward()
-        total = total + loss.detach().float().cpu()
+        losses.append(loss.detach().float())  # stays on the device: no sync per micro-batch
         logits_all.append(logits.detach().float())
-    return total, torch.cat(logits_all)
+    return torch.stack(losses).sum(), torch.cat(logits_all)
 
 
 def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
@@ -214,6 +215,44 @@ def make_loss(cfg: Config, counts: Any) -> nn.Module:
                               label_smoothing=smoothing, alpha=alpha)
 
 
+def build_model(cfg: Config, num_classes: int, pretrained: bool | None = None) -> tuple[nn.Module, int]:
+    """The model of ``cfg`` with its frozen stages and gradient checkpointing; returns (model, frozen count)."""
+    m = cfg.model
+    model = create_model(m.name, num_classes=num_classes, img_size=cfg.data.image_size,
+                         pretrained=m.pretrained if pretrained is None else pretrained, weights=m.weights,
+                         layout=m.layout, drop_path_rate=m.drop_path_rate)
+    frozen = freeze_stages(model, m.freeze_stages)
+    if cfg.train.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ConfigError(f"train.grad_checkpointing: {m.name} does not support it")
+        model.set_grad_checkpointing(True)
+    return model, frozen
+
+
+def make_mixer(cfg: Config, num_classes: int) -> Any:
+    """timm's Mixup for ``train.mixup``/``train.cutmix`` (None when both are off).
+
+    Label smoothing is applied by Mixup to the mixed targets, so :func:`make_loss` adds none of its own.
+    """
+    t = cfg.train
+    if not (t.mixup or t.cutmix):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.label_smoothing,
+                 num_classes=num_classes)
+
+
+def mix_batch(mixer: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, labels, targets): mixed images and soft targets, or the batch as it is without a mixer."""
+    if mixer is None:
+        return x, y, y
+    if len(x) % 2:  # timm's Mixup pairs images within the batch
+        x, y = x[:-1], y[:-1]
+    mixed, target = mixer(x, y)
+    return mixed, y, target
+
+
 def _default_out(cfg: Config) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{cfg.model.name}-{stamp}"
@@ -286,16 +325,9 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
     seed_everything(cfg.train.seed)
     bundle = load_data(cfg.data)
     k = len(bundle.classes)
-    model = create_model(cfg.model.name, num_classes=k, img_size=cfg.data.image_size,
-                         pretrained=cfg.model.pretrained, weights=cfg.model.weights, layout=cfg.model.layout,
-                         drop_path_rate=cfg.model.drop_path_rate)
+    model, frozen = build_model(cfg, k)
     dc = data_config(model)
     mean, std = list(dc["mean"]), list(dc["std"])
-    frozen = freeze_stages(model, cfg.model.freeze_stages)
-    if t.grad_checkpointing:
-        if not hasattr(model, "set_grad_checkpointing"):
-            raise ConfigError(f"train.grad_checkpointing: {cfg.model.name} does not support it")
-        model.set_grad_checkpointing(True)
     model = model.to(device).to(memory_format=torch.channels_last)
     seed_everything(cfg.train.seed + dinfo.rank)  # augmentations differ per rank; DDP syncs the weights
     size = cfg.data.image_size
@@ -340,13 +372,7 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
     phase = phase_of(0)
     optimizer, scheduler = setup_phase(phase)
     loss_fn = make_loss(cfg, np.bincount(bundle.splits["train"].labels, minlength=len(bundle.classes))).to(device)
-    mixer = None
-    if t.mixup or t.cutmix:
-        from timm.data import Mixup
-
-        # smoothing is applied by timm's Mixup to the mixed targets, so the loss gets none of its own
-        mixer = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.label_smoothing,
-                      num_classes=len(bundle.classes))
+    mixer = make_mixer(cfg, len(bundle.classes))
     eval_loss_fn = nn.CrossEntropyLoss()
     use_scaler = t.precision == "fp16" and t.grad_scaler is not False
     scaler = torch.amp.GradScaler(device.type) if use_scaler else None
@@ -426,11 +452,7 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
                     continue
                 x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 y = y.to(device, non_blocking=True)
-                target = y
-                if mixer is not None:
-                    if len(x) % 2:  # timm's Mixup pairs images within the batch
-                        x, y = x[:-1], y[:-1]
-                    x, target = mixer(x, y)
+                x, y, target = mix_batch(mixer, x, y)
                 loss, logits = train_step(step_model, x, target, optimizer, loss_fn, opts=opts)
                 scheduler.step()
                 lv = float(loss)
@@ -502,8 +524,7 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
     from medsight.report import finish_run
 
     metrics = finish_run(out, cfg, bundle, val_loader, test_loader, test_ds, device, history, best_epoch,
-                         sorted(skipped), n_params, train_ds=ImageDataset(bundle.splits["train"], eval_tf),
-                         loss_fn=loss_fn)
+                         sorted(skipped), n_params, train_ds=ImageDataset(bundle.splits["train"], eval_tf))
     return RunResult(out=out, metrics=metrics, history=history)
 
 
@@ -532,11 +553,7 @@ def dry_run(cfg: Config, synthetic: bool = True, steps: int = 2) -> dict[str, An
         bundle = load_data(cfg.data)
         k = len(bundle.classes)
         counts = np.bincount(bundle.splits["train"].labels, minlength=k)
-    model = create_model(cfg.model.name, num_classes=k, img_size=size, pretrained=False, weights=cfg.model.weights,
-                         layout=cfg.model.layout, drop_path_rate=cfg.model.drop_path_rate)
-    frozen = freeze_stages(model, cfg.model.freeze_stages)
-    if cfg.train.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(True)
+    model, frozen = build_model(cfg, k, pretrained=False)
     dc = data_config(model)
     train_tf = make_transform(size, dc["mean"], dc["std"], train=True, cfg=cfg.data)
     eval_tf = make_transform(size, dc["mean"], dc["std"], train=False, cfg=cfg.data)
@@ -556,15 +573,7 @@ def dry_run(cfg: Config, synthetic: bool = True, steps: int = 2) -> dict[str, An
     opts = StepOptions(grad_clip=cfg.train.grad_clip, accum_steps=min(cfg.train.accum_steps, len(y)),
                        precision=cfg.train.precision if device.type == "cuda" or cfg.train.precision == "bf16" else "fp32",
                        sam_bn=cfg.optim.sam_bn)
-    target: torch.Tensor = y.to(device)
-    x_train = x_train.to(device)
-    if cfg.train.mixup or cfg.train.cutmix:
-        from timm.data import Mixup
-
-        mixer = Mixup(mixup_alpha=cfg.train.mixup, cutmix_alpha=cfg.train.cutmix,
-                      label_smoothing=cfg.train.label_smoothing, num_classes=k)
-        even = len(x_train) - len(x_train) % 2
-        x_train, target = mixer(x_train[:even], target[:even])
+    x_train, _, target = mix_batch(make_mixer(cfg, k), x_train.to(device), y.to(device))
     model.train()
     losses = []
     for _ in range(steps):
