@@ -1,16 +1,22 @@
-"""AdamW vs SAM vs LookSAM on the embedded default: test AUC/ACC and sharpness side by side.
+"""AdamW vs SAM vs LookSAM on the embedded default: test AUC/ACC and sharpness side by side, over seeds.
 
-Each row is `medsight train --optimizer NAME` with every other option at its default (coatnet_tiny,
-64 px, 4 epochs, batch 64, lr 2e-3, cosine), so any row can be rerun by hand. The run folders are kept
-in benchmarks/runs/ for benchmarks/ensembles.py.
+Each run is `medsight train --optimizer NAME --set train.seed=S` with every other option at its default
+(coatnet_tiny, 64 px, 4 epochs, batch 64, lr 2e-3, cosine), so any run can be repeated by hand. One seed
+is noise on a 624-image test set, so the summary gives each optimizer's mean and standard deviation over
+the seeds, and judges the target of the issue "SAM at full speed and at scale" on the means: LookSAM keeps
+at least 90% of SAM's gain over AdamW (on test AUC, and on test accuracy).
 
-    python benchmarks/optimizers.py                  # writes benchmarks/results/optimizers.json
-    python benchmarks/optimizers.py looksam-adamw    # rerun one row
+The seed-0 run folders are kept in benchmarks/runs/NAME for benchmarks/ensembles.py.
+
+    python benchmarks/optimizers.py                       # seeds 0 1 2 -> benchmarks/results/optimizers.json
+    python benchmarks/optimizers.py --seeds 0             # one seed
 """
 
 from __future__ import annotations
 
-import json
+import argparse
+import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -19,30 +25,50 @@ from _results import save_result  # noqa: E402
 from default_run import measure  # noqa: E402
 
 NAMES = ("adamw", "sam-adamw", "looksam-adamw")
+METRICS = ("test_auc", "test_acc", "test_acc_at_val_threshold", "test_balanced_acc", "seconds")
+
+
+def _mean_sd(values: list[float]) -> dict[str, float]:
+    return {"mean": round(statistics.fmean(values), 4),
+            "sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
+
+
+def keeps_gain(means: dict[str, dict[str, float]], metric: str) -> dict[str, object]:
+    """SAM's and LookSAM's mean gain over AdamW on one metric, and whether LookSAM keeps >= 90% of SAM's."""
+    sam = means["sam-adamw"][metric]["mean"] - means["adamw"][metric]["mean"]
+    look = means["looksam-adamw"][metric]["mean"] - means["adamw"][metric]["mean"]
+    return {"sam_gain": round(sam, 4), "looksam_gain": round(look, 4),
+            "fraction_kept": round(look / sam, 3) if sam > 0 else None,
+            # without a gain from SAM there is nothing to keep: the target cannot be judged, not "met"
+            "looksam_keeps_90pct": bool(look >= 0.9 * sam) if sam > 0 else None}
 
 
 def main() -> int:
-    keep = Path(__file__).parent / "runs"  # kept for benchmarks/ensembles.py
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = p.parse_args()
+    keep = Path(__file__).parent / "runs"  # seed-0 runs kept for benchmarks/ensembles.py
     keep.mkdir(exist_ok=True)
-    out = Path(__file__).parent / "results" / "optimizers.json"
-    only = sys.argv[1:]  # rerun just these optimizers, keeping the other rows
-    previous = {r["command"].split()[-1]: r for r in json.loads(out.read_text())["rows"]} if only and out.exists() else {}
-    rows = []
+    runs: list[dict] = []
+    for seed in args.seeds:
+        for name in NAMES:
+            folder = keep / name if seed == 0 else None
+            if folder is not None and folder.exists():
+                shutil.rmtree(folder)
+            row = measure(["--optimizer", name, "--set", f"train.seed={seed}"], keep=folder)
+            row.update(optimizer=name, seed=seed)
+            runs.append(row)
+            print(f"{name} seed {seed}: AUC {row['test_auc']:.4f} ACC {row['test_acc']:.4f} "
+                  f"sharpness {row['sharpness']['ascent']:.3f}", flush=True)
+    means = {}
     for name in NAMES:
-        if only and name not in only and name in previous:
-            rows.append(previous[name])
-            continue
-        if (keep / name).exists():
-            import shutil
-
-            shutil.rmtree(keep / name)
-        rows.append(measure(["--optimizer", name], keep=keep / name))
-    by = {n: r for n, r in zip(NAMES, rows)}
-    gain_sam = by["sam-adamw"]["test_acc"] - by["adamw"]["test_acc"]
-    gain_look = by["looksam-adamw"]["test_acc"] - by["adamw"]["test_acc"]
-    summary = {"rows": rows, "sam_acc_gain": round(gain_sam, 4), "looksam_acc_gain": round(gain_look, 4),
-               "looksam_keeps_90pct_of_sam_gain": bool(gain_sam > 0 and gain_look >= 0.9 * gain_sam)}
-    save_result(out.name, summary)
+        mine = [r for r in runs if r["optimizer"] == name]
+        means[name] = {m: _mean_sd([r[m] for r in mine]) for m in METRICS}
+        means[name]["sharpness_ascent"] = _mean_sd([r["sharpness"]["ascent"] for r in mine])
+    summary = {"seeds": args.seeds, "means": means,
+               "target_looksam_keeps_90pct_of_sam_gain": {m: keeps_gain(means, m) for m in ("test_auc", "test_acc")},
+               "runs": runs}
+    save_result("optimizers.json", summary)
     return 0
 
 

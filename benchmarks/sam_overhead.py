@@ -25,7 +25,7 @@ from torch import nn
 
 from _results import save_result
 from medsight.config import OptimConfig, load_config
-from medsight.models import create_model
+from medsight.models import create_model, prepare_compile
 from medsight.optim import create_optimizer
 from medsight.train import StepOptions, train, train_step
 
@@ -34,11 +34,9 @@ OPTIMIZERS = ("adamw", "sam-adamw", "looksam-adamw")
 
 def step_throughput(args: argparse.Namespace, name: str, device: torch.device) -> float:
     torch.manual_seed(0)
-    if args.compile:
-        import timm.layers
-
-        timm.layers.set_fused_attn(False)  # inductor fails on CoAtNet's relative-position bias with SDPA
     model = create_model(args.model, num_classes=2, img_size=args.image_size).to(device)
+    if args.compile:
+        prepare_compile(model)
     model = model.to(memory_format=torch.channels_last).train()
     opt = create_optimizer(model, OptimConfig(name=name, lr=1e-4), fused=device.type == "cuda")
     step_model = torch.compile(model) if args.compile else model

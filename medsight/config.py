@@ -53,6 +53,8 @@ class DataConfig:
     image_size: int = 64
     val_fraction: float = 0.1  # used only when the data carries no split of its own
     test_fraction: float = 0.15
+    train_fraction: float = 1.0  # keep this stratified fraction of the training labels (label-budget studies)
+    pretext: str = "none"  # none | rotation: self-supervised pretraining, labels ignored (see medsight.data)
     split_seed: int = 0
     num_workers: int = 0
     hflip: bool = True
@@ -177,6 +179,7 @@ class Config:
 MONITORS = ("auc", "accuracy", "balanced_accuracy", "loss")
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUTO_AUGMENTS = ("none", "randaugment", "autoaugment", "trivialaugment")
+PRETEXTS = ("none", "rotation")
 SCHEDULES = ("cosine", "step", "multistep", "none")
 LAYOUTS = ("CCTT", "CCCT")
 
@@ -355,6 +358,15 @@ def validate_config(cfg: Config) -> None:
     _check(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     _check(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
     _check(d.val_fraction + d.test_fraction < 1, "data.val_fraction + data.test_fraction must be < 1")
+    _check(0 < d.train_fraction <= 1, f"data.train_fraction must be in (0, 1], got {d.train_fraction}")
+    _check(d.pretext in PRETEXTS, f"data.pretext must be one of {', '.join(PRETEXTS)}, got {d.pretext!r}"
+           + _suggest(d.pretext, PRETEXTS))
+    if d.pretext == "rotation":
+        clashing = [name for name, on in (("data.hflip", d.hflip), ("data.rotate_degrees > 45", d.rotate_degrees > 45),
+                                          (f"data.auto_augment={d.auto_augment}", d.auto_augment != "none")) if on]
+        if clashing:
+            warnings.warn(f"{', '.join(clashing)} with the rotation pretext blur its labels (a flipped 90° turn "
+                          f"looks like a 270° turn); turn them off for pretraining", stacklevel=2)
     _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     _check(0 <= d.rotate_degrees <= 180, f"data.rotate_degrees must be in [0, 180], got {d.rotate_degrees}")
     _check(0 <= d.translate < 0.5, f"data.translate must be in [0, 0.5), got {d.translate}")

@@ -37,6 +37,8 @@ __all__ = [
     "make_transform",
     "make_loader",
     "DEFAULT_CLASSES",
+    "ROTATION_CLASSES",
+    "rotation_pretext",
 ]
 
 log = logging.getLogger("medsight")
@@ -58,6 +60,7 @@ class SplitData:
     paths: list[str] | None = None
     images: np.ndarray | None = None
     groups: list[str] | None = None
+    quarter_turns: np.ndarray | None = None  # rotation pretext: turn image i by 90° x this before its transform
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -68,6 +71,7 @@ class SplitData:
             paths=[self.paths[i] for i in idx] if self.paths is not None else None,
             images=self.images[idx] if self.images is not None else None,
             groups=[self.groups[i] for i in idx] if self.groups is not None else None,
+            quarter_turns=self.quarter_turns[idx] if self.quarter_turns is not None else None,
         )
 
     def describe(self, i: int) -> str:
@@ -243,6 +247,33 @@ def _complete_splits(splits: dict[str, SplitData], cfg: DataConfig, notes: list[
     return out
 
 
+#: Class names of the rotation pretext, in label order.
+ROTATION_CLASSES = ["0deg", "90deg", "180deg", "270deg"]
+
+
+def rotation_pretext(splits: dict[str, SplitData], seed: int) -> dict[str, SplitData]:
+    """Self-supervised rotation prediction (Gidaris, Singh, Komodakis, ICLR 2018): the label of an image is
+    how many quarter turns it was given. The training split holds every image in all four turns (an epoch
+    is four passes over the images); val and test give each image one turn drawn with ``seed``. The class
+    labels of the data are ignored, so unlabelled images pretrain a backbone for ``--weights``.
+
+    Written here because the pretext is four lines of data plumbing; self-supervised libraries bring
+    their own trainers, which would bypass medsight's loop (SAM, DDP, checkpoints).
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, split in splits.items():
+        n = len(split)
+        if name == "train":
+            rotated = split.subset(np.tile(np.arange(n), 4))
+            turns = np.repeat(np.arange(4), n)
+        else:
+            rotated, turns = split.subset(np.arange(n)), rng.integers(0, 4, n)
+        rotated.quarter_turns, rotated.labels = turns, turns.copy()
+        out[name] = rotated
+    return out
+
+
 def _read_source(path_str: str) -> tuple[dict[str, SplitData], list[str], str]:
     path = Path(path_str).expanduser() if path_str else DEFAULT_DATA
     if not path.exists():
@@ -266,6 +297,16 @@ def load_data(cfg: DataConfig) -> DataBundle:
     splits, classes, source = _read_source(cfg.path)
     notes: list[str] = []
     splits = _complete_splits(splits, cfg, notes)
+    if cfg.train_fraction < 1:
+        n_before = len(splits["train"])
+        _, splits["train"] = _stratified_split(splits["train"], cfg.train_fraction, cfg.split_seed)
+        notes.append(f"kept {len(splits['train'])} of {n_before} training images (data.train_fraction "
+                     f"{cfg.train_fraction:g}, stratified, seed {cfg.split_seed})")
+    if cfg.pretext == "rotation":
+        notes.append("rotation pretext: labels ignored; the model predicts each image's quarter turns "
+                     "(training split in all four turns)")
+        return DataBundle(classes=list(ROTATION_CLASSES), splits=rotation_pretext(splits, cfg.split_seed),
+                          source=source, notes=notes)
     if cfg.num_classes is not None and cfg.num_classes != len(classes):
         raise DataError(f"data.num_classes is {cfg.num_classes} but {cfg.path or 'the data'} has {len(classes)} "
                         f"classes ({', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''})")
@@ -372,8 +413,12 @@ class ImageDataset(Dataset):
     def load(self, i: int) -> torch.Tensor:
         """The i-th image as float [3, H, W] in [0, 1], before resizing and normalization."""
         if self.data.images is not None:
-            return to_three_channels(_array_to_tensor(self.data.images[i]))
-        return to_three_channels(read_image(self.data.paths[i]))
+            img = to_three_channels(_array_to_tensor(self.data.images[i]))
+        else:
+            img = to_three_channels(read_image(self.data.paths[i]))
+        if self.data.quarter_turns is not None:
+            img = torch.rot90(img, int(self.data.quarter_turns[i]), dims=(1, 2))
+        return img
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int | str]:
         try:

@@ -22,11 +22,8 @@ def auc_score(labels: np.ndarray, probs: np.ndarray) -> float | None:
         warnings.simplefilter("ignore")
         if k == 2:
             return float(skm.roc_auc_score(labels, probs[:, 1]))
-        if len(present) < k:  # macro OvR over the classes present only
-            cols = present
-            p = probs[:, cols] / probs[:, cols].sum(1, keepdims=True)
-            remap = {c: i for i, c in enumerate(cols)}
-            return float(skm.roc_auc_score([remap[c] for c in labels], p, multi_class="ovr", average="macro"))
+        if len(present) < k:  # macro one-vs-rest over the classes present only
+            return float(np.mean([skm.roc_auc_score(labels == c, probs[:, c]) for c in present]))
         return float(skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
 
 

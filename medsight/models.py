@@ -2,7 +2,8 @@
 
 Dai, Liu, Le, Tan, "CoAtNet: Marrying Convolution and Attention for All Data Sizes", NeurIPS 2021.
 ``coatnet_0`` is the paper's CoAtNet-0 (2-3-5-2 blocks, 96/192/384/768 channels, ~25M parameters);
-``coatnet_tiny`` has one block per stage (~2.6M) for small data sets and CPUs. Both take a ``layout``:
+``coatnet_tiny`` has one block per stage (32/64/128/256 channels, ~1M parameters) for small data sets
+and CPUs. Both take a ``layout``:
 ``CCTT`` (the paper's, MBConv in stages 1-2, relative-attention Transformer in 3-4) or ``CCCT``.
 
 Beyond timm, this module keeps only what timm lacks: which layer Grad-CAM should look at, and how to
@@ -25,7 +26,7 @@ from timm.models.maxxvit import MaxxVit, MaxxVitCfg, checkpoint_filter_fn
 from torch import nn
 
 __all__ = ["ModelError", "create_model", "layer_groups", "freeze_stages", "data_config", "CamTarget", "cam_target", "count_parameters",
-           "list_models", "MEDSIGHT_MODELS", "load_weights"]
+           "list_models", "MEDSIGHT_MODELS", "load_weights", "prepare_compile"]
 
 log = logging.getLogger("medsight")
 
@@ -267,6 +268,20 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     model.load_state_dict(fitting, strict=False)
     log.info("loaded %d tensors from %s (%d skipped, %d left at init: %s)", len(fitting), p, len(skipped),
              len(missing), ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else ""))
+
+
+def prepare_compile(model: nn.Module) -> int:
+    """Turn timm's fused attention off in ``model`` before ``torch.compile``; returns how many layers changed.
+
+    Inductor fails on CoAtNet's relative-position bias passed to fused SDPA. timm reads its global
+    ``set_fused_attn`` flag when a layer is built, so the flag must be cleared on the built layers.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "fused_attn", False):
+            module.fused_attn = False
+            changed += 1
+    return changed
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:

@@ -30,8 +30,8 @@ from tqdm import tqdm
 from medsight.checkpoint import FORMAT, load_checkpoint, save_atomic, write_text_atomic
 from medsight.config import Config, ConfigError, config_to_dict, save_config, validate_config
 from medsight.distributed import DistInfo, broadcast_flag, check_replicas, init_distributed, shutdown
-from medsight.data import DataBundle, ImageDataset, load_data, make_loader, make_transform
-from medsight.models import count_parameters, create_model, data_config, freeze_stages, layer_groups
+from medsight.data import ROTATION_CLASSES, DataBundle, ImageDataset, load_data, make_loader, make_transform
+from medsight.models import count_parameters, create_model, data_config, freeze_stages, layer_groups, prepare_compile
 from medsight.optim import LookSAM, bn_update_disabled, create_optimizer, create_scheduler, is_sam
 
 __all__ = ["train", "dry_run", "build_model", "make_loss", "make_mixer", "mix_batch", "train_step", "StepOptions", "autocast", "predict_proba", "RunResult", "resolve_device", "TrainingError",
@@ -380,9 +380,7 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
     if dinfo.enabled:
         step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if t.compile:
-        import timm.layers
-
-        timm.layers.set_fused_attn(False)  # inductor fails on CoAtNet's relative-position bias with SDPA
+        prepare_compile(model)
         step_model = torch.compile(step_model)
     opts = StepOptions(grad_clip=t.grad_clip, accum_steps=t.accum_steps, precision=t.precision, scaler=scaler,
                        sam_bn=cfg.optim.sam_bn, sync_first_pass=cfg.optim.sam_sync_first_pass)
@@ -543,7 +541,8 @@ def dry_run(cfg: Config, synthetic: bool = True, steps: int = 2) -> dict[str, An
     seed_everything(cfg.train.seed)
     size = cfg.data.image_size
     if synthetic:
-        k = cfg.data.num_classes or (len(cfg.data.class_names) if cfg.data.class_names else 2)
+        k = (len(ROTATION_CLASSES) if cfg.data.pretext == "rotation"
+             else cfg.data.num_classes or (len(cfg.data.class_names) if cfg.data.class_names else 2))
         n = max(2 * k, min(cfg.train.batch_size * cfg.train.accum_steps, 16))
         g = torch.Generator().manual_seed(cfg.train.seed)
         raw = [torch.rand(1, size + 8, size + 8, generator=g) for _ in range(n)]

@@ -169,3 +169,46 @@ def test_corrupt_file_is_skipped_and_counted(tmp_path, caplog):
 def test_eval_data_class_count_must_match(small_npz):
     with pytest.raises(DataError, match="has 2 classes.*trained on 3"):
         load_eval_data(str(small_npz), ["a", "b", "c"])
+
+
+def test_train_fraction_keeps_a_stratified_share_of_training_labels_only(small_npz):
+    full = load_data(DataConfig(path=str(small_npz)))
+    part = load_data(DataConfig(path=str(small_npz), train_fraction=0.25))
+    assert part.counts()["train"] == [5, 5]  # a quarter of 20 + 20, both classes kept
+    assert part.counts()["val"] == full.counts()["val"] and part.counts()["test"] == full.counts()["test"]
+    assert any("kept 10 of 40 training images" in n for n in part.notes)
+    kept = {a.tobytes() for a in part.splits["train"].images}
+    assert kept <= {a.tobytes() for a in full.splits["train"].images}
+
+
+@pytest.mark.parametrize("key, value, words", [("data.train_fraction", "0", "train_fraction"),
+                                               ("data.train_fraction", "1.5", "train_fraction"),
+                                               ("data.pretext", "rotate", "'rotation'")])
+def test_bad_label_budget_and_pretext_are_named(key, value, words):
+    from medsight.config import ConfigError, load_config, validate_config
+
+    with pytest.raises(ConfigError, match=words):
+        validate_config(load_config(None, [f"{key}={value}"]))
+
+
+def test_rotation_pretext_labels_are_the_quarter_turns(small_npz):
+    from medsight.data import ROTATION_CLASSES
+
+    plain = load_data(DataConfig(path=str(small_npz)))
+    pre = load_data(DataConfig(path=str(small_npz), pretext="rotation", hflip=False))
+    assert pre.classes == ROTATION_CLASSES
+    n = len(plain.splits["train"])
+    assert pre.counts()["train"] == [n] * 4  # every training image in all four turns
+    base, turned = ImageDataset(plain.splits["train"], None), ImageDataset(pre.splits["train"], None)
+    for k in range(4):
+        assert torch.equal(turned.load(k * n + 3), torch.rot90(base.load(3), k, dims=(1, 2)))
+    val = pre.splits["val"]
+    assert len(val) == len(plain.splits["val"]) and np.array_equal(val.labels, val.quarter_turns)
+    assert len(set(val.labels.tolist())) > 1  # one drawn turn per image, not all the same
+
+
+def test_rotation_pretext_warns_about_flips():
+    from medsight.config import load_config, validate_config
+
+    with pytest.warns(UserWarning, match="data.hflip"):
+        validate_config(load_config(None, ["data.pretext=rotation"]))  # hflip is on by default

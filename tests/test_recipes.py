@@ -187,3 +187,27 @@ def test_backbone_smoke_dry_run(name, size):
                              "data.num_classes=5", "optim.name=sam-adamw"])
     r = dry_run(cfg)
     assert r["classes"] == 5 and len(r["losses"]) == 2 and all(np.isfinite(r["losses"]))
+
+
+def test_rotation_pretext_run_gives_weights_for_fine_tuning(tmp_path):
+    """A pretext run learns without labels; its best.pt starts a labelled run's backbone via model.weights."""
+    from medsight.data import ROTATION_CLASSES
+    from medsight.train import build_model
+
+    data = write_class_folders(tmp_path / "images", n_per_class=8)
+    extra = ["data.pretext=rotation", "data.hflip=false", "train.sharpness_batches=0",
+             "explain.faithfulness_images=0", "train.class_weights=false"]
+    result = train(apply_overrides(Config(), tiny_overrides(tmp_path / "pre", data) + extra), progress=False)
+    ckpt = torch.load(tmp_path / "pre" / "best.pt", map_location="cpu", weights_only=False)
+    assert ckpt["classes"] == ROTATION_CLASSES
+    from medsight.data import load_data
+
+    assert result.history[0]["train_images"] == 4 * len(load_data(DataConfig(path=str(data))).splits["train"])
+    fine = apply_overrides(Config(), tiny_overrides(tmp_path / "ft", data) + [f"model.weights={tmp_path / 'pre' / 'best.pt'}"])
+    model, _ = build_model(fine, 2)
+    state = model.state_dict()
+    head = [k for k in ckpt["model"] if state[k].shape != ckpt["model"][k].shape]
+    assert head and all(k.startswith("head") for k in head)  # 4 rotation classes -> 2 labels: a fresh head
+    for k, v in ckpt["model"].items():
+        if k not in head:
+            assert torch.equal(state[k], v), k

@@ -224,3 +224,36 @@ def test_looksam_reuse_step_by_hand(layerwise):
     torch.testing.assert_close(a.detach(), torch.tensor([1.0, 2.0]) - ea)
     torch.testing.assert_close(b.detach(), torch.tensor([3.0]) - eb)
     assert opt.steps == 2
+
+
+def test_prepare_compile_turns_fused_attention_off_in_built_coatnet():
+    from medsight.models import create_model, prepare_compile
+
+    model = create_model("coatnet_tiny", num_classes=2, img_size=32)
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", False)]
+    assert fused, "timm builds CoAtNet's attention fused by default on this torch"
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        assert prepare_compile(model) == len(fused)
+        after = model(x)
+    assert not any(getattr(m, "fused_attn", False) for m in model.modules())
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)  # same function, unfused kernels
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path, small_npz):
+    """train.compile=true (inductor, CPU here) trains CoAtNet + SAM to the same losses as eager mode."""
+    from medsight.config import Config, apply_overrides
+    from medsight.train import train
+    from conftest import tiny_overrides
+
+    losses = {}
+    for compiled in (False, True):
+        cfg = apply_overrides(Config(), tiny_overrides(tmp_path / str(compiled), small_npz) + [
+            f"train.compile={str(compiled).lower()}", "train.sharpness_batches=0", "explain.gallery_per_class=0",
+            "explain.faithfulness_images=0"])
+        result = train(cfg, progress=False)
+        losses[compiled] = [row["train_loss"] for row in result.history]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
