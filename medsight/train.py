@@ -54,6 +54,10 @@ class RunResult:
     interrupted: bool = False
 
 
+#: Training steps between reads of the running loss (divergence check, progress bar).
+SYNC_EVERY = 10
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -441,7 +445,20 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
                 say(f"phase {phase}: " + ("every layer, discriminative learning rates" if phase == 2
                                           else f"every layer at {ft.final_lr_scale:g}× the learning rate"))
             model.train()
-            loss_sum, correct, seen = 0.0, 0, 0
+            # running sums stay on the device and are read every SYNC_EVERY steps: a read waits for the
+            # GPU, and waiting every step would leave it idle while the next batch is launched
+            loss_dev = torch.zeros((), device=device)
+            correct_dev = torch.zeros((), device=device, dtype=torch.long)
+            loss_sum, correct, seen, steps = 0.0, 0, 0, 0
+
+            def sync_sums() -> None:
+                nonlocal loss_sum, correct
+                loss_sum, correct = float(loss_dev), int(correct_dev)
+                if not math.isfinite(loss_sum):
+                    raise TrainingError(f"loss became {loss_sum} at epoch {epoch + 1}: training diverged; lower "
+                                        f"optim.lr (now {cfg.optim.lr:g}) or optim.rho, or set train.grad_clip")
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+
             bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", leave=False,
                        disable=not progress, dynamic_ncols=True)
             for x, y, bad in bar:
@@ -453,14 +470,14 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
                 x, y, target = mix_batch(mixer, x, y)
                 loss, logits = train_step(step_model, x, target, optimizer, loss_fn, opts=opts)
                 scheduler.step()
-                lv = float(loss)
-                if not math.isfinite(lv):
-                    raise TrainingError(f"loss became {lv} at epoch {epoch + 1}: training diverged; lower "
-                                        f"optim.lr (now {cfg.optim.lr:g}) or optim.rho, or set train.grad_clip")
-                loss_sum += lv * len(y)
-                correct += int((logits.argmax(1) == y).sum())  # against the unmixed labels
+                loss_dev += loss.detach().float() * len(y)
+                correct_dev += (logits.argmax(1) == y).sum()  # against the unmixed labels
                 seen += len(y)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+                steps += 1
+                if steps % SYNC_EVERY == 0:
+                    sync_sums()
+            if seen:
+                sync_sums()
             bar.close()
             if seen == 0:
                 raise TrainingError("no readable training images in this epoch")

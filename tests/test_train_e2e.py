@@ -210,3 +210,20 @@ def test_local_weights_file_is_loaded(tmp_path):
 def test_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "medsight", "models", "coatnet_*"], capture_output=True, text=True)
     assert done.returncode == 0 and "coatnet_tiny" in done.stdout and "coatnet_0" in done.stdout
+
+
+def test_diverging_loss_stops_the_run_with_its_cause(tmp_path, small_npz, monkeypatch):
+    import medsight.train as train_module
+
+    real, calls = train_module.train_step, []
+
+    def nan_from_second_step(*args, **kwargs):
+        loss, logits = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) >= 2 else loss), logits
+
+    monkeypatch.setattr(train_module, "train_step", nan_from_second_step)
+    cfg = apply_overrides(Config(), tiny_overrides(tmp_path / "run", small_npz))
+    with pytest.raises(TrainingError, match="loss became nan at epoch 1: training diverged"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "run" / "best.pt").exists() and not (tmp_path / "run" / "last.pt").exists()
