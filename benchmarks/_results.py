@@ -9,9 +9,10 @@ from typing import Any
 RESULTS = Path(__file__).parent / "results"
 
 
-def save_result(name: str, data: Any) -> Path:
+def save_result(name: str, data: Any, echo: bool = True) -> Path:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / name
     out.write_text(json.dumps(data, indent=2) + "\n")
-    print(json.dumps(data, indent=2))
+    if echo:
+        print(json.dumps(data, indent=2))
     return out

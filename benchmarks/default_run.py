@@ -8,6 +8,7 @@ accuracy >= 0.87 on PneumoniaMNIST, above the published MedMNIST v2 ResNet-18 (2
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import platform
@@ -22,16 +23,28 @@ import torch
 TARGET_SECONDS, TARGET_AUC, TARGET_ACC = 300, 0.95, 0.87
 
 
-def measure(extra: list[str] | None = None, keep: Path | None = None) -> dict:
-    """Run `medsight train [extra]` in a temporary folder (or into ``keep``); wall-clock time and test metrics."""
+def measure(extra: list[str] | None = None, keep: Path | None = None, reuse: bool = False) -> dict:
+    """Run `medsight train [extra]` in a temporary folder (or into ``keep``); wall-clock time and test metrics.
+
+    With ``reuse``, a finished run already in ``keep`` is read instead of trained again (its ``seconds``
+    is then the run's own epoch time, without start-up and report).
+    """
     extra = list(extra or [])
+    if reuse and keep is not None and (keep / "metrics.json").is_file():
+        seconds = sum(float(r["seconds"]) for r in csv.DictReader((keep / "history.csv").open()))
+        return run_row(keep, extra, seconds)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         out = ["--out", str(keep.resolve())] if keep is not None else []
         subprocess.run([sys.executable, "-m", "medsight", "train", "--no-progress", *extra, *out], cwd=tmp, check=True)
         seconds = time.perf_counter() - t0
         (run,) = [keep] if keep is not None else list((Path(tmp) / "runs").iterdir())
-        metrics = json.loads((run / "metrics.json").read_text())
+        return run_row(run, extra, seconds)
+
+
+def run_row(run: Path, extra: list[str], seconds: float) -> dict:
+    """The benchmark row of a finished run folder: its command, time and test metrics."""
+    metrics = json.loads((run / "metrics.json").read_text())
     test = metrics["test"]
     row = {
         "command": " ".join(["medsight train", *extra]),

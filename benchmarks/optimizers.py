@@ -6,7 +6,9 @@ is noise on a 624-image test set, so the summary gives each optimizer's mean and
 the seeds, and judges the target of the issue "SAM at full speed and at scale" on the means: LookSAM keeps
 at least 90% of SAM's gain over AdamW (on test AUC, and on test accuracy).
 
-The seed-0 run folders are kept in benchmarks/runs/NAME for benchmarks/ensembles.py.
+Run folders are kept in benchmarks/runs/NAME (seed 0, for benchmarks/ensembles.py) and NAME-seedS;
+a run already there is read, not trained again (delete the folder to rerun it), and the results file
+is rewritten after every run, so an interrupted benchmark resumes where it stopped.
 
     python benchmarks/optimizers.py                       # seeds 0 1 2 -> benchmarks/results/optimizers.json
     python benchmarks/optimizers.py --seeds 0             # one seed
@@ -52,24 +54,34 @@ def main() -> int:
     runs: list[dict] = []
     for seed in args.seeds:
         for name in NAMES:
-            folder = keep / name if seed == 0 else None
-            if folder is not None and folder.exists():
-                shutil.rmtree(folder)
-            row = measure(["--optimizer", name, "--set", f"train.seed={seed}"], keep=folder)
+            folder = keep / (name if seed == 0 else f"{name}-seed{seed}")
+            if folder.exists() and not (folder / "metrics.json").is_file():
+                shutil.rmtree(folder)  # an unfinished run: start it again
+            row = measure(["--optimizer", name, "--set", f"train.seed={seed}"], keep=folder, reuse=True)
             row.update(optimizer=name, seed=seed)
             runs.append(row)
             print(f"{name} seed {seed}: AUC {row['test_auc']:.4f} ACC {row['test_acc']:.4f} "
                   f"sharpness {row['sharpness']['ascent']:.3f}", flush=True)
+            save_result("optimizers.json", summarize(runs), echo=False)
+    save_result("optimizers.json", summarize(runs))
+    return 0
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean and sd per optimizer over the seeds run so far, and the LookSAM target judged on the means."""
+    seeds = sorted({r["seed"] for r in runs})
+    complete = [s for s in seeds if {r["optimizer"] for r in runs if r["seed"] == s} == set(NAMES)]
+    done = [r for r in runs if r["seed"] in complete]  # compare optimizers on the same seeds only
     means = {}
     for name in NAMES:
-        mine = [r for r in runs if r["optimizer"] == name]
+        mine = [r for r in done if r["optimizer"] == name]
+        if not mine:
+            return {"seeds_complete": complete, "runs": runs}
         means[name] = {m: _mean_sd([r[m] for r in mine]) for m in METRICS}
         means[name]["sharpness_ascent"] = _mean_sd([r["sharpness"]["ascent"] for r in mine])
-    summary = {"seeds": args.seeds, "means": means,
-               "target_looksam_keeps_90pct_of_sam_gain": {m: keeps_gain(means, m) for m in ("test_auc", "test_acc")},
-               "runs": runs}
-    save_result("optimizers.json", summary)
-    return 0
+    return {"seeds_complete": complete, "means": means,
+            "target_looksam_keeps_90pct_of_sam_gain": {m: keeps_gain(means, m) for m in ("test_auc", "test_acc")},
+            "runs": runs}
 
 
 if __name__ == "__main__":

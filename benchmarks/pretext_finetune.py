@@ -10,12 +10,15 @@ and with 10% of them (`data.train_fraction`), two runs with every other option a
                     --set data.train_fraction=F --set train.seed=S       (phases 1 + 1 + 2 epochs)
 
 The 10% rows are noisy (471 training images), so they run over three seeds; the summary gives means.
+Run folders are kept in benchmarks/runs/pretext/ and reused when finished; the results file is rewritten
+after every run.
 
     python benchmarks/pretext_finetune.py        # writes benchmarks/results/pretext_finetune.json
 """
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -25,14 +28,14 @@ from _results import save_result  # noqa: E402
 from default_run import measure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-PLAN = ((1.0, (0,)), (0.1, (0, 1, 2)))  # (label fraction, seeds)
+PLAN = ((0.1, (0, 1, 2)), (1.0, (0,)))  # (label fraction, seeds)
 
 
 def main() -> int:
-    runs_dir = Path(__file__).parent / "runs"
-    runs_dir.mkdir(exist_ok=True)
-    pretext_dir = runs_dir / "rotation-pretext"
-    pretext = measure(["--config", str(ROOT / "configs" / "rotation_pretext.yaml")], keep=pretext_dir)
+    runs_dir = Path(__file__).parent / "runs" / "pretext"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    pretext_dir = runs_dir / "rotation"
+    pretext = measure(["--config", str(ROOT / "configs" / "rotation_pretext.yaml")], keep=pretext_dir, reuse=True)
     print(f"pretext: rotation accuracy on test {pretext['test_acc']:.4f} ({pretext['seconds']:.0f} s)", flush=True)
     weights = str(pretext_dir / "best.pt")
     rows = []
@@ -41,22 +44,34 @@ def main() -> int:
             common = ["--set", f"data.train_fraction={fraction:g}", "--set", f"train.seed={seed}"]
             for recipe, extra in (("scratch", []),
                                   ("progressive", ["--weights", weights, "--set", "finetune.progressive=true"])):
-                row = measure(extra + common)
+                folder = runs_dir / f"{recipe}-{fraction:g}-seed{seed}"
+                if folder.exists() and not (folder / "metrics.json").is_file():
+                    shutil.rmtree(folder)  # an unfinished run: start it again
+                row = measure(extra + common, keep=folder, reuse=True)
                 row.update(recipe=recipe, train_fraction=fraction, seed=seed)
                 rows.append(row)
                 print(f"{recipe} {fraction:.0%} labels seed {seed}: AUC {row['test_auc']:.4f} ACC {row['test_acc']:.4f}",
                       flush=True)
+                save_result("pretext_finetune.json", {"pretext": pretext, "summary": summarize(rows), "runs": rows},
+                            echo=False)
+    save_result("pretext_finetune.json", {"pretext": pretext, "summary": summarize(rows), "runs": rows})
+    return 0
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean (and sd over seeds) of each recipe at each label fraction, over the runs so far."""
     summary = []
-    for fraction, seeds in PLAN:
+    for fraction, _ in PLAN:
         for recipe in ("scratch", "progressive"):
             mine = [r for r in rows if r["recipe"] == recipe and r["train_fraction"] == fraction]
-            summary.append({"recipe": recipe, "train_fraction": fraction, "seeds": list(seeds),
+            if not mine:
+                continue
+            summary.append({"recipe": recipe, "train_fraction": fraction, "seeds": [r["seed"] for r in mine],
                             **{f"{m}_mean": round(statistics.fmean(r[m] for r in mine), 4)
                                for m in ("test_auc", "test_acc", "test_acc_at_val_threshold", "seconds")},
                             **({f"{m}_sd": round(statistics.stdev(r[m] for r in mine), 4)
                                 for m in ("test_auc", "test_acc")} if len(mine) > 1 else {})})
-    save_result("pretext_finetune.json", {"pretext": pretext, "summary": summary, "runs": rows})
-    return 0
+    return summary
 
 
 if __name__ == "__main__":

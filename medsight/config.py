@@ -56,7 +56,7 @@ class DataConfig:
     train_fraction: float = 1.0  # keep this stratified fraction of the training labels (label-budget studies)
     pretext: str = "none"  # none | rotation: self-supervised pretraining, labels ignored (see medsight.data)
     split_seed: int = 0
-    num_workers: int = 0
+    num_workers: int | None = None  # loader processes; None: 0 on CPU (they would take the cores), up to 8 on a GPU
     hflip: bool = True
     rotate_degrees: float = 0.0
     translate: float = 0.0  # fraction of the image size for random shifts
@@ -367,7 +367,7 @@ def validate_config(cfg: Config) -> None:
         if clashing:
             warnings.warn(f"{', '.join(clashing)} with the rotation pretext blur its labels (a flipped 90° turn "
                           f"looks like a 270° turn); turn them off for pretraining", stacklevel=2)
-    _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    _check(d.num_workers is None or d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     _check(0 <= d.rotate_degrees <= 180, f"data.rotate_degrees must be in [0, 180], got {d.rotate_degrees}")
     _check(0 <= d.translate < 0.5, f"data.translate must be in [0, 0.5), got {d.translate}")
     _check(s.name in SCHEDULES, f"schedule.name must be one of {', '.join(SCHEDULES)}, got {s.name!r}")

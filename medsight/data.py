@@ -445,4 +445,5 @@ def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_worke
     g.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=num_workers, collate_fn=_collate, generator=g,
-                      persistent_workers=num_workers > 0, drop_last=drop_last)
+                      persistent_workers=num_workers > 0, drop_last=drop_last,
+                      pin_memory=num_workers > 0 and torch.cuda.is_available())

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -340,6 +341,8 @@ def _train(cfg: Config, resume: bool, progress: bool, dinfo: DistInfo, device: t
     val_ds = ImageDataset(bundle.splits["val"], eval_tf)
     test_ds = ImageDataset(bundle.splits["test"], eval_tf)
     nw = cfg.data.num_workers
+    if nw is None:  # a GPU waits on data loaded in the training process; a CPU needs its cores for compute
+        nw = min(8, max(0, (os.cpu_count() or 1) // dinfo.world_size - 1)) if device.type == "cuda" else 0
     sampler = (torch.utils.data.DistributedSampler(train_ds, dinfo.world_size, dinfo.rank, shuffle=True,
                                                    seed=cfg.train.seed) if dinfo.enabled else None)
     per_step = t.batch_size * t.accum_steps

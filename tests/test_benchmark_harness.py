@@ -48,3 +48,21 @@ def test_table_means_and_reports_diverged_runs():
             row(seed=2, status="diverged", test_auc=None, test_acc=None)]
     text = bench.table(rows)
     assert "| coatnet0_sam | 2 (+1 diverged) | 0.970 ± 0.014 |" in text
+
+
+def test_looksam_target_is_judged_on_mean_gains_and_never_passes_without_a_sam_gain():
+    import optimizers
+
+    def runs(auc):  # per optimizer: test AUC of seeds 0 and 1 (other metrics fixed)
+        return [{"optimizer": name, "seed": s, "test_auc": a, "test_acc": 0.9, "test_acc_at_val_threshold": 0.9,
+                 "test_balanced_acc": 0.9, "seconds": 1.0, "sharpness": {"ascent": 1.0}}
+                for name, pair in auc.items() for s, a in enumerate(pair)]
+
+    kept = optimizers.summarize(runs({"adamw": [0.90, 0.92], "sam-adamw": [0.94, 0.96], "looksam-adamw": [0.93, 0.96]}))
+    target = kept["target_looksam_keeps_90pct_of_sam_gain"]["test_auc"]
+    assert target["sam_gain"] == pytest.approx(0.04) and target["fraction_kept"] == pytest.approx(0.875)
+    assert target["looksam_keeps_90pct"] is False
+    no_gain = optimizers.summarize(runs({"adamw": [0.95, 0.95], "sam-adamw": [0.94, 0.95], "looksam-adamw": [0.96, 0.96]}))
+    assert no_gain["target_looksam_keeps_90pct_of_sam_gain"]["test_auc"]["looksam_keeps_90pct"] is None
+    partial = optimizers.summarize(runs({"adamw": [0.9, 0.9], "sam-adamw": [0.9]}))  # seed 1 of SAM unfinished
+    assert partial["seeds_complete"] == [] and "means" not in partial
