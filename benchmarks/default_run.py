@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,12 +28,14 @@ def measure(extra: list[str] | None = None, keep: Path | None = None, reuse: boo
     """Run `medsight train [extra]` in a temporary folder (or into ``keep``); wall-clock time and test metrics.
 
     With ``reuse``, a finished run already in ``keep`` is read instead of trained again (its ``seconds``
-    is then the run's own epoch time, without start-up and report).
+    is then the run's own epoch time, without start-up and report); an unfinished one is started again.
     """
     extra = list(extra or [])
-    if reuse and keep is not None and (keep / "metrics.json").is_file():
-        seconds = sum(float(r["seconds"]) for r in csv.DictReader((keep / "history.csv").open()))
-        return run_row(keep, extra, seconds)
+    if reuse and keep is not None and keep.exists():
+        if (keep / "metrics.json").is_file():
+            seconds = sum(float(r["seconds"]) for r in csv.DictReader((keep / "history.csv").open()))
+            return run_row(keep, extra, seconds)
+        shutil.rmtree(keep)  # an unfinished run: start it again
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         out = ["--out", str(keep.resolve())] if keep is not None else []

@@ -17,22 +17,15 @@ is rewritten after every run, so an interrupted benchmark resumes where it stopp
 from __future__ import annotations
 
 import argparse
-import shutil
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import save_result  # noqa: E402
+from _results import mean_sd, save_result  # noqa: E402
 from default_run import measure  # noqa: E402
 
 NAMES = ("adamw", "sam-adamw", "looksam-adamw")
 METRICS = ("test_auc", "test_acc", "test_acc_at_val_threshold", "test_balanced_acc", "seconds")
-
-
-def _mean_sd(values: list[float]) -> dict[str, float]:
-    return {"mean": round(statistics.fmean(values), 4),
-            "sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
 
 
 def keeps_gain(means: dict[str, dict[str, float]], metric: str) -> dict[str, object]:
@@ -55,8 +48,6 @@ def main() -> int:
     for seed in args.seeds:
         for name in NAMES:
             folder = keep / (name if seed == 0 else f"{name}-seed{seed}")
-            if folder.exists() and not (folder / "metrics.json").is_file():
-                shutil.rmtree(folder)  # an unfinished run: start it again
             row = measure(["--optimizer", name, "--set", f"train.seed={seed}"], keep=folder, reuse=True)
             row.update(optimizer=name, seed=seed)
             runs.append(row)
@@ -77,8 +68,8 @@ def summarize(runs: list[dict]) -> dict:
         mine = [r for r in done if r["optimizer"] == name]
         if not mine:
             return {"seeds_complete": complete, "runs": runs}
-        means[name] = {m: _mean_sd([r[m] for r in mine]) for m in METRICS}
-        means[name]["sharpness_ascent"] = _mean_sd([r["sharpness"]["ascent"] for r in mine])
+        means[name] = {m: mean_sd([r[m] for r in mine]) for m in METRICS}
+        means[name]["sharpness_ascent"] = mean_sd([r["sharpness"]["ascent"] for r in mine])
     return {"seeds_complete": complete, "means": means,
             "target_looksam_keeps_90pct_of_sam_gain": {m: keeps_gain(means, m) for m in ("test_auc", "test_acc")},
             "runs": runs}

@@ -18,7 +18,6 @@ after every run.
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -45,8 +44,6 @@ def main() -> int:
             for recipe, extra in (("scratch", []),
                                   ("progressive", ["--weights", weights, "--set", "finetune.progressive=true"])):
                 folder = runs_dir / f"{recipe}-{fraction:g}-seed{seed}"
-                if folder.exists() and not (folder / "metrics.json").is_file():
-                    shutil.rmtree(folder)  # an unfinished run: start it again
                 row = measure(extra + common, keep=folder, reuse=True)
                 row.update(recipe=recipe, train_fraction=fraction, seed=seed)
                 rows.append(row)
