@@ -1,4 +1,4 @@
-"""Grad-CAM throughput and memory: `medsight.explain.explain` on N images in batches.
+"""Grad-CAM throughput and memory: `medsight.explainers.explain` on N images in batches.
 
 Reference on one H100 (issue "Explanations clinicians and auditors can trust"): coatnet_0 at 224 px,
 batch 64 — the grad-cam library 679 img/s, a minimal hook implementation 720 img/s; target >= 650 img/s,
@@ -20,7 +20,7 @@ import time
 import torch
 
 from _results import save_result
-from medsight.explain import explain
+from medsight.explainers import explain
 from medsight.models import create_model
 
 

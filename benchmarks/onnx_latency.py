@@ -20,7 +20,7 @@ import torch
 
 from _results import save_result
 from medsight.checkpoint import load_model
-from medsight.export import OnnxPredictor, export_onnx
+from medsight.inference import OnnxPredictor, export_onnx
 
 
 def timed(fn, repeats: int) -> list[float]:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from medsight.config import DEFAULT_DATA, load_config
-from medsight.train import TrainingError, train
+from medsight.engine import TrainingError, train
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -27,7 +27,7 @@ from _results import save_result
 from medsight.config import OptimConfig, load_config
 from medsight.models import create_model, prepare_compile
 from medsight.optim import create_optimizer
-from medsight.train import StepOptions, train, train_step
+from medsight.engine import StepOptions, train, train_step
 
 OPTIMIZERS = ("adamw", "sam-adamw", "looksam-adamw")
 

@@ -1,9 +1,12 @@
-"""Checkpoints are data, not programs: written atomically, read with ``torch.load(weights_only=True)``."""
+"""Checkpoints are data, not programs: written atomically, read with ``torch.load(weights_only=True)``.
+
+A checkpoint holds the weights, the resolved config, the task (kind, classes, fitted decision rule),
+the input size and normalization. Anything else — a pickle carrying code, a hand-edited file with a
+missing key or a value of the wrong type — is refused with a message that names the problem.
+"""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,8 @@ from torch import nn
 
 from medsight.config import Config, ConfigError, config_from_dict
 from medsight.models import create_model
+from medsight.tasks import TaskConfigError, task_from_checkpoint
+from medsight.utils.files import save_atomic, write_text_atomic
 
 __all__ = ["CheckpointError", "save_atomic", "write_text_atomic", "load_checkpoint", "load_model", "FORMAT"]
 
@@ -22,29 +27,27 @@ class CheckpointError(ValueError):
     """A file that is not a usable medsight checkpoint."""
 
 
-def save_atomic(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(text: str, path: str | Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _check_fields(ckpt: dict[str, Any], p: Path) -> None:
+    """The keys every command reads, with the types it expects (a hand-edited file fails here, by name)."""
+    for key in ("model", "config", "classes", "image_size", "mean", "std"):
+        if key not in ckpt:
+            raise CheckpointError(f"{p} lacks the '{key}' entry of a medsight checkpoint")
+    if not isinstance(ckpt["image_size"], int) or isinstance(ckpt["image_size"], bool) or ckpt["image_size"] < 1:
+        raise CheckpointError(f"{p}: image_size must be a positive integer, got {ckpt['image_size']!r}")
+    for key in ("mean", "std"):
+        v = ckpt[key]
+        if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
+            raise CheckpointError(f"{p}: {key} must be three numbers (one per channel), got {v!r}")
+    if not all(s > 0 for s in ckpt["std"]):
+        raise CheckpointError(f"{p}: std must be positive, got {ckpt['std']!r}")
+    if not (isinstance(ckpt["classes"], list) and len(ckpt["classes"]) >= 1):
+        raise CheckpointError(f"{p}: classes must be a list of names, got {ckpt['classes']!r}")
+    task = ckpt.get("task")
+    if task is not None and (not isinstance(task, dict) or list(task.get("classes", [])) != list(ckpt["classes"])):
+        raise CheckpointError(f"{p}: its classes {ckpt['classes']!r} disagree with its task's "
+                              f"{task.get('classes') if isinstance(task, dict) else task!r}")
+    if not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{p}: 'model' must hold the weights (a state dict)")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -55,12 +58,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated, foreign or code-carrying files all land here
-        raise CheckpointError(f"{p} is not a readable checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        # torch's message advises loading unsafely; medsight never does, so it says what the file is instead
+        if "Unsupported global" in str(exc):
+            raise CheckpointError(f"{p} is refused: it carries Python objects (code), not only data, so it is not "
+                                  f"a medsight checkpoint; medsight never runs code from a checkpoint") from None
+        raise CheckpointError(f"{p} is not a readable checkpoint (truncated, or not a torch file: "
+                              f"{type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not a medsight checkpoint (no '{FORMAT}' marker); "
                               f"use the best.pt or last.pt of a medsight run folder")
+    _check_fields(ckpt, p)
     return ckpt
+
+
+def _mismatch(exc: RuntimeError, limit: int = 5) -> str:
+    """The first few missing / unexpected / mis-shaped keys of a failed ``load_state_dict``."""
+    lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+    return "; ".join(ln[:300] for ln in lines[:limit]) + (f" (and {len(lines) - limit} more)" if len(lines) > limit else "")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -68,13 +82,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     ckpt = load_checkpoint(path)
     try:
         cfg: Config = config_from_dict(ckpt["config"])
-    except ConfigError as exc:
-        raise CheckpointError(f"{path}: its stored config is invalid: {exc}") from exc
-    model = create_model(cfg.model.name, num_classes=len(ckpt["classes"]), img_size=ckpt["image_size"],
+        task = task_from_checkpoint(ckpt)
+    except (ConfigError, TaskConfigError) as exc:
+        raise CheckpointError(f"{path}: its stored config is invalid: {exc}") from None
+    model = create_model(cfg.model.name, num_classes=task.num_outputs, img_size=ckpt["image_size"],
                          layout=cfg.model.layout)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit {cfg.model.name} with {len(ckpt['classes'])} "
-                              f"classes: {str(exc).splitlines()[0]}") from exc
+        raise CheckpointError(f"{path}: weights do not fit {cfg.model.name} with {task.num_outputs} outputs: "
+                              f"{_mismatch(exc)}") from None
     return model.to(device).eval(), ckpt

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -30,7 +31,7 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from medsight.config import load_config
-    from medsight.train import train
+    from medsight.engine import train
 
     config_path = args.config
     if args.resume and config_path is None and args.out:
@@ -41,7 +42,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.synthetic and not args.dry_run:
         raise ValueError("--synthetic only goes with --dry-run")
     if args.dry_run:
-        from medsight.train import dry_run
+        from medsight.engine import dry_run
 
         names = args.models or [None]
         for name in names:
@@ -57,7 +58,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.models:
         return _train_many(args, config_path)
     cfg = load_config(config_path, _train_overrides(args))
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress, force=args.force)
     return 130 if result.interrupted else 0
 
 
@@ -67,8 +68,8 @@ def _train_many(args: argparse.Namespace, config_path: str | None) -> int:
     from pathlib import Path
 
     from medsight.config import load_config, validate_config
-    from medsight.ensemble import compare
-    from medsight.train import train
+    from medsight.engine import train
+    from medsight.evaluation.compare import compare
 
     if args.model or args.resume:
         raise ValueError("--models trains several backbones; do not combine it with --model or --resume")
@@ -85,7 +86,7 @@ def _train_many(args: argparse.Namespace, config_path: str | None) -> int:
     runs = []
     for cfg in cfgs:
         print(f"=== {cfg.model.name} -> {cfg.out}")
-        result = train(cfg, progress=not args.no_progress)
+        result = train(cfg, progress=not args.no_progress, force=args.force)
         if result.interrupted:
             return 130
         runs.append(result.out)
@@ -99,13 +100,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from medsight.api import evaluate
 
     result = evaluate(args.checkpoint, args.data, out=args.out, device=args.device)
+    from medsight.tasks import task_from_checkpoint
+    from medsight.checkpoint import load_checkpoint
+
     m = result["test"]
-    ci = m["ci95"]
-    auc = f"{m['auc']:.4f}" + (f" [{ci['auc'][0]:.4f}, {ci['auc'][1]:.4f}]" if ci.get("auc") else "") \
-        if m["auc"] is not None else "n/a"
-    print(m["report"])
-    print(f"{result['data']}: n {m['n']} · accuracy {m['accuracy']:.4f} [{ci['accuracy'][0]:.4f}, "
-          f"{ci['accuracy'][1]:.4f}] · balanced {m['balanced_accuracy']:.4f} · AUC {auc} · ECE {m['ece']:.4f}")
+    task = task_from_checkpoint(load_checkpoint(args.checkpoint))
+    if m.get("report"):
+        print(m["report"])
+    print(f"{result['data']}: n {m['n']} · {task.summary(m)}")
     if result["skipped_files"]:
         print(f"skipped {len(result['skipped_files'])} unreadable file(s)")
     if args.out:
@@ -155,7 +157,7 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from medsight.export import export_onnx
+    from medsight.inference import export_onnx
 
     result = export_onnx(args.checkpoint, args.out, opset=args.opset)
     print(f"wrote {result['out']} (opset {result['opset']}; onnxruntime vs PyTorch max |Δp| "
@@ -164,14 +166,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from medsight.serve import serve
+    from medsight.serve import NOTICE, serve
 
+    print(f"medsight serving {args.checkpoint} on http://{args.host}:{args.port}  ({NOTICE})", flush=True)
     serve(args.checkpoint, host=args.host, port=args.port, device=args.device, page=not args.no_page)
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from medsight.ensemble import compare
+    from medsight.evaluation.compare import compare
 
     result = compare(args.runs, args.out, speed=not args.no_speed)
     for r in result["runs"]:
@@ -183,7 +186,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_ensemble(args: argparse.Namespace) -> int:
-    from medsight.ensemble import ensemble
+    from medsight.evaluation.ensemble import ensemble
 
     m = ensemble(args.runs, args.method, args.out, meta=args.meta)
     t = m["test"]
@@ -198,29 +201,26 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from medsight.models import MEDSIGHT_MODELS, list_models
+    from medsight.models import BACKBONES, count_parameters, create_model, list_models
 
-    names = list_models(args.pattern or "")
-    if not args.pattern and not args.all:
-        names = list(MEDSIGHT_MODELS) + [n for n in names if n.split("_")[0] in (
-            "coatnet", "convnext", "resnet18", "resnet50", "densenet121", "efficientnet", "seresnext50",
-            "swinv2", "vit", "maxvit") and n not in MEDSIGHT_MODELS][:60]
-    if args.params:
-        import timm
-
-        from medsight.models import count_parameters
-
-        for n in names:
-            with_meta = timm.create_model(n, pretrained=False, num_classes=2)
-            print(f"{n:<40} {count_parameters(with_meta) / 1e6:8.2f}M")
-    else:
-        print("\n".join(names))
+    if args.pattern or args.all:
+        names = list_models(args.pattern or "")
+        purpose = {n: BACKBONES[n].purpose if n in BACKBONES else "" for n in names}
+    else:  # medsight's recommended backbones, with what each is for
+        names = list(BACKBONES)
+        purpose = {n: f"{b.family}: {b.purpose}" for n, b in BACKBONES.items()}
+    for n in names:
+        size = BACKBONES[n].image_size if n in BACKBONES else 224
+        params = (f"{count_parameters(create_model(n, num_classes=2, img_size=size)) / 1e6:8.2f}M  "
+                  if args.params else "")
+        print(f"{n:<34} {params}{purpose[n]}".rstrip())
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     from medsight import __version__
-    from medsight.explain import EXPLAINERS
+    from medsight.config import CamMethod, OptimizerName, choices
+    from medsight.evaluation.ensemble import METHODS
 
     p = argparse.ArgumentParser(prog="medsight", description="Train medical image classifiers that generalize "
                                 "(CoAtNet + SAM) and see what they looked at (Grad-CAM).")
@@ -238,13 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
     t.add_argument("--lr", type=float)
-    t.add_argument("--optimizer", help="sgd, adam, adamw, sam-sgd, sam-adam, sam-adamw")
+    t.add_argument("--optimizer", choices=choices(OptimizerName))
     t.add_argument("--image-size", type=int)
     t.add_argument("--out", help="run folder (default runs/MODEL-TIMESTAMP)")
     t.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     t.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights (needs network)")
     t.add_argument("--weights", help="start from a local weights file (.pt, .pth, .safetensors)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    t.add_argument("--force", action="store_true", help="write into a non-empty --out that holds no run")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config option, e.g. --set optim.rho=0.1")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines still print)")
     t.add_argument("--dry-run", action="store_true", help="build everything, run two training steps and one "
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint")
     x.add_argument("images", nargs="+", help="image files or folders (PNG, JPEG, BMP, TIFF, DICOM)")
     x.add_argument("--out", required=True)
-    x.add_argument("--method", default="gradcam", choices=list(EXPLAINERS))
+    x.add_argument("--method", default="gradcam", choices=choices(CamMethod))
     x.add_argument("--target-layer", help="dotted module name; default: the architecture's last stage")
     x.add_argument("--class", dest="class_idx", type=int, help="class index to explain (default: predicted)")
     x.add_argument("--compare", action="store_true", help="draw every method side by side")
@@ -311,36 +312,72 @@ def build_parser() -> argparse.ArgumentParser:
 
     n = sub.add_parser("ensemble", help="combine finished runs (fit on validation predictions only)")
     n.add_argument("runs", nargs="+", help="run folders")
-    n.add_argument("--method", default="soft", choices=["soft", "weighted", "stacking", "ovo"])
+    n.add_argument("--method", default="soft", choices=METHODS)
     n.add_argument("--meta", default="logistic", choices=["logistic", "mlp"], help="stacking's meta-learner")
     n.add_argument("--out", required=True)
     n.set_defaults(func=_cmd_ensemble)
 
-    m = sub.add_parser("models", help="list backbones (timm's registry plus medsight's CoAtNets)")
-    m.add_argument("pattern", nargs="?", help="wildcard filter, e.g. 'convnext*'")
+    m = sub.add_parser("models", help="medsight's recommended backbones (or any of timm's with a pattern)")
+    m.add_argument("pattern", nargs="?", help="wildcard filter over timm's registry, e.g. 'convnext*'")
     m.add_argument("--all", action="store_true", help="every timm model")
     m.add_argument("--params", action="store_true", help="build each and print its parameter count")
     m.set_defaults(func=_cmd_models)
     return p
 
 
+class _ConsoleHandler(logging.Handler):
+    """Library log records to the console: information to stdout (through tqdm, so progress bars stay
+    intact), warnings and errors to stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        msg = self.format(record)
+        if record.levelno >= logging.WARNING:
+            tqdm.write(f"WARNING: {msg}", file=sys.stderr)
+        else:
+            tqdm.write(msg, file=sys.stdout)
+
+
+@contextlib.contextmanager
+def _console_logging(verbose: bool) -> Iterator[None]:
+    """The CLI decides what the console shows: medsight's INFO lines (DEBUG with -v); the logger's previous
+    set-up is restored afterwards, so calling ``main`` from Python leaves logging as it found it."""
+    handler = _ConsoleHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("medsight")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from medsight.api import OutputExistsError
     from medsight.checkpoint import CheckpointError
     from medsight.config import ConfigError
-    from medsight.data import DataError
-    from medsight.ensemble import EnsembleError
-    from medsight.export import ExportError
-    from medsight.imageio import ImageReadError
+    from medsight.data import DataError, ImageReadError
+    from medsight.engine import TrainingError
+    from medsight.evaluation.runs import EnsembleError
+    from medsight.inference import EnsembleFileError, ExportError, NoImagesError
     from medsight.models import ModelError
-    from medsight.train import TrainingError
+    from medsight.tasks import TaskConfigError
+    from medsight.utils.device import DeviceError
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s: %(message)s")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if getattr(args, "resume", False) and not getattr(args, "out", None):
+        print("medsight: error: --resume needs --out, the run folder to continue", file=sys.stderr)
+        return 2
     try:
-        return args.func(args)
-    except (ConfigError, DataError, EnsembleError, ExportError, ModelError, CheckpointError, TrainingError, ImageReadError,
+        with _console_logging(args.verbose):
+            return args.func(args)
+    except (ConfigError, DataError, EnsembleError, EnsembleFileError, ExportError, ModelError, CheckpointError,
+            TrainingError, ImageReadError, TaskConfigError, DeviceError, NoImagesError, OutputExistsError,
             FileNotFoundError, ValueError) as exc:
         print(f"medsight: error: {exc}", file=sys.stderr)
         return 2

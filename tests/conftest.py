@@ -62,7 +62,7 @@ def tiny_overrides(out: Path, data: Path | str, epochs: int = 1) -> list[str]:
 def tiny_run(tmp_path_factory) -> Path:
     """A trained run folder (one epoch, 32 px) shared by the tests that only need a checkpoint."""
     from medsight.config import Config, apply_overrides
-    from medsight.train import train
+    from medsight.engine import train
 
     root = tmp_path_factory.mktemp("tiny_run")
     data = write_class_folders(root / "images", n_per_class=16)

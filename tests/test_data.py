@@ -7,7 +7,7 @@ from PIL import Image
 
 from medsight.config import DataConfig
 from medsight.data import DataError, ImageDataset, load_data, load_eval_data, make_loader, make_transform
-from medsight.imageio import ImageReadError, read_image
+from medsight.data.imageio import ImageReadError, read_image
 
 from conftest import blob_image, write_class_folders
 

@@ -6,8 +6,8 @@ from pydicom import examples
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from medsight.config import Config, apply_overrides
-from medsight.imageio import ImageReadError, read_image
-from medsight.train import train
+from medsight.data.imageio import ImageReadError, read_image
+from medsight.engine import train
 
 from conftest import tiny_overrides
 

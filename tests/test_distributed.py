@@ -15,7 +15,7 @@ from torch import nn
 
 from medsight.config import OptimConfig
 from medsight.optim import create_optimizer
-from medsight.train import StepOptions, train_step
+from medsight.engine import StepOptions, train_step
 
 from conftest import write_class_folders
 
@@ -106,7 +106,7 @@ def test_torchrun_trains_with_two_processes_and_only_rank_0_writes(tmp_path):
 def _dying_worker(rank: int, port: int, q) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
-    from medsight.distributed import init_distributed
+    from medsight.engine.distributed import init_distributed
 
     init_distributed("cpu", timeout_s=20)
     if rank == 1:

@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from medsight.cli import main
-from medsight.ensemble import (EnsembleError, EnsemblePredictor, RunData, _fit_combiner, combine, diversity,
-                               ensemble, load_run)
+from medsight.evaluation.compare import diversity
+from medsight.evaluation.ensemble import _fit_combiner, ensemble
+from medsight.evaluation.runs import EnsembleError, RunData, load_run
+from medsight.inference import EnsemblePredictor, combine
+from medsight.tasks import SingleLabelTask
 
 from conftest import tiny_overrides, write_class_folders
 
@@ -83,7 +86,8 @@ def test_stacking_is_fit_on_validation_only(two_runs, tmp_path, meta):
 def fake_run(name, probs_val, probs_test, y_val, y_test, classes):
     per_class = {c: {"recall": float(np.mean(probs_test.argmax(1)[y_test == i] == i))} for i, c in enumerate(classes)}
     return RunData(path=None, name=name, model="m", classes=classes, val_probs=probs_val, val_labels=y_val,
-                   test_probs=probs_test, test_labels=y_test, metrics={"test": {"per_class": per_class}})
+                   test_probs=probs_test, test_labels=y_test, metrics={"test": {"per_class": per_class}},
+                   task=SingleLabelTask(classes))
 
 
 def noisy_probs(y, k, noise, rng):
@@ -128,8 +132,8 @@ def test_ensemble_file_predicts_and_explains(two_runs, tmp_path, capsys):
     img = sorted((two_runs.parent / "images" / "pneumonia").glob("*.png"))[0]
     assert main(["predict", str(spec), str(img), "--json"]) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    from medsight.api import Predictor
-    from medsight.imageio import read_image
+    from medsight.inference import Predictor
+    from medsight.data.imageio import read_image
 
     members = [Predictor(two_runs / n / "best.pt", "cpu").probabilities(read_image(img))
                for n in ("coatnet_tiny", "resnet18")]

@@ -4,10 +4,10 @@ import torch
 from torch import nn
 
 from medsight.config import OptimConfig
-from medsight.explain import EXPLAINERS, border_score, explain
+from medsight.explainers import EXPLAINERS, border_score, explain
 from medsight.models import ModelError, create_model
 from medsight.optim import create_optimizer
-from medsight.train import train_step
+from medsight.engine import train_step
 
 from conftest import blob_image
 

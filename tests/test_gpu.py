@@ -11,7 +11,7 @@ from torch import nn
 from medsight.config import Config, OptimConfig, apply_overrides
 from medsight.models import create_model
 from medsight.optim import create_optimizer
-from medsight.train import StepOptions, train, train_step
+from medsight.engine import StepOptions, train, train_step
 
 from conftest import tiny_overrides
 

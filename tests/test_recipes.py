@@ -12,7 +12,7 @@ from medsight.config import Config, ConfigError, DataConfig, apply_overrides, lo
 from medsight.data import Clahe, make_transform
 from medsight.losses import ClassificationLoss, class_weights
 from medsight.models import ModelError, create_model, freeze_stages
-from medsight.train import train
+from medsight.engine import train
 
 from conftest import tiny_overrides, write_class_folders
 
@@ -131,8 +131,8 @@ def test_multistep_schedule_multiplies_at_milestones():
 
 
 def test_cnn_transformer_adapter_trains_explains_and_reloads(tmp_path):
-    from medsight.api import Predictor
-    from medsight.imageio import read_image
+    from medsight.inference import Predictor
+    from medsight.data.imageio import read_image
 
     data = write_class_folders(tmp_path / "images", n_per_class=12)
     cfg = apply_overrides(Config(), tiny_overrides(tmp_path / "run", data) + [
@@ -147,7 +147,7 @@ def test_cnn_transformer_adapter_trains_explains_and_reloads(tmp_path):
 
 
 def test_progressive_fine_tuning_phases(tmp_path, monkeypatch):
-    import medsight.train as T
+    import medsight.engine.loop as T
 
     seen = []
     real = T.train_step
@@ -181,7 +181,7 @@ BACKBONES = [("coatnet_0", 64), ("coatnet_1", 64), ("coatnet_2", 64), ("convnext
 
 @pytest.mark.parametrize("name,size", BACKBONES, ids=[b[0] for b in BACKBONES])
 def test_backbone_smoke_dry_run(name, size):
-    from medsight.train import dry_run
+    from medsight.engine import dry_run
 
     cfg = load_config(None, [f"model.name={name}", f"data.image_size={size}", "train.batch_size=2",
                              "data.num_classes=5", "optim.name=sam-adamw"])
@@ -192,7 +192,7 @@ def test_backbone_smoke_dry_run(name, size):
 def test_rotation_pretext_run_gives_weights_for_fine_tuning(tmp_path):
     """A pretext run learns without labels; its best.pt starts a labelled run's backbone via model.weights."""
     from medsight.data import ROTATION_CLASSES
-    from medsight.train import build_model
+    from medsight.engine import build_model
 
     data = write_class_folders(tmp_path / "images", n_per_class=8)
     extra = ["data.pretext=rotation", "data.hflip=false", "train.sharpness_batches=0",

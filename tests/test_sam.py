@@ -6,7 +6,7 @@ from torch import nn
 
 from medsight.config import OptimConfig
 from medsight.optim import SAM, create_optimizer
-from medsight.train import train_step
+from medsight.engine import train_step
 
 A = torch.tensor([1.0, 3.0, 0.5])
 

@@ -9,8 +9,8 @@ from torch import nn
 
 from medsight.config import ConfigError, OptimConfig, load_config, validate_config
 from medsight.optim import LookSAM, create_optimizer
-from medsight.sharpness import sharpness
-from medsight.train import StepOptions, train_step
+from medsight.evaluation.sharpness import sharpness
+from medsight.engine import StepOptions, train_step
 
 
 def small_net(bn: bool = True) -> nn.Module:
@@ -126,7 +126,10 @@ def test_looksam_refresh_step_is_a_sam_step_and_reuse_adds_the_orthogonal_part()
     sam_opt = run_steps(sam_model, name="sam-sgd", steps=1)
     look_opt = run_steps(look_model, name="looksam-sgd", steps=1)
     torch.testing.assert_close(flat(look_model), flat(sam_model))  # step 0 refreshes: exactly SAM
-    assert sam_opt is not None
+    plain_model = small_net(bn=False)
+    run_steps(plain_model, name="sgd", steps=1)
+    assert not torch.allclose(flat(plain_model), flat(sam_model), atol=1e-6)  # ... which is not a plain step
+    assert sam_opt.param_groups[0]["rho"] == 0.05
     # g_v is orthogonal to the plain gradient it was computed against
     x, y = batch(seed=0)
     ref = small_net(bn=False)
@@ -246,7 +249,7 @@ def test_prepare_compile_turns_fused_attention_off_in_built_coatnet():
 def test_compiled_training_matches_eager(tmp_path, small_npz):
     """train.compile=true (inductor, CPU here) trains CoAtNet + SAM to the same losses as eager mode."""
     from medsight.config import Config, apply_overrides
-    from medsight.train import train
+    from medsight.engine import train
     from conftest import tiny_overrides
 
     losses = {}

@@ -1,6 +1,7 @@
 """Shortcut detection (border score + warning) and faithfulness (deletion/insertion against a random map)."""
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,8 @@ from PIL import Image
 from torch import nn
 
 from medsight.config import Config, apply_overrides
-from medsight.faithfulness import deletion_insertion, faithfulness
-from medsight.train import train
+from medsight.explainers.faithfulness import deletion_insertion, faithfulness
+from medsight.engine import train
 
 
 def marker_image(label: int, rng: np.random.Generator, where: str, size: int = 64) -> np.ndarray:
@@ -36,7 +37,7 @@ def write_marker_set(root: Path, where: str, n: int = 80) -> Path:
 
 
 @pytest.mark.parametrize("where,warned", [("corner", True), ("center", False)])
-def test_corner_marker_is_flagged_as_a_shortcut(tmp_path, capsys, where, warned):
+def test_corner_marker_is_flagged_as_a_shortcut(tmp_path, caplog, where, warned):
     data = write_marker_set(tmp_path / "data", where)
     cfg = apply_overrides(Config(), [f"data.path={tmp_path / 'data'}", f"out={tmp_path / 'run'}", "train.epochs=6",
                                      "data.image_size=64", "train.batch_size=16", "data.hflip=false",
@@ -46,7 +47,7 @@ def test_corner_marker_is_flagged_as_a_shortcut(tmp_path, capsys, where, warned)
     metrics = train(cfg, progress=False).metrics
     assert metrics["test"]["auc"] >= 0.95  # the marker is learnt ...
     score = metrics["explain"]["border_score_mean"]
-    out = capsys.readouterr().out
+    out = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     per_class = metrics["explain"]["border_score_per_class"]
     assert metrics["explain"]["border_warning"] is warned, per_class  # ... and where it sits is reported
     assert ("shortcut" in out) is warned

@@ -6,13 +6,14 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from medsight.checkpoint import CheckpointError, load_checkpoint, load_model
 from medsight.cli import main
 from medsight.config import ConfigError, apply_overrides, Config
-from medsight.train import HISTORY_FIELDS, TrainingError, train
+from medsight.engine import HISTORY_FIELDS, TrainingError, train
 
 from conftest import tiny_overrides, write_class_folders
 
@@ -76,10 +77,26 @@ def test_checkpoint_reloads_and_reproduces_metrics(trained_run):
     model, ckpt = load_model(out / "best.pt")
     assert ckpt["classes"] == ["normal", "pneumonia"] and ckpt["image_size"] == 64
     from medsight.api import evaluate
+    from medsight.config import config_from_dict
+    from medsight.data import ImageDataset, load_data, make_loader
+    from medsight.inference import eval_transform, predict_loader
+    from medsight.tasks import task_from_checkpoint
 
+    # a fresh evaluation of best.pt on the run's own test split gives exactly what the run stored
+    bundle = load_data(config_from_dict(ckpt["config"]).data)
+    task = task_from_checkpoint(ckpt)
+    loader = make_loader(ImageDataset(bundle.splits["test"], eval_transform(ckpt)), 16, False, 0)
+    probs, labels, _, _ = predict_loader(model, loader, torch.device("cpu"), task)
+    with np.load(out / "predictions.npz") as z:
+        np.testing.assert_allclose(probs, z["test_probs"], atol=1e-5)
+        np.testing.assert_array_equal(labels, z["test_labels"])
+    fresh = task.metrics(labels, probs, n_boot=0)
+    stored = json.loads((out / "metrics.json").read_text())["test"]
+    assert (fresh["accuracy"], fresh["auc"]) == pytest.approx((stored["accuracy"], stored["auc"]), abs=1e-9)
+    # evaluate() on the unsplit folder scores every image, with the same model
     again = evaluate(out / "best.pt", str(data))
-    # evaluate() on an unsplit folder uses every image; accuracy is a valid rate and n matches the folder
-    assert again["test"]["n"] == 48 and 0 <= again["test"]["accuracy"] <= 1
+    assert again["test"]["n"] == 48
+    assert again["test"]["confusion_matrix"] != [[0, 0], [0, 0]]
 
 
 def test_cli_evaluate_explain_predict(trained_run, tmp_path, capsys):
@@ -117,8 +134,12 @@ def test_checkpoint_with_wrong_class_count_is_refused(trained_run, small_npz, tm
     _, _, out = trained_run
     ckpt = load_checkpoint(out / "best.pt")
     ckpt["classes"] = ["a", "b", "c"]
+    torch.save(ckpt, tmp_path / "edited.pt")
+    with pytest.raises(CheckpointError, match="classes .* disagree with its task's"):
+        load_model(tmp_path / "edited.pt")
+    ckpt["task"]["classes"] = ["a", "b", "c"]
     torch.save(ckpt, tmp_path / "three.pt")
-    with pytest.raises(CheckpointError, match="do not fit coatnet_tiny with 3 classes"):
+    with pytest.raises(CheckpointError, match="do not fit coatnet_tiny with 3 outputs: .*head"):
         load_model(tmp_path / "three.pt")
 
 
@@ -128,8 +149,9 @@ def test_checkpoint_is_data_not_code(tmp_path):
             return (print, ("this must never run",))
 
     torch.save({"format": "medsight-checkpoint-1", "evil": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="carries Python objects") as err:
         load_checkpoint(tmp_path / "evil.pt")
+    assert "weights_only=False" not in str(err.value)  # never advise the unsafe way round
     (tmp_path / "foreign.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
@@ -138,7 +160,7 @@ def test_checkpoint_is_data_not_code(tmp_path):
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, small_npz, monkeypatch):
     """Ctrl-C in the middle of epoch 2 leaves last.pt and history.csv at epoch 1, nothing half-written;
     --resume then finishes with the same weights as a run never interrupted (seeded, CPU)."""
-    import medsight.train as T
+    import medsight.engine.loop as T
 
     straight = train(apply_overrides(Config(), tiny_overrides(tmp_path / "a", small_npz, epochs=3)), progress=False)
     out = tmp_path / "b"
@@ -213,7 +235,7 @@ def test_module_entry_point_runs():
 
 
 def test_diverging_loss_stops_the_run_with_its_cause(tmp_path, small_npz, monkeypatch):
-    import medsight.train as train_module
+    import medsight.engine.loop as train_module
 
     real, calls = train_module.train_step, []
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from medsight.config import OptimizerName, choices
 from medsight.optim.sam import SAM, LookSAM, bn_update_disabled
 
 if TYPE_CHECKING:
@@ -15,7 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SAM", "LookSAM", "OPTIMIZERS", "bn_update_disabled", "create_optimizer", "create_scheduler", "is_sam"]
 
-#: name -> (base optimizer class, wrapper: None, SAM or LookSAM). The CLI and config validation read this.
+#: name -> (base optimizer class, wrapper: None, SAM or LookSAM); the names are config.OptimizerName's.
 OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], type[SAM] | None]] = {
     "sgd": (torch.optim.SGD, None),
     "adam": (torch.optim.Adam, None),
@@ -27,6 +28,7 @@ OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], type[SAM] | None]] = {
     "looksam-adam": (torch.optim.Adam, LookSAM),
     "looksam-adamw": (torch.optim.AdamW, LookSAM),
 }
+assert tuple(OPTIMIZERS) == choices(OptimizerName), "medsight.config.OptimizerName and OPTIMIZERS disagree"
 
 
 def is_sam(optimizer: torch.optim.Optimizer) -> bool:

@@ -1,9 +1,8 @@
 """Data in: a folder per class, a CSV manifest or a MedMNIST-style .npz, split without leaks.
 
 Every source becomes the same thing: a list of samples (file paths or in-memory images) with integer
-labels and class names, split into train / val / test. Images are read to float tensors in [0, 1],
-grayscale replicated to three channels, resized, and normalized with the model's own mean/std.
-A file that cannot be read is skipped with a warning naming it, and counted; it never stops an epoch.
+labels and class names, split into train / val / test. A new source format goes here, as one
+``_from_*`` reader that ``_read_source`` dispatches to.
 """
 
 from __future__ import annotations
@@ -14,34 +13,20 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from medsight.config import DEFAULT_DATA
-from medsight.imageio import IMAGE_EXTS, ImageReadError, read_image
+from medsight.data.imageio import IMAGE_EXTS
 
 if TYPE_CHECKING:
     from medsight.config import DataConfig
 
-__all__ = [
-    "DataError",
-    "SplitData",
-    "DataBundle",
-    "ImageDataset",
-    "load_data",
-    "load_eval_data",
-    "make_transform",
-    "make_loader",
-    "DEFAULT_CLASSES",
-    "ROTATION_CLASSES",
-    "rotation_pretext",
-]
+__all__ = ["DataError", "SplitData", "DataBundle", "load_data", "load_eval_data", "DEFAULT_CLASSES",
+           "ROTATION_CLASSES", "rotation_pretext", "SPLITS"]
 
-log = logging.getLogger("medsight")
+log = logging.getLogger(__name__)
 
 #: Class names of the embedded PneumoniaMNIST default, in label order.
 DEFAULT_CLASSES = ["normal", "pneumonia"]
@@ -327,7 +312,11 @@ def load_data(cfg: DataConfig) -> DataBundle:
 
 def load_eval_data(path: str, classes: list[str], prefer: Sequence[str] = ("test", "all")) -> tuple[SplitData, str]:
     """Images of ``path`` for a trained model: the first split of ``prefer`` that the data has (by default
-    the test split, else every image); the class count must match the model's."""
+    the test split, else every image), with labels matched to the model's ``classes`` by name.
+
+    Names that match in another order are re-mapped; data without names of its own (``0``, ``1``, ...)
+    is matched by position, with a warning; names that differ are refused.
+    """
     splits, data_classes, source = _read_source(path)
     data = next((splits[s] for s in prefer if splits.get(s)), None)
     if data is None:
@@ -336,114 +325,17 @@ def load_eval_data(path: str, classes: list[str], prefer: Sequence[str] = ("test
     if len(data_classes) != len(classes):
         raise DataError(f"{source} has {len(data_classes)} classes ({', '.join(data_classes)}) but the model "
                         f"was trained on {len(classes)} ({', '.join(classes)})")
-    return data, source
-
-
-# ---------------------------------------------------------------------------------------------- tensors
-
-def make_transform(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
-                   cfg: DataConfig | None = None) -> v2.Compose:
-    """Float [C,H,W] in [0,1] -> 3-channel, resized, (augmented), normalized tensor."""
-    steps: list[Any] = [v2.Resize((image_size, image_size), antialias=True)]
-    if cfg is not None and cfg.clahe:  # preprocessing, not augmentation: applied at inference too
-        steps.append(Clahe(cfg.clahe_clip))
-    if train and cfg is not None:
-        if cfg.rrc_scale < 1:
-            steps.append(v2.RandomResizedCrop((image_size, image_size), scale=(cfg.rrc_scale, 1.0), antialias=True))
-        if cfg.hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        if cfg.rotate_degrees or cfg.translate:
-            steps.append(v2.RandomAffine(degrees=cfg.rotate_degrees, translate=(cfg.translate, cfg.translate)))
-        if cfg.brightness or cfg.contrast:
-            steps.append(v2.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast))
-        if cfg.auto_augment != "none":
-            aug = {"randaugment": v2.RandAugment, "autoaugment": v2.AutoAugment,
-                   "trivialaugment": v2.TrivialAugmentWide}[cfg.auto_augment]
-            # the policies work on uint8 images: quantize, augment, and return to float
-            steps += [v2.ToDtype(torch.uint8, scale=True), aug(), v2.ToDtype(torch.float32, scale=True)]
-    steps.append(v2.Normalize(mean=list(mean), std=list(std)))
-    if train and cfg is not None and cfg.random_erasing:
-        steps.append(v2.RandomErasing(p=cfg.random_erasing))
-    return v2.Compose(steps)
-
-
-class Clahe(torch.nn.Module):
-    """OpenCV's CLAHE per channel on a float [C, H, W] image in [0, 1] (8-bit working depth)."""
-
-    def __init__(self, clip: float = 2.0, grid: int = 8) -> None:
-        super().__init__()
-        self.clip, self.grid = clip, grid
-
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        import cv2
-
-        clahe = cv2.createCLAHE(clipLimit=self.clip, tileGridSize=(self.grid, self.grid))
-        a = (img.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        out = np.stack([clahe.apply(np.ascontiguousarray(c)) for c in a])
-        return torch.from_numpy(out).float().div(255)
-
-
-def to_three_channels(img: torch.Tensor) -> torch.Tensor:
-    if img.shape[0] == 1:
-        return img.expand(3, -1, -1)
-    if img.shape[0] == 3:
-        return img
-    raise ValueError(f"expected 1 or 3 channels, got {img.shape[0]}")
-
-
-def _array_to_tensor(a: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
-    if t.shape[0] == 4:
-        t = t[:3]
-    scale = float(np.iinfo(a.dtype).max) if np.issubdtype(a.dtype, np.integer) else 1.0
-    return t.float() / scale
-
-
-class ImageDataset(Dataset):
-    """Samples of one split as (tensor, label); an unreadable file yields ``(None, path)`` instead."""
-
-    def __init__(self, data: SplitData, transform: v2.Compose) -> None:
-        self.data = data
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def load(self, i: int) -> torch.Tensor:
-        """The i-th image as float [3, H, W] in [0, 1], before resizing and normalization."""
-        if self.data.images is not None:
-            img = to_three_channels(_array_to_tensor(self.data.images[i]))
-        else:
-            img = to_three_channels(read_image(self.data.paths[i]))
-        if self.data.quarter_turns is not None:
-            img = torch.rot90(img, int(self.data.quarter_turns[i]), dims=(1, 2))
-        return img
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int | str]:
-        try:
-            img = self.load(i)
-        except ImageReadError as exc:
-            log.warning("skipping unreadable image %s: %s", self.data.describe(i), exc)
-            return None, self.data.describe(i)
-        return self.transform(img), int(self.data.labels[i])
-
-
-def _collate(batch: list[tuple[torch.Tensor | None, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    good = [(x, y) for x, y in batch if x is not None]
-    bad = [y for x, y in batch if x is None]
-    if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), bad
-    xs, ys = zip(*good)
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.long), bad
-
-
-def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_workers: int,
-                seed: int = 0, sampler: Any = None, drop_last: bool = False) -> DataLoader:
-    """A loader whose batches are ``(images, labels, skipped_paths)``."""
-    g = torch.Generator()
-    g.manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=num_workers, collate_fn=_collate, generator=g,
-                      persistent_workers=num_workers > 0, drop_last=drop_last,
-                      pin_memory=num_workers > 0 and torch.cuda.is_available())
+    if list(data_classes) == list(classes):
+        return data, source
+    model_index = {c.strip().lower(): i for i, c in enumerate(classes)}
+    if sorted(model_index) == sorted(c.strip().lower() for c in data_classes):
+        remap = np.array([model_index[c.strip().lower()] for c in data_classes], dtype=np.int64)
+        log.info("%s: classes matched to the model's by name (%s)", source,
+                 ", ".join(f"{c}->{classes[remap[i]]}" for i, c in enumerate(data_classes)))
+        return SplitData(labels=remap[data.labels], paths=data.paths, images=data.images, groups=data.groups), source
+    if all(c == str(i) for i, c in enumerate(data_classes)):
+        log.warning("%s carries no class names; matching its labels 0..%d to the model's classes by position (%s)",
+                    source, len(classes) - 1, ", ".join(classes))
+        return data, source
+    raise DataError(f"{source} has classes {', '.join(data_classes)} but the model knows {', '.join(classes)}; "
+                    f"rename the folders or labels to the model's class names")

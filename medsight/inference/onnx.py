@@ -1,7 +1,7 @@
 """ONNX export and onnxruntime inference.
 
 The exported graph takes a normalized float32 batch ``image`` (N, 3, S, S) and returns ``probabilities``
-(softmax inside the graph). The classes, input size, mean and std travel in the file's metadata, so
+(the task's activation inside the graph). The classes, input size, mean and std travel in the file's metadata, so
 an ``.onnx`` file is used exactly like a checkpoint by ``medsight predict --onnx``.
 """
 
@@ -16,6 +16,10 @@ import torch
 from torch import nn
 
 from medsight.checkpoint import load_model
+from medsight.config import DataConfig
+from medsight.data.transforms import make_transform, to_three_channels
+from medsight.inference.predictor import BasePredictor
+from medsight.tasks import task_from_checkpoint, task_from_state
 
 __all__ = ["export_onnx", "OnnxPredictor", "ExportError"]
 
@@ -37,8 +41,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18, check:
         raise ExportError("ONNX export needs the onnx, onnxscript and onnxruntime packages: "
                           "pip install 'medsight[export]'") from exc
     model, ckpt = load_model(checkpoint, "cpu")
+    task = task_from_checkpoint(ckpt)
     size = int(ckpt["image_size"])
-    wrapped = nn.Sequential(model, nn.Softmax(dim=1)).eval()
+    wrapped = nn.Sequential(model, task.activation_module()).eval()
     example = torch.randn(2, 3, size, size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -50,11 +55,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18, check:
         proto = onnx.load(str(tmp))
         meta = {"medsight_classes": json.dumps(ckpt["classes"]), "medsight_image_size": str(size),
                 "medsight_mean": json.dumps(list(ckpt["mean"])), "medsight_std": json.dumps(list(ckpt["std"])),
-                "medsight_model": ckpt["config"]["model"]["name"]}
+                "medsight_model": ckpt["config"]["model"]["name"], "medsight_task": json.dumps(task.state())}
         if ckpt["config"].get("data", {}).get("clahe"):
             meta["medsight_clahe_clip"] = str(ckpt["config"]["data"].get("clahe_clip", 2.0))
-        if ckpt.get("threshold") is not None:
-            meta["medsight_threshold"] = str(ckpt["threshold"])
         for k, v in meta.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = k, v
@@ -80,7 +83,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18, check:
     return result
 
 
-class OnnxPredictor:
+class OnnxPredictor(BasePredictor):
     """An exported model in onnxruntime, with the same preprocessing as :class:`medsight.api.Predictor`."""
 
     def __init__(self, path: str | Path, threads: int = 0) -> None:
@@ -105,10 +108,8 @@ class OnnxPredictor:
         self.image_size = int(meta["medsight_image_size"])
         self.mean, self.std = json.loads(meta["medsight_mean"]), json.loads(meta["medsight_std"])
         self.name = meta.get("medsight_model", p.stem)
-        from medsight.data import make_transform
-
-        from medsight.config import DataConfig
-
+        self.task = task_from_state(json.loads(meta["medsight_task"])) if "medsight_task" in meta else \
+            task_from_state({"kind": "single_label", "classes": self.classes})
         dcfg = DataConfig(clahe="medsight_clahe_clip" in meta, clahe_clip=float(meta.get("medsight_clahe_clip", 2.0)))
         self.transform = make_transform(self.image_size, self.mean, self.std, train=False, cfg=dcfg)
 
@@ -116,6 +117,4 @@ class OnnxPredictor:
         return self.session.run(["probabilities"], {"image": np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
     def probabilities(self, img: torch.Tensor) -> np.ndarray:
-        from medsight.data import to_three_channels
-
         return self.run(self.transform(to_three_channels(img))[None].numpy())[0]

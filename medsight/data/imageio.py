@@ -7,6 +7,7 @@ pydicom (modality LUT, VOI LUT or window, MONOCHROME1 inverted, full bit depth k
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTS", "ImageReadError", "read_image", "read_image_bytes", "MAX_PIXELS"]
+__all__ = ["IMAGE_EXTS", "ImageReadError", "ImageTooLargeError", "read_image", "read_image_bytes", "MAX_PIXELS"]
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 #: Images above this many pixels are refused (a 20k x 20k image would take gigabytes as float).
@@ -23,6 +24,18 @@ MAX_PIXELS = 150_000_000
 
 class ImageReadError(ValueError):
     """A file that is not a readable image (corrupt, empty, unsupported, or without pixel data)."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image (or upload) past a size limit: refused before it is decoded in full."""
+
+
+_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _reason(exc: BaseException) -> str:
+    """A library's error text without Python object reprs (``<_io.BytesIO object at 0x...>``)."""
+    return _REPR.sub("the data", str(exc))
 
 
 def _normalize_array(a: np.ndarray) -> np.ndarray:
@@ -52,16 +65,16 @@ def _read_pil(fp: str | io.BytesIO, name: str) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(fp) as img:
                 if img.width * img.height > MAX_PIXELS:
-                    raise ImageReadError(f"{name}: {img.width}x{img.height} pixels is larger than the "
+                    raise ImageTooLargeError(f"{name}: {img.width}x{img.height} pixels is larger than the "
                                          f"{MAX_PIXELS:,}-pixel limit")
                 img.load()
                 return _pil_to_array(img)
     except ImageReadError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise ImageReadError(f"{name}: image too large ({exc})") from exc
+        raise ImageTooLargeError(f"{name}: image too large ({_reason(exc)})") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(f"{name}: not a readable image ({exc})") from exc
+        raise ImageReadError(f"{name}: not a readable image ({_reason(exc)})") from exc
 
 
 def _read_dicom(fp: str | io.BytesIO, name: str) -> np.ndarray:
@@ -72,13 +85,13 @@ def _read_dicom(fp: str | io.BytesIO, name: str) -> np.ndarray:
     try:
         ds = pydicom.dcmread(fp)
     except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
-        raise ImageReadError(f"{name}: not a readable DICOM file ({exc})") from exc
+        raise ImageReadError(f"{name}: not a readable DICOM file ({_reason(exc)})") from exc
     if "PixelData" not in ds:
         raise ImageReadError(f"{name}: DICOM file has no pixel data")
     try:
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for undecodable pixel data
-        raise ImageReadError(f"{name}: cannot decode DICOM pixel data ({exc})") from exc
+        raise ImageReadError(f"{name}: cannot decode DICOM pixel data ({_reason(exc)})") from exc
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     if n_frames > 1:

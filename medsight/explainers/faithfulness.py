@@ -10,15 +10,21 @@ the device.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from medsight.explain import explain
+from medsight.explainers.cam import explain
 
 __all__ = ["deletion_insertion", "faithfulness"]
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits, 1)
 
 
 def _baseline(x: torch.Tensor) -> torch.Tensor:
@@ -28,11 +34,12 @@ def _baseline(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def deletion_insertion(model: nn.Module, images: torch.Tensor, heatmaps: torch.Tensor, class_idx: torch.Tensor,
-                       steps: int = 16) -> dict[str, torch.Tensor]:
+                       steps: int = 16, activation: Activation = _softmax) -> dict[str, torch.Tensor]:
     """Per image: the deletion and insertion curves (``steps + 1`` points) and their areas.
 
     Args:
         images: normalized batch (B, 3, H, W); heatmaps: (B, H, W) at the image size; class_idx: (B,).
+        activation: logits -> probabilities (the task's: softmax for single-label).
     """
     b, _, h, w = images.shape
     blurred = _baseline(images)
@@ -45,7 +52,7 @@ def deletion_insertion(model: nn.Module, images: torch.Tensor, heatmaps: torch.T
     for f in fractions:
         top = (ranks < f * h * w).to(images.dtype)  # the top-f share of pixels by heat
         for target, curve in ((images * (1 - top) + blurred * top, dele), (blurred * (1 - top) + images * top, ins)):
-            p = torch.softmax(model(target).float(), 1).gather(1, class_idx[:, None])[:, 0]
+            p = activation(model(target).float()).gather(1, class_idx[:, None])[:, 0]
             curve.append(p)
     dele_t, ins_t = torch.stack(dele, 1), torch.stack(ins, 1)
     area = lambda c: torch.trapezoid(c, fractions, dim=1)  # noqa: E731
@@ -53,17 +60,24 @@ def deletion_insertion(model: nn.Module, images: torch.Tensor, heatmaps: torch.T
 
 
 def faithfulness(model: nn.Module, images: torch.Tensor, methods: Sequence[str] = ("gradcam",),
-                 target_layer: str | None = None, steps: int = 16, seed: int = 0) -> dict[str, Any]:
-    """Mean deletion/insertion areas per method and for a random map, explaining the predicted class."""
+                 target_layer: str | None = None, steps: int = 16, seed: int = 0,
+                 activation: Activation = _softmax,
+                 explained: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Mean deletion/insertion areas per method and for a random map.
+
+    ``explained`` maps probabilities (B, K) to the output explained per image (default: the most
+    probable); ``activation`` is the task's logits -> probabilities.
+    """
     model.eval()
     with torch.no_grad():
-        cls = model(images).argmax(1)
+        probs = activation(model(images).float())
+        cls = explained(probs) if explained is not None else probs.argmax(1)
     g = torch.Generator(device="cpu").manual_seed(seed)
     maps = {m: explain(model, images, method=m, target_layer=target_layer, class_idx=cls) for m in methods}
     maps["random"] = torch.rand(images.shape[0], *images.shape[-2:], generator=g).to(images.device)
     out = {}
     for name, heat in maps.items():
-        r = deletion_insertion(model, images, heat.to(images.device), cls, steps=steps)
+        r = deletion_insertion(model, images, heat.to(images.device), cls, steps=steps, activation=activation)
         out[name] = {"deletion_auc": float(r["deletion_auc"].mean()), "insertion_auc": float(r["insertion_auc"].mean()),
                      "deletion_curve": [float(v) for v in r["deletion"].mean(0)],
                      "insertion_curve": [float(v) for v in r["insertion"].mean(0)]}

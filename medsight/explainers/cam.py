@@ -25,7 +25,8 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from medsight.models import cam_target
+from medsight.config import CamMethod, choices
+from medsight.models.targets import cam_target
 
 __all__ = ["EXPLAINERS", "explain", "overlay", "border_score", "BORDER_WARN", "resolve_classes"]
 
@@ -39,6 +40,7 @@ EXPLAINERS: dict[str, type[BaseCAM]] = {
     "eigencam": EigenCAM,
     "scorecam": ScoreCAM,
 }
+assert tuple(EXPLAINERS) == choices(CamMethod), "medsight.config.CamMethod and EXPLAINERS disagree"
 
 #: A dataset-mean border score above this suggests the model reads image borders/corners (a shortcut).
 BORDER_WARN = 0.5

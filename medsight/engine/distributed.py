@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from medsight.utils.device import resolve_device
+
 __all__ = ["DistInfo", "init_distributed", "shutdown", "check_replicas", "broadcast_flag", "ReplicaMismatch"]
 
 
@@ -47,8 +49,6 @@ def init_distributed(device_name: str, timeout_s: float = 600.0) -> tuple[DistIn
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        from medsight.train import resolve_device
-
         return DistInfo(), resolve_device(device_name)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_name != "cpu"

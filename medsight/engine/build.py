@@ -1,0 +1,192 @@
+"""Build a run from its config: data, task, model, loaders, loss, optimizer phases — nothing trains here.
+
+The order of everything that draws random numbers (model init, then the per-rank augmentation seed) is
+fixed, so the same config and seed give the same run on any machine.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medsight.checkpoint import FORMAT
+from medsight.config import Config, ConfigError, config_to_dict
+from medsight.data import DataBundle, ImageDataset, load_data, make_loader, make_transform
+from medsight.engine.distributed import DistInfo
+from medsight.engine.step import StepOptions
+from medsight.models import count_parameters, create_model, data_config, freeze_stages, layer_groups, prepare_compile
+from medsight.optim import create_optimizer, create_scheduler
+from medsight.tasks import Task, build_task
+
+__all__ = ["Run", "Phases", "build_run", "build_model", "make_mixer", "mix_batch", "seed_everything", "default_out"]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_out(cfg: Config) -> Path:
+    return Path("runs") / f"{cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def build_model(cfg: Config, num_outputs: int, pretrained: bool | None = None) -> tuple[nn.Module, int]:
+    """The model of ``cfg`` with its frozen stages and gradient checkpointing; returns (model, frozen count)."""
+    m = cfg.model
+    model = create_model(m.name, num_classes=num_outputs, img_size=cfg.data.image_size,
+                         pretrained=m.pretrained if pretrained is None else pretrained, weights=m.weights,
+                         layout=m.layout, drop_path_rate=m.drop_path_rate)
+    frozen = freeze_stages(model, m.freeze_stages)
+    if cfg.train.grad_checkpointing:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ConfigError(f"train.grad_checkpointing: {m.name} does not support it")
+        model.set_grad_checkpointing(True)
+    return model, frozen
+
+
+def make_mixer(cfg: Config, num_classes: int) -> Any:
+    """timm's Mixup for ``train.mixup``/``train.cutmix`` (None when both are off); it smooths the mixed
+    targets itself, so the task's loss adds no smoothing of its own."""
+    t = cfg.train
+    if not (t.mixup or t.cutmix):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, label_smoothing=t.label_smoothing,
+                 num_classes=num_classes)
+
+
+def mix_batch(mixer: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, labels, targets): mixed images and soft targets, or the batch as it is without a mixer."""
+    if mixer is None:
+        return x, y, y
+    if len(x) % 2:  # timm's Mixup pairs images within the batch
+        x, y = x[:-1], y[:-1]
+    mixed, target = mixer(x, y)
+    return mixed, y, target
+
+
+class Phases:
+    """Progressive fine-tuning phases (head; discriminative learning rates; all layers low), or one phase
+    for the whole run: which parameters train, and their optimizer and schedule."""
+
+    def __init__(self, cfg: Config, model: nn.Module, steps_per_epoch: int, fused: bool) -> None:
+        self.cfg, self.model, self.steps, self.fused = cfg, model, steps_per_epoch, fused
+        ft, epochs = cfg.finetune, cfg.train.epochs
+        self.ends = ([ft.head_epochs, ft.head_epochs + ft.discriminative_epochs, epochs] if ft.progressive
+                     else [epochs])
+
+    def of(self, epoch: int) -> int:
+        return next(i for i, end in enumerate(self.ends) if epoch < end) + 1
+
+    def setup(self, phase: int) -> tuple[torch.optim.Optimizer, Any]:
+        ft, scales = self.cfg.finetune, None
+        if ft.progressive:
+            groups = layer_groups(self.model)
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(phase > 1 or name in set(groups[-1]))
+            if phase == 2:
+                scales = [(ft.lr_decay ** (len(groups) - 1 - i), g) for i, g in enumerate(groups)]
+            elif phase == 3:
+                scales = [(ft.final_lr_scale, [n for g in groups for n in g])]
+        opt = create_optimizer(self.model, self.cfg.optim, fused=self.fused, lr_scales=scales)
+        start = self.ends[phase - 2] if phase > 1 else 0
+        sched = create_scheduler(opt, self.cfg.schedule, self.ends[phase - 1] - start, self.steps, self.cfg.optim.lr)
+        return opt, sched
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built once from the config."""
+
+    cfg: Config
+    out: Path
+    dinfo: DistInfo
+    device: torch.device
+    bundle: DataBundle
+    task: Task
+    model: nn.Module  # what is saved
+    step_model: nn.Module  # what trains: the model, or its DDP / compiled wrapper
+    frozen: int
+    mean: list[float]
+    std: list[float]
+    datasets: dict[str, ImageDataset]  # train (augmented), val, test, train_eval (train split, eval transform)
+    loaders: dict[str, torch.utils.data.DataLoader]
+    sampler: Any
+    loss_fn: nn.Module
+    eval_loss_fn: nn.Module
+    mixer: Any
+    opts: StepOptions
+    phases: Phases
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_params(self) -> int:
+        return count_parameters(self.model)
+
+    def meta(self) -> dict[str, Any]:
+        """What every checkpoint of this run carries besides weights."""
+        return {"format": FORMAT, "classes": self.task.classes, "task": self.task.state(),
+                "image_size": self.cfg.data.image_size, "mean": self.mean, "std": self.std,
+                "config": config_to_dict(self.cfg)}
+
+
+def _loaders(cfg: Config, datasets: dict[str, ImageDataset], dinfo: DistInfo, device: torch.device
+             ) -> tuple[dict[str, torch.utils.data.DataLoader], Any]:
+    t, nw = cfg.train, cfg.data.num_workers
+    if nw is None:  # a GPU waits on data loaded in the training process; a CPU needs its cores for compute
+        nw = min(8, max(0, (os.cpu_count() or 1) // dinfo.world_size - 1)) if device.type == "cuda" else 0
+    train_ds = datasets["train"]
+    sampler = (torch.utils.data.DistributedSampler(train_ds, dinfo.world_size, dinfo.rank, shuffle=True,
+                                                   seed=t.seed) if dinfo.enabled else None)
+    per_step = t.batch_size * t.accum_steps
+    shard = len(train_ds) // dinfo.world_size if dinfo.enabled else len(train_ds)
+    # a final batch of one image cannot be trained with BatchNorm: drop it (it is reshuffled next epoch)
+    loaders = {"train": make_loader(train_ds, per_step, True, nw, seed=t.seed, sampler=sampler,
+                                    drop_last=shard % per_step == 1),
+               "val": make_loader(datasets["val"], t.batch_size * 2, False, nw),
+               "test": make_loader(datasets["test"], t.batch_size * 2, False, nw)}
+    return loaders, sampler
+
+
+def build_run(cfg: Config, out: Path, dinfo: DistInfo, device: torch.device) -> Run:
+    """Data, task, model, loaders, loss and optimizer phases of ``cfg``, in a fixed random order."""
+    t = cfg.train
+    seed_everything(t.seed)
+    bundle = load_data(cfg.data)
+    task = build_task(cfg.data.task, bundle.classes, bundle.splits["train"].labels)
+    model, frozen = build_model(cfg, task.num_outputs)
+    dc = data_config(model)
+    mean, std = list(dc["mean"]), list(dc["std"])
+    model = model.to(device).to(memory_format=torch.channels_last)
+    seed_everything(t.seed + dinfo.rank)  # augmentations differ per rank; DDP syncs the weights
+    size = cfg.data.image_size
+    eval_tf = make_transform(size, mean, std, train=False, cfg=cfg.data)
+    datasets = {"train": ImageDataset(bundle.splits["train"], make_transform(size, mean, std, train=True, cfg=cfg.data)),
+                "val": ImageDataset(bundle.splits["val"], eval_tf), "test": ImageDataset(bundle.splits["test"], eval_tf),
+                "train_eval": ImageDataset(bundle.splits["train"], eval_tf)}
+    loaders, sampler = _loaders(cfg, datasets, dinfo, device)
+    phases = Phases(cfg, model, len(loaders["train"]), fused=device.type == "cuda")
+    loss_fn = task.make_loss(cfg, bundle.splits["train"].labels).to(device)
+    mixer = make_mixer(cfg, task.num_outputs)
+    scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" and t.grad_scaler is not False else None
+    step_model: nn.Module = model
+    if dinfo.enabled:
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if t.compile:
+        prepare_compile(model)
+        step_model = torch.compile(step_model)
+    opts = StepOptions(grad_clip=t.grad_clip, accum_steps=t.accum_steps, precision=t.precision, scaler=scaler,
+                       sam_bn=cfg.optim.sam_bn, sync_first_pass=cfg.optim.sam_sync_first_pass)
+    return Run(cfg=cfg, out=out, dinfo=dinfo, device=device, bundle=bundle, task=task, model=model,
+               step_model=step_model, frozen=frozen, mean=mean, std=std, datasets=datasets, loaders=loaders,
+               sampler=sampler, loss_fn=loss_fn, eval_loss_fn=task.eval_loss(), mixer=mixer, opts=opts, phases=phases)

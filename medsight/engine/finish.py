@@ -1,0 +1,104 @@
+"""After training: evaluate best.pt on validation and test, explain, measure, and write the run's report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medsight.checkpoint import load_model
+from medsight.config import DEFAULT_DATA
+from medsight.engine.build import Run
+from medsight.engine.loop import EpochState
+from medsight.evaluation.runs import save_predictions
+from medsight.evaluation.sharpness import fixed_batches, sharpness
+from medsight.explainers.cam import BORDER_WARN
+from medsight.explainers.faithfulness import faithfulness
+from medsight.explainers.gallery import gradcam_gallery
+from medsight.inference.predictor import predict_loader
+from medsight.models import cam_target
+from medsight.reporting.html import baseline_table, write_report
+from medsight.reporting.plots import plot_curves, plot_faithfulness, plot_gallery
+from medsight.utils.files import save_atomic, write_text_atomic
+
+__all__ = ["finish_run"]
+
+log = logging.getLogger(__name__)
+
+
+def _explain(run: Run, model: torch.nn.Module, tp: Any, tl: Any) -> dict[str, Any]:
+    """Grad-CAM gallery, border (shortcut) scores and faithfulness curves on test images."""
+    cfg, out, e = run.cfg, run.out, run.cfg.explain
+    layer = cam_target(model, e.target_layer, img_size=cfg.data.image_size).name
+    rows, border = gradcam_gallery(model, run.datasets["test"], tp, tl, run.task, run.device, e.method,
+                                   e.target_layer, e.gallery_per_class, seed=cfg.train.seed)
+    plot_gallery(rows, out / "gradcam_gallery.png")
+    result: dict[str, Any] = {"explain": {"method": e.method, "target_layer": layer, **border}}
+    if e.faithfulness_images:
+        sample = fixed_batches(run.datasets["test"], 1, batch_size=e.faithfulness_images, seed=cfg.train.seed)
+        if sample:
+            faith = faithfulness(model, sample[0][0].to(run.device), e.faithfulness_methods, e.target_layer,
+                                 seed=cfg.train.seed, activation=run.task.activation)
+            result["faithfulness"] = faith
+            plot_faithfulness(faith, out / "faithfulness.png")
+    return result
+
+
+def finish_run(run: Run, state: EpochState) -> dict[str, Any]:
+    """Reload best.pt, fit the task's decision rule on validation, evaluate on test, explain, measure
+    sharpness, and write figures, predictions.npz, metrics.json and report.html."""
+    cfg, out, task, device = run.cfg, run.out, run.task, run.device
+    model, ckpt = load_model(out / "best.pt", device)
+    model = model.to(memory_format=torch.channels_last)
+    vp, vl, _, _ = predict_loader(model, run.loaders["val"], device, task, desc="val")
+    tp, tl, _, _ = predict_loader(model, run.loaders["test"], device, task, desc="test")
+    task.fit_decision(vl, vp)  # chosen on validation only; kept with the model for every later command
+    save_atomic({**ckpt, "task": task.state()}, out / "best.pt")
+    val_m = task.metrics(vl, vp, n_boot=0)
+    test_m = task.metrics(tl, tp, n_boot=1000, seed=cfg.train.seed)
+    plot_curves(state.history, out / "curves.png", state.best_epoch)
+    figures = task.figures(out, {"val": (vl, vp), "test": (tl, tp)}, test_m)
+    metrics: dict[str, Any] = {
+        "val": val_m, "test": test_m, "task": task.kind, "classes": task.classes, "best_epoch": state.best_epoch,
+        "epochs_run": len(state.history), "monitor": cfg.train.monitor, "parameters": run.n_params,
+        "data": run.bundle.source, "train_seconds": float(sum(r["seconds"] for r in state.history)),
+        "figures": figures, "skipped_files": sorted(state.skipped)}
+    metrics.update(_explain(run, model, tp, tl))
+    check = task.checklist(test_m, cfg.checklist.model_dump())
+    if check:
+        metrics["checklist"] = check
+    save_predictions(out, vp, vl, tp, tl, task.classes)
+    if cfg.train.sharpness_batches:
+        batches = fixed_batches(run.datasets["train_eval"], cfg.train.sharpness_batches, batch_size=64,
+                                seed=cfg.train.seed)
+        metrics["sharpness"] = sharpness(model, batches, rho=cfg.optim.rho, loss_fn=task.eval_loss(),
+                                         seed=cfg.train.seed)
+    if Path(run.bundle.source) == DEFAULT_DATA:
+        metrics["baselines"] = baseline_table(cfg.model.name, test_m["auc"], test_m["accuracy"])
+    write_text_atomic(json.dumps(metrics, indent=2), out / "metrics.json")
+    write_report(out, cfg, metrics, task, title=f"medsight run: {out.name}")
+    _log_summary(run, metrics)
+    return metrics
+
+
+def _log_summary(run: Run, metrics: dict[str, Any]) -> None:
+    log.info(f"test: {run.task.summary(metrics['test'])}")
+    if "checklist" in metrics:
+        failed = [f"{c['check']} {c['threshold']:g}" for c in metrics["checklist"]["checks"] if not c["pass"]]
+        log.info(f"checklist: {'PASS' if not failed else 'FAIL (' + '; '.join(failed) + ')'}")
+    if "sharpness" in metrics:
+        sh = metrics["sharpness"]
+        log.info(f"sharpness (rho {sh['rho']:g}, {sh['images']} training images): ascent {sh['ascent']:.4f} · "
+                 f"random {sh['random']:.4f} · loss {sh['loss']:.4f}")
+    border = metrics["explain"]
+    if border["border_warning"]:
+        per = ", ".join(f"{c} {v:.3f}" for c, v in border["border_score_per_class"].items()) or "n/a"
+        log.warning(f"Grad-CAM border score {border['border_score_max_class']:.3f} > {BORDER_WARN} (highest class "
+                    f"mean; per class {per}): the model may rely on image borders/corners (shortcut); see "
+                    f"{run.out / 'report.html'}")
+    if "baselines" in metrics:
+        log.info(metrics["baselines"])
+    log.info(f"run folder: {run.out}  (report: {run.out / 'report.html'})")

@@ -1,0 +1,1 @@
+"""Judge trained models: compare runs, ensemble them (fit on validation only), and measure sharpness."""

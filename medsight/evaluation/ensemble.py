@@ -1,0 +1,125 @@
+"""Combine finished runs into an ensemble, fit on validation predictions only.
+
+An ensemble is written as a run-like folder (metrics.json, report.html, plots) plus ``ensemble.json``: the
+member checkpoints, the method, and the combiner as plain numbers (weights or meta-learner coefficients)
+— data, not a pickle. ``medsight predict``/``explain``/``serve`` accept that file like a checkpoint
+(:class:`medsight.inference.EnsemblePredictor`).
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from medsight.checkpoint import load_checkpoint
+from medsight.config import choices, config_from_dict
+from medsight.evaluation.compare import diversity, diversity_html
+from medsight.evaluation.runs import EnsembleError, RunData, check_compatible, load_run, save_predictions
+from medsight.inference.ensemble import combine, features
+from medsight.metrics import auc_score
+from medsight.tasks import task_from_state
+from medsight.reporting.html import checklist_html, html_table, img_tag, page
+from medsight.utils.files import write_text_atomic
+
+__all__ = ["ensemble", "EnsembleMethod", "METHODS", "EnsembleError"]
+
+EnsembleMethod = Literal["soft", "weighted", "stacking", "ovo"]
+METHODS = choices(EnsembleMethod)
+
+
+def _fit_combiner(method: str, runs: list[RunData], meta: str, seed: int) -> dict[str, Any]:
+    """The combiner as plain numbers, fit on validation predictions only."""
+    if method == "soft":
+        return {"weights": [1.0 / len(runs)] * len(runs)}
+    if method == "weighted":
+        aucs = [auc_score(r.val_labels, r.val_probs) for r in runs]
+        if any(a is None for a in aucs):
+            raise EnsembleError("weighted ensembles need a validation AUC for every run (both classes in val)")
+        w = np.array(aucs)
+        return {"weights": (w / w.sum()).tolist(), "val_auc": aucs}
+    x, y = features([r.val_probs for r in runs]), runs[0].val_labels
+    if len(np.unique(y)) < 2:
+        raise EnsembleError("stacking needs validation predictions with at least two classes")
+    k = len(runs[0].classes)
+    if method == "stacking":
+        if meta == "mlp":
+            from sklearn.neural_network import MLPClassifier
+
+            clf = MLPClassifier(hidden_layer_sizes=(16,), max_iter=2000, random_state=seed).fit(x, y)
+            return {"meta": "mlp", "coefs": [c.tolist() for c in clf.coefs_],
+                    "intercepts": [b.tolist() for b in clf.intercepts_], "classes_seen": clf.classes_.tolist()}
+        from sklearn.linear_model import LogisticRegression
+
+        clf = LogisticRegression(max_iter=2000).fit(x, y)
+        return {"meta": "logistic", "coef": clf.coef_.tolist(), "intercept": clf.intercept_.tolist(),
+                "classes_seen": clf.classes_.tolist()}
+    if method == "ovo":
+        if k < 3:
+            raise EnsembleError("ovo (one-vs-one) needs at least three classes; use stacking for two")
+        from sklearn.linear_model import LogisticRegression
+
+        pairs = []
+        for a, b in itertools.combinations(range(k), 2):
+            mask = (y == a) | (y == b)
+            if len(np.unique(y[mask])) < 2:
+                raise EnsembleError(f"ovo: validation data lacks class {a if (y[mask] == b).all() else b}")
+            clf = LogisticRegression(max_iter=2000).fit(x[mask], (y[mask] == b).astype(int))
+            pairs.append({"a": a, "b": b, "coef": clf.coef_[0].tolist(), "intercept": float(clf.intercept_[0])})
+        return {"pairs": pairs}
+    raise EnsembleError(f"unknown ensemble method {method!r}; choose from {', '.join(METHODS)}")
+
+
+
+def ensemble(run_paths: list[str | Path], method: str, out: str | Path, meta: str = "logistic",
+             seed: int = 0) -> dict[str, Any]:
+    """Fit ``method`` on the runs' validation predictions, evaluate on test, write a run-like folder."""
+    if method not in METHODS:
+        raise EnsembleError(f"unknown ensemble method {method!r}; choose from {', '.join(METHODS)}")
+    if meta not in ("logistic", "mlp"):
+        raise EnsembleError(f"unknown meta-learner {meta!r}; choose logistic or mlp")
+    if len(run_paths) < 2:
+        raise EnsembleError("an ensemble needs at least two runs")
+    runs = [load_run(p) for p in run_paths]
+    check_compatible(runs)
+    classes, k = runs[0].classes, len(runs[0].classes)
+    combiner = _fit_combiner(method, runs, meta, seed)
+    vp = combine(method, combiner, [r.val_probs for r in runs], k)
+    tp = combine(method, combiner, [r.test_probs for r in runs], k)
+    vl, tl = runs[0].val_labels, runs[0].test_labels
+    task = task_from_state({**runs[0].task.state(), "decision": {}})
+    task.fit_decision(vl, vp)  # the ensemble's own decision rule, on validation predictions only
+    val_m = task.metrics(vl, vp, n_boot=0)
+    test_m = task.metrics(tl, tp, n_boot=1000, seed=seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {"format": "medsight-ensemble-1", "method": method, "classes": classes, "task": task.state(),
+            "members": [str((r.path / "best.pt").resolve()) for r in runs], "combiner": combiner}
+    write_text_atomic(json.dumps(spec, indent=2), out / "ensemble.json")
+    first_cfg = config_from_dict(load_checkpoint(runs[0].path / "best.pt")["config"])
+    check = task.checklist(test_m, first_cfg.checklist.model_dump())
+    metrics: dict[str, Any] = {
+        "val": val_m, "test": test_m, "classes": classes, "method": method, "task": task.kind,
+        "members": [{"run": str(r.path), "model": r.model, "test_auc": r.metrics["test"]["auc"],
+                     "test_accuracy": r.metrics["test"]["accuracy"]} for r in runs],
+        "diversity": diversity(runs)}
+    if check:
+        metrics["checklist"] = check
+    save_predictions(out, vp, vl, tp, tl, classes)
+    metrics["figures"] = task.figures(out, {**{r.name: (tl, r.test_probs) for r in runs}, f"ensemble ({method})": (tl, tp)},
+                                      test_m, title=f"{method} ensemble")
+    write_text_atomic(json.dumps(metrics, indent=2), out / "metrics.json")
+    members = html_table(["member", "model", "test AUC", "test accuracy"],
+                         [[m["run"], m["model"], m["test_auc"], m["test_accuracy"]] for m in metrics["members"]])
+    tables = "".join(f"<h3>{html.escape(name)}</h3>{html_table(header, rows)}"
+                     for name, header, rows in task.report_tables(metrics))
+    figures = " ".join(img_tag(out / f) for f in metrics["figures"])
+    body = (f"<h2>{html.escape(method)} ensemble of {len(runs)} runs</h2>{tables}{checklist_html(metrics.get('checklist'))}"
+            f"<h2>Members</h2>{members}<pre>{html.escape(test_m.get('report', ''))}</pre>"
+            f"{figures}{diversity_html(metrics['diversity'])}")
+    write_text_atomic(page(f"medsight ensemble: {out.name}", body), out / "report.html")
+    return metrics

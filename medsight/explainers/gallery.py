@@ -1,0 +1,74 @@
+"""The run's Grad-CAM gallery and border (shortcut) scores over a test sample."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from medsight.data.dataset import ImageDataset
+from medsight.explainers.cam import BORDER_WARN, border_score, explain, overlay
+
+if TYPE_CHECKING:
+    from medsight.tasks import Task
+
+__all__ = ["gradcam_gallery"]
+
+
+def _display(img: torch.Tensor) -> np.ndarray:
+    return img.permute(1, 2, 0).clamp(0, 1).numpy()
+
+
+def gradcam_gallery(model: torch.nn.Module, ds: ImageDataset, probs: np.ndarray, labels: np.ndarray, task: Task,
+                    device: torch.device, method: str, target_layer: str | None, per_class: int,
+                    seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Gallery rows (the task's groups, e.g. correct / misclassified per class) and border scores.
+
+    Border scores are summarized overall and per explained output: a shortcut usually belongs to one
+    class (the marker on the positive cases), so the warning looks at the highest class mean.
+    """
+    rng = np.random.default_rng(seed)
+    groups = task.gallery_groups(labels, probs, per_class, rng)
+    sample = rng.choice(len(labels), size=min(len(labels), 256), replace=False)
+    target_of = {int(i): task.explained_output(probs[int(i)]) for i in sample}
+    for _, ids, outs in groups:
+        target_of.update(zip(ids, outs))
+    wanted = sorted(target_of)
+    size = ds.transform.transforms[0].size
+    heat: dict[int, np.ndarray] = {}
+    scores, explained = [], []
+    for start in range(0, len(wanted), 64):
+        ids = wanted[start:start + 64]
+        items = [ds[i] for i in ids]
+        keep = [(i, x) for i, (x, _) in zip(ids, items) if x is not None]
+        if not keep:
+            continue
+        x = torch.stack([x for _, x in keep]).to(device)
+        maps = explain(model, x, method=method, target_layer=target_layer, class_idx=[target_of[i] for i, _ in keep])
+        scores.append(border_score(maps).cpu())
+        explained += [target_of[i] for i, _ in keep]
+        for (i, _), m in zip(keep, maps.cpu().numpy()):
+            heat[i] = m
+    rows = []
+    for title, ids, outs in groups:
+        items = []
+        for i, o in zip(ids, outs):
+            if i not in heat:
+                continue
+            img = torch.nn.functional.interpolate(ds.load(i)[None], size=size, mode="bilinear",
+                                                  antialias=True, align_corners=False)[0]
+            disp = _display(img)
+            items.append({"image": disp, "overlay": overlay(disp, heat[i]),
+                          "caption": f"pred {task.classes[o]} {probs[i, o]:.2f}"})
+        rows.append({"title": title, "items": items})
+    allscores = torch.cat(scores).numpy() if scores else np.empty(0)
+    cls = np.array(explained)
+    ok = ~np.isnan(allscores)  # empty maps have no location
+    per = {task.classes[c]: float(allscores[ok & (cls == c)].mean()) for c in range(task.num_outputs)
+           if (ok & (cls == c)).sum() >= 3}
+    mean = float(allscores[ok].mean()) if ok.any() else None
+    worst = max(per.values()) if per else mean
+    return rows, {"border_score_mean": mean, "border_score_per_class": per, "n": int(ok.sum()),
+                  "border_warning": bool(worst is not None and worst > BORDER_WARN),
+                  "border_score_max_class": worst}

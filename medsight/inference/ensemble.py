@@ -1,0 +1,108 @@
+"""An ``ensemble.json`` used like a checkpoint: the members' probabilities through the fitted combiner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medsight.inference.predictor import BasePredictor, Predictor
+from medsight.tasks import task_from_state
+
+__all__ = ["EnsemblePredictor", "combine", "features", "EnsembleFileError"]
+
+
+class EnsembleFileError(ValueError):
+    """An ensemble file that cannot be used."""
+
+
+def features(probs: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(probs, axis=1)
+
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def combine(method: str, combiner: dict[str, Any], probs: list[np.ndarray], k: int) -> np.ndarray:
+    """Apply a fitted combiner to member probabilities (each N×k); returns N×k probabilities."""
+    if method in ("soft", "weighted"):
+        return sum(w * p for w, p in zip(combiner["weights"], probs))
+    x = features(probs)
+    if method == "stacking":
+        seen = combiner["classes_seen"]
+        if combiner["meta"] == "logistic":
+            coef, icpt = np.array(combiner["coef"]), np.array(combiner["intercept"])
+            z = x @ coef.T + icpt
+            p_seen = np.concatenate([1 / (1 + np.exp(z)), 1 / (1 + np.exp(-z))], 1) if coef.shape[0] == 1 \
+                else _softmax(z)
+        else:
+            h = x
+            layers = list(zip(combiner["coefs"], combiner["intercepts"]))
+            for i, (w, b) in enumerate(layers):
+                h = h @ np.array(w) + np.array(b)
+                if i < len(layers) - 1:
+                    h = np.maximum(h, 0)  # scikit-learn's default relu
+            p_seen = np.concatenate([1 - 1 / (1 + np.exp(-h)), 1 / (1 + np.exp(-h))], 1) if h.shape[1] == 1 \
+                else _softmax(h)
+        out = np.zeros((len(x), k))
+        out[:, seen] = p_seen
+        return out
+    if method == "ovo":  # pairwise probabilities, summed into votes (Hastie & Tibshirani style soft voting)
+        votes = np.zeros((len(x), k))
+        for pair in combiner["pairs"]:
+            pb = 1 / (1 + np.exp(-(x @ np.array(pair["coef"]) + pair["intercept"])))
+            votes[:, pair["a"]] += 1 - pb
+            votes[:, pair["b"]] += pb
+        return votes / votes.sum(1, keepdims=True)
+    raise EnsembleFileError(f"unknown ensemble method {method!r}")
+
+
+class EnsemblePredictor(BasePredictor):
+    """An ``ensemble.json`` used like a checkpoint: combined probabilities, mean of members' heatmaps."""
+
+    def __init__(self, path: str | Path, device: str = "auto") -> None:
+        p = Path(path)
+        try:
+            spec = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise EnsembleFileError(f"{p} is not a readable ensemble file: {exc}") from exc
+        if spec.get("format") != "medsight-ensemble-1":
+            raise EnsembleFileError(f"{p} is not a medsight ensemble file")
+        self.spec = spec
+        self.members = [Predictor(m, device) for m in spec["members"]]
+        self.classes: list[str] = spec["classes"]
+        if any(m.classes != self.classes for m in self.members):
+            raise EnsembleFileError(f"{p}: a member's classes differ from the ensemble's {self.classes}")
+        self.task = task_from_state(spec["task"]) if isinstance(spec.get("task"), dict) else \
+            task_from_state({**self.members[0].task.state(), "decision": {}})
+        self.image_size = self.members[0].image_size
+        self.name = f"{spec['method']} ensemble of {', '.join(m.name for m in self.members)}"
+
+    def probabilities(self, img: torch.Tensor) -> np.ndarray:
+        probs = [m.probabilities(img)[None] for m in self.members]
+        return combine(self.spec["method"], self.spec["combiner"], probs, len(self.classes))[0]
+
+    def display(self, img: torch.Tensor) -> np.ndarray:
+        return self.members[0].display(img)
+
+    def heatmap(self, img: torch.Tensor, method: str = "gradcam", target_layer: str | None = None,
+                class_idx: int | None = None) -> np.ndarray:
+        """Mean of the members' maps (each resized to the first member's input size) for one class."""
+        if class_idx is None:
+            class_idx = self.task.explained_output(self.probabilities(img))
+        size = (self.image_size, self.image_size)
+        maps = []
+        for m in self.members:
+            h = torch.from_numpy(m.heatmap(img, method, target_layer if m is self.members[0] else None, class_idx))
+            maps.append(torch.nn.functional.interpolate(h[None, None], size=size, mode="bilinear",
+                                                        align_corners=False)[0, 0])
+        mean = torch.stack(maps).mean(0)
+        lo, hi = mean.min(), mean.max()
+        return ((mean - lo) / (hi - lo) if hi > lo else torch.zeros_like(mean)).numpy()

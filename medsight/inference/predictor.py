@@ -1,0 +1,129 @@
+"""Inference without training or reporting: a checkpoint ready for images, and batch prediction.
+
+Every predictor (PyTorch here, onnxruntime in onnx.py, ensembles in ensemble.py) offers the same
+``probabilities(img)``, ``predict(img)`` (the task's record: label and probabilities) and, where a
+PyTorch model is behind it, ``heatmap(img, method)``. The CLI, the web app and the REST API use them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from medsight.checkpoint import load_model
+from medsight.config import config_from_dict
+from medsight.data.imageio import IMAGE_EXTS
+from medsight.data.transforms import make_transform, to_three_channels
+from medsight.explainers.cam import explain
+from medsight.tasks import Task, task_from_checkpoint
+from medsight.utils.device import resolve_device
+
+__all__ = ["BasePredictor", "Predictor", "collect_images", "eval_transform", "predict_loader", "NoImagesError"]
+
+
+class NoImagesError(ValueError):
+    """Nothing readable to predict on."""
+
+
+def eval_transform(ckpt: dict[str, Any]) -> Any:
+    """A checkpoint's inference preprocessing: its input size, normalization and data options (e.g. CLAHE)."""
+    return make_transform(int(ckpt["image_size"]), ckpt["mean"], ckpt["std"], train=False,
+                          cfg=config_from_dict(ckpt["config"]).data)
+
+
+class BasePredictor:
+    """What every predictor shares: the task's record for an image."""
+
+    task: Task
+    classes: list[str]
+
+    def probabilities(self, img: torch.Tensor) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, img: torch.Tensor) -> dict[str, Any]:
+        """The task's answer for one image (label, probabilities, ...)."""
+        return self.task.record(self.probabilities(img))
+
+
+class Predictor(BasePredictor):
+    """A loaded checkpoint ready for single images: preprocessing, probabilities and heatmaps."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "auto") -> None:
+        self.device = resolve_device(device)
+        self.model, self.ckpt = load_model(checkpoint, self.device)
+        self.task = task_from_checkpoint(self.ckpt)
+        self.classes: list[str] = list(self.task.classes)
+        self.image_size: int = int(self.ckpt["image_size"])
+        self.transform = eval_transform(self.ckpt)
+        self.name = self.ckpt["config"]["model"]["name"]
+
+    def preprocess(self, img: torch.Tensor) -> torch.Tensor:
+        """float [C, H, W] in [0, 1] -> normalized (1, 3, S, S) on the model's device."""
+        return self.transform(to_three_channels(img))[None].to(self.device)
+
+    def display(self, img: torch.Tensor) -> np.ndarray:
+        """The image as the model sees it (resized), for drawing: H×W×3 in [0, 1]."""
+        x = torch.nn.functional.interpolate(to_three_channels(img)[None], size=(self.image_size,) * 2,
+                                            mode="bilinear", antialias=True, align_corners=False)[0]
+        return x.permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+
+    @torch.no_grad()
+    def probabilities(self, img: torch.Tensor) -> np.ndarray:
+        return self.task.activation(self.model(self.preprocess(img)))[0].cpu().numpy()
+
+    def heatmap(self, img: torch.Tensor, method: str = "gradcam", target_layer: str | None = None,
+                class_idx: int | None = None) -> np.ndarray:
+        """The map of output ``class_idx`` (default: the task's explained output for this image)."""
+        x = self.preprocess(img)
+        if class_idx is None:
+            with torch.no_grad():
+                class_idx = self.task.explained_output(self.task.activation(self.model(x))[0].cpu().numpy())
+        return explain(self.model, x, method=method, target_layer=target_layer, class_idx=class_idx)[0].cpu().numpy()
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
+    """Expand files and folders (recursively) into image paths; a missing path is an error."""
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {p}")
+    if not paths:
+        raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
+    return paths
+
+
+@torch.no_grad()
+def predict_loader(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, task: Task,
+                   desc: str | None = None, loss_fn: nn.Module | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, float, list[str]]:
+    """The task's probabilities over a loader: ``(probs, labels, mean loss, skipped files)``."""
+    model.eval()
+    probs, labels, skipped = [], [], []
+    loss_sum, n = 0.0, 0
+    for x, y, bad in tqdm(loader, desc=desc, leave=False, disable=desc is None or not sys.stderr.isatty()):
+        skipped += bad
+        if len(x) == 0:
+            continue
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        y = y.to(device)
+        logits = model(x).float()
+        if loss_fn is not None:
+            loss_sum += float(loss_fn(logits, y)) * len(y)
+        n += len(y)
+        probs.append(task.activation(logits).cpu().numpy())
+        labels.append(y.cpu().numpy())
+    if n == 0:
+        raise NoImagesError("no readable images to evaluate")
+    return np.concatenate(probs), np.concatenate(labels), loss_sum / n, skipped

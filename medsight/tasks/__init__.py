@@ -1,0 +1,49 @@
+"""Task kinds: what a label is. Each kind is one :class:`Task` subclass in its own module, registered in
+``TASKS`` under a name of ``medsight.config.TaskKind``; a new kind (multi-label, ordinal) goes here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from medsight.config import TaskKind, choices
+from medsight.tasks.base import GalleryGroup, Task
+from medsight.tasks.single_label import SingleLabelTask, TaskConfigError
+
+__all__ = ["Task", "TASKS", "GalleryGroup", "SingleLabelTask", "TaskConfigError", "build_task", "task_from_state",
+           "task_from_checkpoint", "infer_kind"]
+
+TASKS: dict[str, type[Task]] = {cls.kind: cls for cls in (SingleLabelTask,)}
+# every kind the config accepts has an implementation, and no implementation is unreachable
+assert set(TASKS) | {"auto"} == set(choices(TaskKind)), "medsight.config.TaskKind and TASKS disagree"
+
+
+def infer_kind(labels: np.ndarray) -> str:
+    """The task kind the labels imply: one integer per image -> single_label."""
+    return "single_label"
+
+
+def build_task(kind: str, classes: list[str], labels: np.ndarray | None = None) -> Task:
+    """The task of ``kind`` (``auto``: read from ``labels``) for ``classes``."""
+    if kind == "auto":
+        kind = infer_kind(labels) if labels is not None else "single_label"
+    if kind not in TASKS:
+        raise TaskConfigError(f"unknown task kind {kind!r}; choose from {', '.join(TASKS)}")
+    return TASKS[kind](classes)
+
+
+def task_from_state(state: dict[str, Any]) -> Task:
+    kind = state.get("kind")
+    if kind not in TASKS:
+        raise TaskConfigError(f"unknown task kind {kind!r} in the checkpoint; this medsight knows {', '.join(TASKS)}")
+    return TASKS[kind](list(state["classes"]), state.get("decision"))
+
+
+def task_from_checkpoint(ckpt: dict[str, Any]) -> Task:
+    """The checkpoint's task; checkpoints written before the task seam are single-label (their binary
+    threshold, when present, sits at the top level)."""
+    if isinstance(ckpt.get("task"), dict):
+        return task_from_state(ckpt["task"])
+    decision = {"threshold": float(ckpt["threshold"])} if ckpt.get("threshold") is not None else {}
+    return SingleLabelTask(list(ckpt["classes"]), decision)

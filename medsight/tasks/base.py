@@ -1,0 +1,128 @@
+"""The Task seam: everything that depends on what a label *is* lives in one object.
+
+A task kind owns the head's activation, the training loss, the decision rule, the metrics, the
+validation value that picks the best epoch, what ``predict`` returns, and which output Grad-CAM
+explains. The engine, evaluation, reports, inference, serving, export and ensembles ask the task and
+never assume softmax or argmax. A task is stored in every checkpoint (:meth:`Task.state`) and rebuilt
+from it (:func:`medsight.tasks.task_from_state`), so every command restores the same rules.
+
+A new task kind is a subclass in its own module of this folder, registered in ``TASKS``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from medsight.config import Config
+
+__all__ = ["Task", "GalleryGroup"]
+
+#: (title, indices of images to show, output index explained for each of them)
+GalleryGroup = tuple[str, list[int], list[int]]
+
+
+class Task(ABC):
+    """One kind of label. Subclasses set ``kind`` and implement the abstract methods."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, classes: list[str], decision: dict[str, Any] | None = None) -> None:
+        self.classes = list(classes)
+        self.decision: dict[str, Any] = dict(decision or {})
+
+    # ---------------------------------------------------------------------------------------- head
+    @property
+    def num_outputs(self) -> int:
+        """Width of the model's last layer."""
+        return len(self.classes)
+
+    @abstractmethod
+    def activation(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits -> probabilities (what every consumer of the model reads)."""
+
+    @abstractmethod
+    def activation_module(self) -> nn.Module:
+        """The activation as a module, for graphs that carry it inside (ONNX export)."""
+
+    # ------------------------------------------------------------------------------------ training
+    @abstractmethod
+    def make_loss(self, cfg: Config, train_labels: np.ndarray) -> nn.Module:
+        """The training loss for ``cfg``, given the training split's labels (for class weights)."""
+
+    @abstractmethod
+    def eval_loss(self) -> nn.Module:
+        """The plain (unweighted) loss reported on validation data."""
+
+    @abstractmethod
+    def batch_correct(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Correct decisions in a training batch (a device tensor: no host sync)."""
+
+    # ------------------------------------------------------------------------------------ decision
+    def fit_decision(self, val_labels: np.ndarray, val_probs: np.ndarray) -> None:
+        """Choose the decision rule's free parameters on validation data (never on test)."""
+
+    @abstractmethod
+    def decide(self, probs: np.ndarray) -> np.ndarray:
+        """Probabilities (N, K) -> decisions, one per image."""
+
+    # ------------------------------------------------------------------------------------- metrics
+    @abstractmethod
+    def metrics(self, labels: np.ndarray, probs: np.ndarray, *, n_boot: int = 1000,
+                seed: int = 0) -> dict[str, Any]:
+        """Every metric of this task, with bootstrap intervals when ``n_boot``."""
+
+    @abstractmethod
+    def epoch_metrics(self, labels: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
+        """The cheap validation metrics printed each epoch: ``acc`` and ``auc`` at least, plus every name
+        ``train.monitor`` may ask for."""
+
+    def monitor_value(self, epoch_metrics: dict[str, float | None], val_loss: float, monitor: str) -> float:
+        """Higher is better: the value that picks best.pt."""
+        if monitor == "loss":
+            return -val_loss
+        v = epoch_metrics.get(monitor)
+        return float("-inf") if v is None else float(v)
+
+    @abstractmethod
+    def summary(self, m: dict[str, Any]) -> str:
+        """One console line for a metrics dict of :meth:`metrics`."""
+
+    @abstractmethod
+    def checklist(self, m: dict[str, Any], thresholds: dict[str, float | None]) -> dict[str, Any] | None:
+        """PASS/FAIL lines for the configured thresholds, or None when none is set."""
+
+    # ------------------------------------------------------------------------------------- reports
+    @abstractmethod
+    def figures(self, out: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], test: dict[str, Any],
+                title: str = "") -> list[str]:
+        """Write this task's figures for (labels, probs) per split name; returns the file names."""
+
+    @abstractmethod
+    def report_tables(self, metrics: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
+        """(title, header, rows) tables for the HTML report."""
+
+    @abstractmethod
+    def gallery_groups(self, labels: np.ndarray, probs: np.ndarray, per_group: int,
+                       rng: np.random.Generator) -> list[GalleryGroup]:
+        """Which test images the Grad-CAM gallery shows, and which output each one explains."""
+
+    # ----------------------------------------------------------------------------------- inference
+    @abstractmethod
+    def record(self, probs: np.ndarray) -> dict[str, Any]:
+        """What ``predict`` and the REST API return for one image's probabilities (1-D)."""
+
+    def explained_output(self, probs: np.ndarray) -> int:
+        """The output Grad-CAM explains by default for one image: the decided class."""
+        return int(self.decide(probs[None])[0])
+
+    # -------------------------------------------------------------------------------------- state
+    def state(self) -> dict[str, Any]:
+        """Plain data for the checkpoint: kind, classes and the fitted decision rule."""
+        return {"kind": self.kind, "classes": list(self.classes), "decision": dict(self.decision)}

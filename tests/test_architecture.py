@@ -1,0 +1,165 @@
+"""The package's shape: layers without import cycles, a server that never loads the trainer, one public API,
+small engine functions, and every imported third-party package declared."""
+
+import ast
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PKG = ROOT / "medsight"
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported module, at module level) for each medsight import in ``path``; TYPE_CHECKING blocks skipped."""
+    tree = ast.parse(path.read_text())
+    found: list[tuple[str, bool]] = []
+
+    def visit(node: ast.AST, top: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, ast.Import):
+                found.extend((a.name, top) for a in child.names if a.name.startswith("medsight"))
+            elif isinstance(child, ast.ImportFrom) and child.module and child.module.startswith("medsight"):
+                found.append((child.module, top))
+                found.extend((f"{child.module}.{a.name}", top) for a in child.names)
+            inner = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            visit(child, inner)
+
+    visit(tree, True)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps = set()
+        for target, _ in _imports(path):  # function-level imports count too: a lazy import still is a dependency
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                deps.add(target)
+        graph[name] = deps
+    return graph
+
+
+def test_no_import_cycle_between_modules():
+    graph = _graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def dfs(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycle = stack[stack.index(dep):] + [dep]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if dep not in state:
+                dfs(dep)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            dfs(node)
+
+
+def _reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        for dep in graph.get(node, ()):
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return seen
+
+
+@pytest.mark.parametrize("layer, forbidden", [
+    ("medsight.serve", ("medsight.engine", "medsight.evaluation", "medsight.reporting.html", "medsight.optim")),
+    ("medsight.inference", ("medsight.engine", "medsight.evaluation", "medsight.reporting.html", "medsight.api")),
+    ("medsight.data", ("medsight.models", "medsight.engine", "medsight.tasks", "medsight.inference")),
+    ("medsight.models", ("medsight.data", "medsight.engine", "medsight.tasks")),
+    ("medsight.config", ("medsight.optim", "medsight.explainers", "medsight.models", "medsight.data")),
+])
+def test_layers_depend_only_downwards(layer, forbidden):
+    graph = _graph()
+    starts = [m for m in graph if m == layer or m.startswith(layer + ".")]
+    reached = set().union(*(_reaches(graph, s) for s in starts))
+    bad = sorted(m for m in reached if m.startswith(forbidden))
+    assert not bad, f"{layer} depends on {bad}"
+
+
+def test_importing_the_server_does_not_import_the_training_engine():
+    code = ("import sys, medsight.serve; bad = sorted(m for m in sys.modules if m.startswith("
+            "('medsight.engine', 'medsight.optim', 'medsight.evaluation')));"
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_public_api_is_exported_from_the_package():
+    import medsight
+    from medsight.api import evaluate, predict
+    from medsight.engine.trainer import train
+    from medsight.explainers.cam import explain
+    from medsight.optim.sam import SAM
+
+    assert (medsight.train, medsight.evaluate, medsight.predict, medsight.explain, medsight.SAM) == (
+        train, evaluate, predict, explain, SAM)
+    with pytest.raises(AttributeError):
+        medsight.not_a_function  # noqa: B018
+
+
+def _function_lengths(path: Path) -> list[tuple[str, int]]:
+    tree = ast.parse(path.read_text())
+    return [(f"{path.name}:{node.name}", node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def test_no_function_in_the_engine_is_over_80_lines():
+    long = [(name, n) for p in (PKG / "engine").glob("*.py") for name, n in _function_lengths(p) if n > 80]
+    assert not long, long
+
+
+def test_every_imported_third_party_package_is_declared():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = " ".join(meta["dependencies"] + [d for ds in meta["optional-dependencies"].values() for d in ds])
+    import_names = {"cv2": "opencv", "PIL": "Pillow", "yaml": "PyYAML", "sklearn": "scikit-learn",
+                    "pytorch_grad_cam": "grad-cam", "onnxruntime": "onnxruntime", "multipart": "python-multipart"}
+    stdlib = set(sys.stdlib_module_names)
+    missing = set()
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top in stdlib or top == "medsight" or top == "__future__":
+                    continue
+                if import_names.get(top, top).lower() not in declared.lower():
+                    missing.add(f"{top} ({path.relative_to(ROOT)})")
+    assert not missing, sorted(missing)
+
+
+def test_folders_tell_where_things_go():
+    """The README's layout section names a folder for each kind of change, and those folders exist."""
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):].split("```")[1]
+    listed = {line.split()[0] for line in layout.splitlines() if line.startswith("  ") and line.split()[0].endswith("/")}
+    folders = {f"{d.name}/" for d in PKG.iterdir() if d.is_dir() and not d.name.startswith("_")}
+    assert listed == folders
