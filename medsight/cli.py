@@ -19,12 +19,12 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
     flag_keys = {"data": "data.path", "model": "model.name", "epochs": "train.epochs", "out": "out",
                  "optimizer": "optim.name", "lr": "optim.lr", "batch_size": "train.batch_size",
                  "weights": "model.weights", "image_size": "data.image_size", "device": "train.device",
-                 "layout": "model.layout"}
+                 "layout": "model.layout", "time_budget": "train.time_budget"}
     for attr, key in flag_keys.items():
-        value = getattr(args, attr)
+        value = getattr(args, attr, None)
         if value is not None:
             sets.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
-    if args.pretrained:
+    if getattr(args, "pretrained", False):
         sets.append("model.pretrained=true")
     return sets + list(args.set or [])
 
@@ -93,6 +93,18 @@ def _train_many(args: argparse.Namespace, config_path: str | None) -> int:
     if len(runs) > 1:
         compare(runs, base / "compare")
         print(f"comparison: {base / 'compare' / 'compare.html'}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from medsight.config import load_config
+    from medsight.planning import plan_for
+
+    plan = plan_for(load_config(args.config, _train_overrides(args)))
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=2))
+    else:
+        print("\n".join(plan.lines()))
     return 0
 
 
@@ -246,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weights", help="start from a local weights file (.pt, .pth, .safetensors)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     t.add_argument("--force", action="store_true", help="write into a non-empty --out that holds no run")
+    t.add_argument("--time-budget", help="fit the run into this much time on this machine, e.g. 5m, 90s, 1h")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config option, e.g. --set optim.rho=0.1")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines still print)")
     t.add_argument("--dry-run", action="store_true", help="build everything, run two training steps and one "
@@ -253,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--synthetic", action="store_true", help="with --dry-run: generated images of the configured "
                    "size and class count instead of the data set")
     t.set_defaults(func=_cmd_train)
+
+    pl = sub.add_parser("plan", help="print the data set's fingerprint and the plan training would use")
+    pl.add_argument("--data", help="folder, CSV or .npz (default: the embedded PneumoniaMNIST)")
+    pl.add_argument("--config", help="YAML config: what it sets, the plan leaves alone")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config option")
+    pl.add_argument("--json", action="store_true", help="the plan as JSON")
+    pl.set_defaults(func=_cmd_plan)
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on another data set")
     e.add_argument("checkpoint")

@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from medsight.utils.files import write_text_atomic
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainConfig",
     "ExplainConfig", "ChecklistConfig", "FinetuneConfig", "DEFAULT_DATA", "load_config", "apply_overrides",
-    "config_to_dict", "config_from_dict", "validate_config", "save_config", "with_values", "choices",
+    "config_to_dict", "config_from_dict", "validate_config", "save_config", "with_values", "choices", "explicit_keys",
     "OptimizerName", "CamMethod", "TaskKind", "ScheduleName", "Monitor", "Precision", "LossName", "LoggerName",
     "AutoAugment", "Pretext", "Layout", "MAX_IMAGE_SIZE",
 ]
@@ -76,6 +76,15 @@ def _text(v: Any) -> Any:
     return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
+def _duration(v: Any) -> Any:
+    """``"5m"``, ``"90s"``, ``"1.5h"`` or a number of seconds -> seconds."""
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|h)?\s*", v)
+        if m:
+            return float(m.group(1)) * {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, None: 1}[m.group(2)]
+    return v
+
+
 def _upper(v: Any) -> Any:
     return v.upper() if isinstance(v, str) else v
 
@@ -92,6 +101,9 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     path: Text = ""  # empty: the embedded PneumoniaMNIST default
+    path_column: Text | None = None  # CSV manifests: the image path column (None: found automatically)
+    label_column: Text | None = None  # CSV manifests: the label column (None: found automatically)
+    allow_outside_paths: bool = False  # CSV manifests: allow image paths outside the manifest's folder
     task: TaskKind = "auto"  # auto: read from the data (single_label for one class per image)
     class_names: list[Text] | None = None  # display names in label order; default: from the data
     num_classes: Annotated[int, Field(ge=2)] | None = None  # expected class count (sizes a synthetic dry run)
@@ -185,6 +197,7 @@ class TrainConfig(_Section):
     sharpness_batches: Annotated[int, Field(ge=0)] = 4  # training batches for the sharpness estimate; 0 = off
     threads: Annotated[int, Field(ge=0)] = 0  # torch CPU threads; 0 = torch's default
     loggers: list[LoggerName] = Field(default_factory=list)  # tensorboard, mlflow: written into the run folder
+    time_budget: Annotated[Float, BeforeValidator(_duration), Field(gt=0)] | None = None  # seconds ("5m", "90s")
 
 
 class ExplainConfig(_Section):
@@ -229,6 +242,10 @@ class Config(_Section):
     checklist: ChecklistConfig = Field(default_factory=ChecklistConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     out: Text = ""  # run folder; empty: runs/MODEL-TIMESTAMP
+    plan: bool = True  # derive every option the user did not set from the data (medsight.planning)
+
+    # dotted keys the user set (YAML, --set, flags, or Python arguments): the plan never changes them
+    _explicit: frozenset[str] | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -310,6 +327,33 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return cfg.model_dump()
 
 
+def _leaf_keys(data: Any, prefix: str = "") -> set[str]:
+    if not isinstance(data, dict):
+        return {prefix.rstrip(".")} if prefix else set()
+    keys: set[str] = set()
+    for k, v in data.items():
+        keys |= _leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return keys
+
+
+def _fields_set(model: BaseModel, prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for name in model.model_fields_set:
+        value = getattr(model, name)
+        keys |= _fields_set(value, f"{prefix}{name}.") if isinstance(value, BaseModel) else {f"{prefix}{name}"}
+    return keys
+
+
+def explicit_keys(cfg: Config) -> frozenset[str]:
+    """The dotted keys the user set: from a YAML file, ``--set``, CLI flags, or Python constructor arguments."""
+    return cfg._explicit if cfg._explicit is not None else frozenset(_fields_set(cfg))
+
+
+def _mark(cfg: Config, keys: frozenset[str]) -> Config:
+    cfg._explicit = keys
+    return cfg
+
+
 def with_values(cfg: Config, values: dict[str, Any]) -> Config:
     """A validated copy of ``cfg`` with dotted keys set (``{"out": "runs/x", "optim.lr": 0.1}``)."""
     data = config_to_dict(cfg)
@@ -319,7 +363,7 @@ def with_values(cfg: Config, values: dict[str, Any]) -> Config:
         for part in parts[:-1]:
             node = node[part]
         node[parts[-1]] = value
-    return _validate(data)
+    return _mark(_validate(data), explicit_keys(cfg))
 
 
 def _override_value(key: str, raw: str) -> Any:
@@ -353,7 +397,8 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
         if parts[-1] not in node:
             raise ConfigError(f"unknown config key '{key.strip()}'.{_suggest(parts[-1], node)}")
         node[parts[-1]] = _override_value(key.strip(), raw)
-    return _validate(data)
+    keys = {item.split("=", 1)[0].strip() for item in overrides}
+    return _mark(_validate(data), explicit_keys(cfg) | keys)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -373,14 +418,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
-        cfg = config_from_dict(data)
+        cfg = _mark(config_from_dict(data), frozenset(_leaf_keys(data)))
     return apply_overrides(cfg, overrides)
 
 
 def validate_config(cfg: Config) -> Config:
     """Check ``cfg`` again (a config built in Python may have skipped validation) and warn about settings
     that run but are probably not meant; returns the validated config."""
-    cfg = _validate(config_to_dict(cfg))
+    cfg = _mark(_validate(config_to_dict(cfg)), explicit_keys(cfg))
     o, t, d = cfg.optim, cfg.train, cfg.data
     if "sam" in o.name and o.adaptive and not 0.01 <= o.rho <= 10:
         warnings.warn(f"optim.rho={o.rho} is outside the usual range for adaptive SAM (0.01-10; the ASAM paper "

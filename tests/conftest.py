@@ -55,7 +55,7 @@ def tiny_overrides(out: Path, data: Path | str, epochs: int = 1) -> list[str]:
     """Settings for a run that takes seconds on a CPU."""
     return [f"data.path={data}", f"out={out}", f"train.epochs={epochs}", "data.image_size=32",
             "train.batch_size=16", "explain.gallery_per_class=1", "schedule.warmup_epochs=0",
-            "explain.faithfulness_images=4"]
+            "explain.faithfulness_images=4", "plan=false"]
 
 
 @pytest.fixture(scope="session")

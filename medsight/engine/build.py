@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from medsight.engine.distributed import DistInfo
 from medsight.engine.step import StepOptions
 from medsight.models import count_parameters, create_model, data_config, freeze_stages, layer_groups, prepare_compile
 from medsight.optim import create_optimizer, create_scheduler
+from medsight.planning import Plan, apply_plan, fingerprint, make_plan
 from medsight.tasks import Task, build_task
 
 __all__ = ["Run", "Phases", "build_run", "build_model", "make_mixer", "mix_batch", "seed_everything", "default_out"]
@@ -36,7 +37,9 @@ def seed_everything(seed: int) -> None:
 
 
 def default_out(cfg: Config) -> Path:
-    return Path("runs") / f"{cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    """runs/DATA-TIMESTAMP (the model is not known until the plan has read the data)."""
+    name = Path(cfg.data.path).stem if cfg.data.path else "pneumoniamnist"
+    return Path("runs") / f"{name or 'data'}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def build_model(cfg: Config, num_outputs: int, pretrained: bool | None = None) -> tuple[nn.Module, int]:
@@ -127,7 +130,8 @@ class Run:
     mixer: Any
     opts: StepOptions
     phases: Phases
-    extra: dict[str, Any] = field(default_factory=dict)
+    plan: Plan | None = None
+    budget: Any = None  # the time-budget fit (engine.budget.BudgetFit), when train.time_budget is set
 
     @property
     def n_params(self) -> int:
@@ -160,10 +164,13 @@ def _loaders(cfg: Config, datasets: dict[str, ImageDataset], dinfo: DistInfo, de
 
 def build_run(cfg: Config, out: Path, dinfo: DistInfo, device: torch.device) -> Run:
     """Data, task, model, loaders, loss and optimizer phases of ``cfg``, in a fixed random order."""
-    t = cfg.train
-    seed_everything(t.seed)
+    seed_everything(cfg.train.seed)
     bundle = load_data(cfg.data)
     task = build_task(cfg.data.task, bundle.classes, bundle.splits["train"].labels)
+    plan = make_plan(fingerprint(bundle, task.kind), cfg) if cfg.plan else None
+    if plan is not None:  # every option the user did not set, from the data (medsight.planning)
+        cfg = apply_plan(cfg, plan)
+    t = cfg.train
     model, frozen = build_model(cfg, task.num_outputs)
     dc = data_config(model)
     mean, std = list(dc["mean"]), list(dc["std"])
@@ -189,4 +196,5 @@ def build_run(cfg: Config, out: Path, dinfo: DistInfo, device: torch.device) -> 
                        sam_bn=cfg.optim.sam_bn, sync_first_pass=cfg.optim.sam_sync_first_pass)
     return Run(cfg=cfg, out=out, dinfo=dinfo, device=device, bundle=bundle, task=task, model=model,
                step_model=step_model, frozen=frozen, mean=mean, std=std, datasets=datasets, loaders=loaders,
-               sampler=sampler, loss_fn=loss_fn, eval_loss_fn=task.eval_loss(), mixer=mixer, opts=opts, phases=phases)
+               sampler=sampler, loss_fn=loss_fn, eval_loss_fn=task.eval_loss(), mixer=mixer, opts=opts, phases=phases,
+               plan=plan)

@@ -7,6 +7,7 @@ run can always be resumed with ``resume=True``.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
@@ -18,13 +19,16 @@ from typing import Any
 import torch
 
 from medsight.checkpoint import load_checkpoint
-from medsight.config import Config, ConfigError, save_config, validate_config, with_values
-from medsight.engine.build import Run, build_run, default_out
+from medsight.config import Config, ConfigError, explicit_keys, save_config, validate_config, with_values
+from medsight.engine.budget import epochs_for_budget
+from medsight.engine.build import Phases, Run, build_run, default_out
 from medsight.engine.callbacks import Callback, CheckpointSaver, ConsoleLogger, EarlyStopping, HistoryWriter
 from medsight.engine.distributed import DistInfo, init_distributed, shutdown
 from medsight.engine.finish import finish_run
 from medsight.engine.loggers import make_loggers
 from medsight.engine.loop import EpochState, TrainingError, train_one_epoch, validate
+from medsight.planning.planner import MAX_EPOCHS, epoch_dependent
+from medsight.utils.files import write_text_atomic
 
 __all__ = ["train", "RunResult", "TrainingError"]
 
@@ -156,25 +160,57 @@ def train(cfg: Config, resume: bool = False, progress: bool = True, force: bool 
         shutdown()
 
 
+def _fit_budget(run: Run) -> None:
+    """Replace the epoch count by what fits ``train.time_budget`` on this machine (and what follows from it,
+    where the plan chose it); the saved config then holds the epochs, not the budget, to repeat the run."""
+    cfg = run.cfg
+    fit = epochs_for_budget(run, cfg.train.time_budget, MAX_EPOCHS)
+    values: dict[str, Any] = {"train.epochs": fit.epochs, "train.time_budget": None}
+    user = explicit_keys(cfg)
+    if "train.epochs" in user:
+        log.warning(f"train.time_budget replaces the train.epochs you set ({cfg.train.epochs}) by {fit.epochs}")
+    if run.plan is not None:  # warm-up and patience follow the epochs where the plan chose them
+        values.update({d.key: d.value for d in epoch_dependent(fit.epochs) if d.key not in user})
+    run.cfg = with_values(cfg, values)
+    run.phases = Phases(run.cfg, run.model, len(run.loaders["train"]), fused=run.device.type == "cuda")
+    run.budget = fit
+    log.info(f"time budget {fit.budget:.0f}s: {fit.steps_per_epoch} steps of {fit.step_seconds:.2f}s per epoch "
+             f"(+ validation) ≈ {fit.epoch_seconds:.0f}s, evaluation ≈ {fit.finish_seconds:.0f}s -> "
+             f"{fit.epochs} epochs")
+
+
+def _write_plan(run: Run) -> None:
+    if run.plan is None and run.budget is None:
+        return
+    doc = {**(run.plan.as_dict() if run.plan else {}), "time_budget": run.budget.as_dict() if run.budget else None}
+    write_text_atomic(json.dumps(doc, indent=2), run.out / "plan.json")
+
+
 def _train(cfg: Config, resume: bool, force: bool, progress: bool, dinfo: DistInfo, device: torch.device,
            extra: list[Callback]) -> RunResult:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     saved = _previous(cfg, resume, force) if dinfo.main or resume else None
     run = build_run(cfg, Path(cfg.out), dinfo, device)
+    if run.plan is not None:
+        for line in run.plan.lines():
+            log.info(line)
+    if run.cfg.train.time_budget and saved is None:
+        _fit_budget(run)
     state = EpochState(phase=run.phases.of(0))
     state.optimizer, state.scheduler = run.phases.setup(state.phase)
     start = _restore(run, state, saved) if saved is not None else 0
-    own: list[Callback] = [CheckpointSaver(), HistoryWriter(), ConsoleLogger(), *make_loggers(cfg.train.loggers)]
+    own: list[Callback] = [CheckpointSaver(), HistoryWriter(), ConsoleLogger(), *make_loggers(run.cfg.train.loggers)]
     callbacks = (own + extra if dinfo.main else []) + [EarlyStopping()]
     if dinfo.main:
         run.out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run.out / "config.yaml")
+        save_config(run.cfg, run.out / "config.yaml")
+        _write_plan(run)
     for cb in callbacks:
         cb.on_train_start(run, state)
     interrupted = False
     try:
-        for epoch in range(start, cfg.train.epochs):
+        for epoch in range(start, run.cfg.train.epochs):
             _epoch(run, state, epoch, callbacks, progress)
             if state.stop:
                 break
