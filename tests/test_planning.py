@@ -72,8 +72,15 @@ def test_imbalance_and_a_one_class_validation_split_change_the_policy():
     b = bundle_of(1050, val_classes=1)
     b.splits["train"] = SplitData(labels=labels, images=rng.integers(0, 255, (1050, 28, 28), dtype=np.uint8))
     chosen = {d.key: d.value for d in make_plan(fingerprint(b, "single_label"), Config()).decisions}
-    assert chosen["train.class_weight_mode"] == "effective"  # 16.5:1
+    assert chosen["train.class_weight_mode"] == "effective" and chosen["train.class_weights"]  # 16.5:1
     assert chosen["train.monitor"] == "loss"  # no validation AUC to select by
+
+
+def test_class_weights_for_two_classes_but_not_for_several_mildly_imbalanced_ones():
+    two = {d.key: d.value for d in make_plan(fingerprint(bundle_of(1080), "single_label"), Config()).decisions}
+    five = {d.key: d.value for d in make_plan(fingerprint(bundle_of(1080, classes=5), "single_label"),
+                                              Config()).decisions}
+    assert two["train.class_weights"] is True and five["train.class_weights"] is False
 
 
 def test_mixed_sizes_and_channels_are_fingerprinted_from_headers(tmp_path):

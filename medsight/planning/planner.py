@@ -125,10 +125,18 @@ def rule_augmentation(fp: Fingerprint, chosen: dict[str, Any]) -> list[Decision]
 
 
 def rule_imbalance(fp: Fingerprint, chosen: dict[str, Any]) -> list[Decision]:
+    ratio = f"imbalance {fp.imbalance:g}:1"
     if fp.imbalance >= 10:
-        return [Decision("train.class_weight_mode", "effective", f"imbalance {fp.imbalance:g}:1: effective-number "
-                                                                  f"weights (inverse weights explode for rare classes)")]
-    return [Decision("train.class_weight_mode", "inverse", f"imbalance {fp.imbalance:g}:1: inverse-frequency weights")]
+        return [Decision("train.class_weights", True, f"{ratio}: rare classes would be ignored without weights"),
+                Decision("train.class_weight_mode", "effective", "effective-number weights (Cui et al. 2019): "
+                                                                 "inverse weights explode for very rare classes")]
+    if len(fp.classes) == 2:
+        return [Decision("train.class_weights", True, f"{ratio}, two classes: the finding is usually the minority "
+                                                      f"and its sensitivity matters"),
+                Decision("train.class_weight_mode", "inverse", "inverse-frequency weights")]
+    return [Decision("train.class_weights", False, f"{ratio} over {len(fp.classes)} classes: weights would trade "
+                                                   f"accuracy for balanced accuracy; both are reported"),
+            Decision("train.class_weight_mode", "inverse", "(unused without weights)")]
 
 
 def rule_monitor(fp: Fingerprint, chosen: dict[str, Any]) -> list[Decision]:
