@@ -23,7 +23,7 @@ from medsight.inference import collect_images, eval_transform, load_predictor, p
 from medsight.reporting.plots import plot_explanation
 from medsight.tasks import task_from_checkpoint
 from medsight.utils.device import resolve_device
-from medsight.utils.files import write_text_atomic
+from medsight.utils.files import PRIVATE_DIR, make_private, write_text_atomic
 
 __all__ = ["evaluate", "predict", "explain_files", "checkpoint_sharpness", "OutputExistsError"]
 
@@ -75,9 +75,10 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path | None = None, d
     result = {"checkpoint": str(checkpoint), "data": source, "task": task.kind, "test": metrics, "skipped_files": skipped}
     if out is not None:
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
         result["figures"] = task.figures(out, {Path(source).name: (labels, probs)}, metrics, title=f"{source}")
         write_text_atomic(json.dumps(result, indent=2), out / "metrics.json")
+        make_private(out, only=["metrics.json", *result["figures"]])  # like run files: owner-only
     return result
 
 

@@ -115,8 +115,8 @@ def test_csv_split_column_and_leak_detection(tmp_path):
 
 
 def test_csv_missing_columns(tmp_path):
-    (tmp_path / "m.csv").write_text("file,class\na.png,1\n")
-    with pytest.raises(DataError, match="lacks column.*label.*path"):
+    (tmp_path / "m.csv").write_text("file,class\na.png,1\n")  # a.png does not exist: no path column to find
+    with pytest.raises(DataError, match="lacks column.*path.*data.path_column"):
         load_data(DataConfig(path=str(tmp_path / "m.csv")))
 
 

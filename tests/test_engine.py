@@ -110,6 +110,9 @@ def test_loggers_write_into_the_run_folder(tmp_path, small_npz, logger, monkeypa
     cfg = apply_overrides(Config(), tiny_overrides(out, small_npz, epochs=2) + [
         f"train.loggers=[{logger}]", "train.sharpness_batches=0", "explain.faithfulness_images=0"])
     train(cfg, progress=False)
+    # the run folder's one policy holds for what the loggers write too, after the run's end as well
+    modes = {p.relative_to(out): p.stat().st_mode & 0o777 for p in (out / logger.replace("mlflow", "mlruns")).rglob("*")}
+    assert modes and all(m == (0o700 if (out / p).is_dir() else 0o600) for p, m in modes.items()), modes
     if logger == "tensorboard":
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

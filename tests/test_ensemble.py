@@ -60,6 +60,7 @@ def test_soft_and_weighted_ensembles_combine_member_probabilities(two_runs, tmp_
     assert m["test"]["n"] == len(runs[0].test_labels)
     for f in ("metrics.json", "report.html", "roc.png", "confusion_matrix.png", "ensemble.json"):
         assert (tmp_path / "soft" / f).is_file()
+        assert (tmp_path / "soft" / f).stat().st_mode & 0o777 == 0o600  # like a run's files: owner-only
     ensemble([r.path for r in runs], "weighted", tmp_path / "weighted")
     spec = json.loads((tmp_path / "weighted" / "ensemble.json").read_text())
     from medsight.metrics import auc_score

@@ -1,8 +1,12 @@
-"""Data in: a folder per class, a CSV manifest or a MedMNIST-style .npz, split without leaks.
+"""Data in: a folder per class, a CSV manifest, a MedMNIST-style .npz, or a published layout read as
+downloaded (Tiny ImageNet, Kaggle/EyePACS and APTOS retinopathy), split without leaks.
 
 Every source becomes the same thing: a list of samples (file paths or in-memory images) with integer
 labels and class names, split into train / val / test. A new source format goes here, as one
-``_from_*`` reader that ``_read_source`` dispatches to.
+``_from_*`` reader that ``_read_source`` dispatches to. Readers refuse what would give a silently wrong
+result (a path outside a manifest's folder, one image with two labels, fractional labels) with a
+message naming the row or key, and say what they changed (merged label spellings, dropped duplicate
+rows, rescaled float images).
 """
 
 from __future__ import annotations
@@ -10,10 +14,13 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
+import zipfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -83,6 +90,14 @@ def _labels_from_names(names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     return np.array([index[n] for n in names], dtype=np.int64), classes
 
 
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def _listed(items: Sequence[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" ... ({len(items)} in all)" if len(items) > n else "")
+
+
 def _scan_class_folders(root: Path) -> tuple[list[str], list[str]]:
     paths: list[str] = []
     names: list[str] = []
@@ -90,7 +105,7 @@ def _scan_class_folders(root: Path) -> tuple[list[str], list[str]]:
     if not class_dirs:
         raise DataError(f"{root} has no class folders (expected one sub-folder of images per class)")
     for d in class_dirs:
-        files = sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        files = _image_files(d)
         if not files:
             raise DataError(f"class '{d.name}' in {root} has no images "
                             f"(looked for {', '.join(sorted(IMAGE_EXTS))})")
@@ -117,29 +132,149 @@ def _from_folder(root: Path) -> tuple[dict[str, SplitData], list[str]]:
     return {"all": SplitData(labels=labels, paths=paths)}, classes
 
 
-def _from_csv(path: Path) -> tuple[dict[str, SplitData], list[str]]:
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields = [f.strip() for f in (reader.fieldnames or [])]
-        missing = {"path", "label"} - set(fields)
-        if missing:
-            raise DataError(f"CSV manifest {path} lacks column(s) {', '.join(sorted(missing))}; "
-                            f"expected path,label[,patient_id][,split], found {', '.join(fields) or 'nothing'}")
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
-    if not rows:
+# -- CSV manifests
+
+#: Column names taken as the label when a manifest has no ``label`` column (case-insensitive).
+LABEL_COLUMNS = ("label", "class", "diagnosis", "level", "finding", "target", "y")
+
+
+@dataclass
+class _Csv:
+    path: Path
+    fields: list[str]
+    rows: list[dict[str, str]]  # values as written (unstripped)
+    lines: list[int]  # the file line each row ends on (the header is line 1)
+
+
+def _read_csv(path: Path) -> _Csv:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's byte-order mark is not a column name
+            reader = csv.DictReader(fh)
+            fields = [f.strip() for f in (reader.fieldnames or [])]
+            rows, lines = [], []
+            for row in reader:
+                rows.append({k.strip(): v or "" for k, v in row.items() if isinstance(k, str)})  # None: extra cells
+                lines.append(reader.line_num)
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a text (UTF-8) CSV file") from None
+    except csv.Error as exc:
+        raise DataError(f"{path} is not a readable CSV file: {exc}") from None
+    return _Csv(path, fields, rows, lines)
+
+
+def _looks_like_paths(table: _Csv, column: str, base: Path, sample: int = 50) -> bool:
+    """Values that are file names with image extensions, of which at least one exists."""
+    values = [v for r in table.rows[:sample] if (v := r.get(column, "").strip())]
+    if not values or not all(Path(v).suffix.lower() in IMAGE_EXTS for v in values):
+        return False
+    return any((base / v).is_file() for v in values)
+
+
+def _choose_columns(table: _Csv, base: Path, path_column: str | None, label_column: str | None) -> tuple[str, str]:
+    """The path and label columns: as named by the caller, ``path``/``label``, or found where unambiguous."""
+    fields, where = table.fields, f"CSV manifest {table.path}"
+    for given, key in ((path_column, "path_column"), (label_column, "label_column")):
+        if given is not None and given not in fields:
+            raise DataError(f"{where} has no column '{given}' (data.{key}); its columns are {', '.join(fields)}")
+    pcol = path_column or ("path" if "path" in fields else None)
+    if pcol is None:
+        found = [f for f in fields if f != label_column and _looks_like_paths(table, f, base)]
+        if len(found) != 1:
+            why = (f"columns {', '.join(found)} all hold image file names" if found
+                   else "no column holds names of image files that exist beside it")
+            raise DataError(f"{where} lacks column(s) path: {why}. Its columns are {', '.join(fields) or 'none'}; "
+                            f"name a 'path' column, or choose one with data.path_column "
+                            f"(expected path,label[,patient_id][,split])")
+        pcol = found[0]
+        log.info("%s: image paths from column '%s'", table.path, pcol)
+    lcol = label_column or ("label" if "label" in fields else None)
+    if lcol is None:
+        found = [f for f in fields if f not in (pcol, "patient_id", "split") and f.strip().lower() in LABEL_COLUMNS]
+        if len(found) != 1:
+            why = f"columns {', '.join(found)} could each be it" if found else \
+                f"none is named {', '.join(LABEL_COLUMNS)}"
+            raise DataError(f"{where} lacks column(s) label: {why}. Its columns are {', '.join(fields)}; "
+                            f"name a 'label' column, or choose one with data.label_column")
+        lcol = found[0]
+        log.info("%s: labels from column '%s'", table.path, lcol)
+    if pcol == lcol:
+        raise DataError(f"{where}: the path and label columns are both '{pcol}'")
+    return pcol, lcol
+
+
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _canonical_labels(labels: list[str], source: Path) -> list[str]:
+    """Labels that differ only in case or surrounding spaces are one class, spelled as most rows spell it."""
+    spellings: dict[str, Counter[str]] = {}
+    for raw in labels:
+        spellings.setdefault(raw.strip().casefold(), Counter())[raw] += 1
+    canonical = {k: c.most_common(1)[0][0].strip() for k, c in spellings.items()}
+    merged = {k: c for k, c in spellings.items() if len(c) > 1}
+    if merged:
+        log.warning("%s: labels that differ only in case or spaces are taken as one class: %s", source,
+                    "; ".join(f"{', '.join(repr(s) for s in c)} -> '{canonical[k]}'" for k, c in merged.items()))
+    return [canonical[raw.strip().casefold()] for raw in labels]
+
+
+def _from_csv(path: Path, notes: list[str], *, allow_outside_paths: bool = False, path_column: str | None = None,
+              label_column: str | None = None) -> tuple[dict[str, SplitData], list[str]]:
+    """A manifest ``path,label[,patient_id][,split]`` (other column names found or given).
+
+    Paths are relative to the manifest's folder and must stay inside it unless ``allow_outside_paths``.
+    Duplicate rows are dropped; one image with two labels, splits or patients is refused.
+    """
+    table = _read_csv(path)
+    if not table.rows:
         raise DataError(f"CSV manifest {path} has no rows")
-    base = path.parent
-    paths = [str(p if (p := Path(r["path"])).is_absolute() else base / p) for r in rows]
-    for i, r in enumerate(rows):
-        if not r["label"]:
-            raise DataError(f"CSV manifest {path}, row {i + 2}: empty label")
-    labels, classes = _labels_from_names([r["label"] for r in rows])
-    groups = [r["patient_id"] for r in rows] if "patient_id" in fields else None
-    if groups is not None and any(g == "" for g in groups):
-        raise DataError(f"CSV manifest {path}: patient_id is empty on some rows")
-    data = SplitData(labels=labels, paths=paths, groups=groups)
-    if "split" in fields and any(r["split"] for r in rows):
-        names = [r["split"].lower() for r in rows]
+    base = os.path.normpath(path.parent.absolute())
+    pcol, lcol = _choose_columns(table, Path(base), path_column, label_column)
+    has_split, has_group = "split" in table.fields, "patient_id" in table.fields
+    paths, raw_labels = [], []
+    for r, line in zip(table.rows, table.lines):
+        raw = r.get(pcol, "").strip()
+        if not raw:
+            raise DataError(f"CSV manifest {path}, row {line}: empty {pcol}")
+        if not r.get(lcol, "").strip():
+            raise DataError(f"CSV manifest {path}, row {line}: empty label")
+        full = os.path.normpath(os.path.join(base, os.path.expanduser(raw)))
+        if not allow_outside_paths and not _inside(full, base):
+            raise DataError(f"CSV manifest {path}, row {line}: {raw} lies outside the manifest's folder {base}; paths "
+                            f"must stay inside it (data.allow_outside_paths=true allows others)")
+        paths.append(full)
+        raw_labels.append(r[lcol])
+    labels = _canonical_labels(raw_labels, path)
+    splits_col = [r.get("split", "").strip().lower() for r in table.rows] if has_split else None
+    groups = [r.get("patient_id", "").strip() for r in table.rows] if has_group else None
+    if groups is not None and "" in groups:
+        raise DataError(f"CSV manifest {path}, row {table.lines[groups.index('')]}: patient_id is empty "
+                        f"(give every row its patient, or drop the column)")
+    if splits_col is not None and any(splits_col) and "" in splits_col:
+        raise DataError(f"CSV manifest {path}, row {table.lines[splits_col.index('')]}: split is blank, while other "
+                        f"rows name one; give every row train, val or test, or leave the column empty everywhere")
+    keep, first, dropped = [], {}, []
+    for i, p in enumerate(paths):
+        j = first.setdefault(p, i)
+        if j == i:
+            keep.append(i)
+            continue
+        for noun, values in (("label", labels), ("split", splits_col), ("patient_id", groups)):
+            if values is not None and values[i] != values[j]:
+                raise DataError(f"CSV manifest {path}: {table.rows[i][pcol].strip()} has {noun} '{values[j]}' on row "
+                                f"{table.lines[j]} and '{values[i]}' on row {table.lines[i]}; one image has one {noun}")
+        dropped.append(table.lines[i])
+    if dropped:
+        msg = (f"dropped {len(dropped)} duplicate row(s) of {path.name} naming an image an earlier row names "
+               f"(rows {_listed([str(d) for d in dropped])})")
+        log.warning("%s: %s", path, msg)
+        notes.append(msg)
+    codes, classes = _labels_from_names([labels[i] for i in keep])
+    data = SplitData(labels=codes, paths=[paths[i] for i in keep],
+                     groups=[groups[i] for i in keep] if groups is not None else None)
+    if splits_col is not None and any(splits_col):
+        names = [splits_col[i] for i in keep]
         bad = sorted(set(names) - set(SPLITS))
         if bad:
             raise DataError(f"CSV manifest {path}: split must be train, val or test; found {', '.join(bad)}")
@@ -160,32 +295,254 @@ def _check_no_group_leak(splits: dict[str, SplitData], source: Path) -> None:
             seen[g] = name
 
 
-def _from_npz(path: Path) -> tuple[dict[str, SplitData], list[str]]:
+# -- published layouts, read as downloaded
+
+@dataclass(frozen=True)
+class _GradedLayout:
+    """A Kaggle-style grading set: a CSV of (image id, grade) beside a folder of ``<id>.<ext>`` files."""
+
+    name: str
+    csv: str
+    id_column: str
+    grade_column: str
+    folder: str
+    unlabelled: tuple[str, ...]
+    patient: bool = False  # ids are ``<patient>_<left|right>``: split by patient
+
+#: Diabetic-retinopathy grades 0 (none) .. 4 (proliferative), the class names of both sets.
+DR_GRADES = ["0", "1", "2", "3", "4"]
+
+GRADED_LAYOUTS = (
+    # Kaggle/EyePACS Diabetic Retinopathy Detection (2015): trainLabels.csv image,level; train/<image>.jpeg
+    _GradedLayout("Kaggle diabetic retinopathy (EyePACS)", "trainLabels.csv", "image", "level", "train", ("test",),
+                  patient=True),
+    # APTOS 2019 Blindness Detection: train.csv id_code,diagnosis; train_images/<id_code>.png
+    _GradedLayout("APTOS 2019", "train.csv", "id_code", "diagnosis", "train_images", ("test_images",)),
+)
+
+
+def _graded_layout(csv_path: Path) -> _GradedLayout | None:
+    """The published layout ``csv_path`` belongs to: its name, its two columns, its image folder beside it."""
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+            header = [h.strip().lower() for h in next(csv.reader(fh), [])]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    for layout in GRADED_LAYOUTS:
+        if header[:2] == [layout.id_column, layout.grade_column] and (csv_path.parent / layout.folder).is_dir():
+            return layout
+    return None
+
+
+def _from_graded_csv(csv_path: Path, layout: _GradedLayout, notes: list[str]) -> tuple[dict[str, SplitData], list[str]]:
+    table = _read_csv(csv_path)
+    folder = csv_path.parent / layout.folder
+    files = {p.stem: p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS}
+    paths, labels, missing = [], [], []
+    for r, line in zip(table.rows, table.lines):
+        ident, grade = r.get(layout.id_column, "").strip(), r.get(layout.grade_column, "").strip()
+        if grade not in DR_GRADES:
+            raise DataError(f"{csv_path}, row {line}: {layout.grade_column} must be a grade 0-4, got '{grade}'")
+        if ident not in files:
+            missing.append(ident)
+            continue
+        paths.append(str(files[ident]))
+        labels.append(int(grade))
+    if not paths:
+        raise DataError(f"{csv_path}: none of its {len(table.rows)} images is in {folder} "
+                        f"(looked for e.g. {_listed(missing, 3)} with an image extension)")
+    if missing:
+        msg = f"{len(missing)} of {len(table.rows)} images named in {csv_path.name} are not in {folder}: skipped ({_listed(missing)})"
+        log.warning("%s", msg)
+        notes.append(msg)
+    groups = [Path(p).stem.rsplit("_", 1)[0] for p in paths] if layout.patient else None
+    notes.append(f"read as {layout.name}: {csv_path.name} and {layout.folder}/, classes are the grades 0-4"
+                 + (", split by patient (both eyes of a patient stay in one split)" if groups else ""))
+    for extra in layout.unlabelled:
+        if (csv_path.parent / extra).is_dir():
+            notes.append(f"{extra}/ has no labels: not used")
+    return {"all": SplitData(labels=np.array(labels, dtype=np.int64), paths=paths, groups=groups)}, list(DR_GRADES)
+
+
+def _is_tiny_imagenet(root: Path) -> bool:
+    return (root / "train").is_dir() and (root / "val" / "val_annotations.txt").is_file()
+
+
+def _wordnet_names(root: Path, wnids: list[str]) -> list[str]:
+    """Class names from ``words.txt`` (``wnid<TAB>name, synonym, ...``): the first name, or all of them where
+    first names repeat; the wnid where the file is missing or lacks it."""
+    words: dict[str, str] = {}
+    if (root / "words.txt").is_file():
+        for line in (root / "words.txt").read_text(encoding="utf-8", errors="replace").splitlines():
+            wnid, _, text = line.partition("\t")
+            if text.strip():
+                words[wnid.strip()] = text.strip()
+    full = [words.get(w, w) for w in wnids]
+    first = [n.split(",")[0].strip() for n in full]
+    names = [f if first.count(f) == 1 else n for f, n in zip(first, full)]
+    return [n if names.count(n) == 1 else f"{n} ({w})" for n, w in zip(names, wnids)]
+
+
+def _from_tiny_imagenet(root: Path, notes: list[str]) -> tuple[dict[str, SplitData], list[str]]:
+    """Tiny ImageNet as published: ``train/<wnid>/images/*.JPEG``; ``val/images`` with labels in
+    ``val/val_annotations.txt`` (file, wnid, box); class names from ``words.txt``; ``test/`` is unlabelled."""
+    wnids = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and not d.name.startswith("."))
+    index = {w: i for i, w in enumerate(wnids)}
+    train_paths, train_labels = [], []
+    for w in wnids:
+        files = _image_files(root / "train" / w)
+        if not files:
+            raise DataError(f"class '{w}' in {root / 'train'} has no images")
+        train_paths += [str(p) for p in files]
+        train_labels += [index[w]] * len(files)
+    val_paths, val_labels, missing = [], [], []
+    annotations = root / "val" / "val_annotations.txt"
+    for n, line in enumerate(annotations.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 2:
+            raise DataError(f"{annotations}, line {n}: expected 'file<TAB>wnid<TAB>box', got {line[:80]!r}")
+        name, w = parts[0].strip(), parts[1].strip()
+        if w not in index:
+            raise DataError(f"{annotations}, line {n}: class {w} has no train/{w} folder")
+        p = root / "val" / "images" / name
+        if not p.is_file():
+            missing.append(name)
+            continue
+        val_paths.append(str(p))
+        val_labels.append(index[w])
+    if missing:
+        msg = f"{len(missing)} images listed in {annotations.name} are not in {root / 'val' / 'images'}: skipped ({_listed(missing)})"
+        log.warning("%s", msg)
+        notes.append(msg)
+    classes = _wordnet_names(root, wnids)
+    notes.append(f"read as Tiny ImageNet: {len(wnids)} classes (train/<wnid>/images, val/val_annotations.txt)"
+                 + (", names from words.txt" if (root / "words.txt").is_file() else ""))
+    if (root / "test").is_dir():
+        notes.append("test/ has no labels in Tiny ImageNet: not used")
+    splits = {"train": SplitData(labels=np.array(train_labels, dtype=np.int64), paths=train_paths)}
+    if val_paths:
+        splits["val"] = SplitData(labels=np.array(val_labels, dtype=np.int64), paths=val_paths)
+    return splits, classes
+
+
+# -- npz
+
+def _npz_array(arrays: Any, key: str, path: Path) -> np.ndarray:
+    try:
+        return np.asarray(arrays[key])
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise DataError(f"{path}: '{key}' holds Python objects, not numbers or text; medsight reads plain "
+                            f"arrays only") from None
+        raise DataError(f"{path}: cannot read '{key}': {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged archive member
+        raise DataError(f"{path}: cannot read '{key}' ({type(exc).__name__}); the archive is damaged") from None
+
+
+def _npz_labels(a: np.ndarray, key: str, path: Path) -> np.ndarray:
+    """Integer class numbers from a labels array: integer-valued floats are fine; anything else is refused."""
+    if a.ndim == 2 and a.shape[1] > 1:
+        raise DataError(f"{path}: {key} has shape {a.shape}: several labels per image (multi-label) are not "
+                        f"supported; give one class number per image")
+    a = a.reshape(-1)
+    if a.dtype.kind not in "uifb":
+        raise DataError(f"{path}: {key} must hold class numbers 0..K-1, got {a.dtype} values "
+                        f"(e.g. {a[:3].tolist()}); put names in a 'class_names' array")
+    if a.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(a) | (a != np.round(a)))
+        if len(bad):
+            raise DataError(f"{path}: {key} holds non-integer values (e.g. {a[bad[0]]!s} at index {bad[0]}); "
+                            f"labels are class numbers 0..K-1")
+    if len(a) and a.min() < 0:
+        i = int(np.argmin(a))
+        raise DataError(f"{path}: {key} holds negative labels (e.g. {a[i]!s} at index {i}); labels are class "
+                        f"numbers 0..K-1")
+    return a.astype(np.int64)
+
+
+def _npz_images(a: np.ndarray, key: str, path: Path, notes: list[str]) -> np.ndarray:
+    if a.dtype.kind not in "uif":
+        what = {"U": "text", "S": "bytes", "O": "Python objects", "b": "booleans"}.get(a.dtype.kind, str(a.dtype))
+        raise DataError(f"{path}: {key} holds {what} ({a.dtype}), not pixel values")
+    if a.ndim not in (3, 4):
+        raise DataError(f"{path}: {key} must be (N, H, W) or (N, H, W, C), got shape {a.shape}")
+    if a.ndim == 4 and a.shape[-1] not in (1, 3, 4):
+        raise DataError(f"{path}: {key} has {a.shape[-1]} channels (last axis of {a.shape}); expected 1, 3 or 4")
+    if a.dtype.kind in "ui" and a.dtype not in (np.uint8, np.uint16) and a.size:
+        lo, hi = int(a.min()), int(a.max())
+        for depth in (np.uint8, np.uint16):
+            if lo >= 0 and hi <= np.iinfo(depth).max:
+                notes.append(f"{key}: {a.dtype} pixels within 0..{np.iinfo(depth).max}, read as {np.dtype(depth).name}")
+                return a.astype(depth)
+        raise DataError(f"{path}: {key} holds {a.dtype} pixels from {lo} to {hi}; store uint8 or uint16 pixels, "
+                        f"or floats in [0, 1]")
+    return a
+
+
+def _rescale_float_images(splits: dict[str, SplitData], path: Path, notes: list[str]) -> None:
+    """Float images belong in [0, 1]; floats of 0-255 (8-bit values saved as float) are divided by 255."""
+    floats = [s for s in splits.values() if s.images is not None and s.images.dtype.kind == "f" and s.images.size]
+    if not floats:
+        return
+    with np.errstate(invalid="ignore"):
+        hi = max(float(np.nanmax(s.images)) if np.isfinite(s.images).any() else 0.0 for s in floats)
+    if 1.0 < hi <= 255.0:
+        for s in floats:
+            s.images = (s.images / np.float32(255)).astype(np.float32)
+        msg = f"float images range up to {hi:g}: read as 8-bit values and divided by 255"
+        log.warning("%s: %s", path, msg)
+        notes.append(msg)
+    elif hi > 255.0:
+        log.warning("%s: float images range up to %g; medsight expects floats in [0, 1] (or integer pixels), so "
+                    "normalize them before training", path, hi)
+
+
+def _from_npz(path: Path, notes: list[str]) -> tuple[dict[str, SplitData], list[str]]:
+    """MedMNIST-style arrays: ``{split}_images`` / ``{split}_labels`` (or ``images`` / ``labels``), with class
+    names from ``class_names`` (or ``classes``) when present."""
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path} is not an .npz archive (not a zip of arrays); expected train_images, "
+                        f"train_labels, ... as written by numpy.savez")
     try:
         arrays = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - any failure here means the file is unusable
-        raise DataError(f"cannot read {path} as an .npz archive: {exc}") from exc
-    splits = {}
-    for s in SPLITS:
-        if f"{s}_images" in arrays:
-            if f"{s}_labels" not in arrays:
-                raise DataError(f"{path} has {s}_images but no {s}_labels")
-            images = np.asarray(arrays[f"{s}_images"])
-            labels = np.asarray(arrays[f"{s}_labels"]).reshape(-1).astype(np.int64)
-            if len(images) != len(labels):
-                raise DataError(f"{path}: {s}_images has {len(images)} images but {s}_labels has {len(labels)}")
-            if images.ndim not in (3, 4):
-                raise DataError(f"{path}: {s}_images must be (N, H, W) or (N, H, W, C), got shape {images.shape}")
-            splits[s] = SplitData(labels=labels, images=images)
-    if not splits:
-        if "images" in arrays and "labels" in arrays:
-            splits["all"] = SplitData(labels=np.asarray(arrays["labels"]).reshape(-1).astype(np.int64),
-                                      images=np.asarray(arrays["images"]))
-        else:
+        raise DataError(f"cannot read {path} as an .npz archive ({type(exc).__name__})") from None
+    with arrays:
+        splits: dict[str, SplitData] = {}
+        prefixes = [f"{s}_" for s in SPLITS if f"{s}_images" in arrays.files]
+        if not prefixes and "images" in arrays.files:
+            prefixes = [""]
+        if not prefixes:
             raise DataError(f"{path} has none of the keys train_images/val_images/test_images or images; "
-                            f"found {', '.join(arrays.files)}")
+                            f"found {', '.join(arrays.files) or 'nothing'}")
+        for prefix in prefixes:
+            s = prefix.rstrip("_") or "all"
+            if f"{prefix}labels" not in arrays.files:
+                raise DataError(f"{path} has {prefix}images but no {prefix}labels")
+            images = _npz_images(_npz_array(arrays, f"{prefix}images", path), f"{prefix}images", path, notes)
+            labels = _npz_labels(_npz_array(arrays, f"{prefix}labels", path), f"{prefix}labels", path)
+            if len(images) != len(labels):
+                raise DataError(f"{path}: {prefix}images has {len(images)} images but {prefix}labels has {len(labels)}")
+            if not len(labels):
+                if s in ("train", "all"):
+                    raise DataError(f"{path}: the {'training' if s == 'train' else ''} split is empty "
+                                    f"({prefix}images holds no images)".replace("  ", " "))
+                notes.append(f"{prefix}images is empty: ignored, {s} is carved from train instead")
+                continue
+            splits[s] = SplitData(labels=labels, images=images)
+        key = next((k for k in ("class_names", "classes") if k in arrays.files), None)
+        names = _npz_array(arrays, key, path).reshape(-1) if key else None
+    _rescale_float_images(splits, path, notes)
     k = int(max(s.labels.max() for s in splits.values())) + 1
-    classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else [str(i) for i in range(k)]
+    if names is None:
+        return splits, [str(i) for i in range(k)]
+    classes = [str(c).strip() for c in names.tolist()]
+    if len(classes) < k:
+        raise DataError(f"{path}: {key} has {len(classes)} names but the labels go up to {k - 1}")
+    if "" in classes or len(set(classes)) != len(classes):
+        raise DataError(f"{path}: {key} must be distinct, non-empty names; got {', '.join(classes)}")
     return splits, classes
 
 
@@ -259,28 +616,54 @@ def rotation_pretext(splits: dict[str, SplitData], seed: int) -> dict[str, Split
     return out
 
 
-def _read_source(path_str: str) -> tuple[dict[str, SplitData], list[str], str]:
+def _read_source(path_str: str, *, allow_outside_paths: bool = False, path_column: str | None = None,
+                 label_column: str | None = None) -> tuple[dict[str, SplitData], list[str], str, list[str]]:
+    """``(splits, classes, source, notes)`` of the data at ``path_str`` (the embedded default when empty).
+
+    A folder is read as a published layout it matches (Tiny ImageNet, Kaggle/EyePACS or APTOS retinopathy),
+    else as class folders; a .csv as a published grading CSV, else as a manifest; an .npz as arrays.
+    """
     path = Path(path_str).expanduser() if path_str else DEFAULT_DATA
+    notes: list[str] = []
     if not path.exists():
         raise DataError(f"data path not found: {path}")
+    csv_path = path if path.suffix.lower() == ".csv" and path.is_file() else None
     if path.is_dir():
+        csv_path = next((path / g.csv for g in GRADED_LAYOUTS if _graded_layout(path / g.csv) is not None), None)
+    layout = _graded_layout(csv_path) if csv_path is not None else None
+    if layout is not None:
+        splits, classes = _from_graded_csv(csv_path, layout, notes)
+    elif path.is_dir() and _is_tiny_imagenet(path):
+        splits, classes = _from_tiny_imagenet(path, notes)
+    elif path.is_dir():
         splits, classes = _from_folder(path)
     elif path.suffix.lower() == ".csv":
-        splits, classes = _from_csv(path)
+        splits, classes = _from_csv(path, notes, allow_outside_paths=allow_outside_paths, path_column=path_column,
+                                    label_column=label_column)
     elif path.suffix.lower() == ".npz":
-        splits, classes = _from_npz(path)
+        splits, classes = _from_npz(path, notes)
     else:
         raise DataError(f"cannot tell the format of {path}: give a folder of class folders, a .csv manifest "
                         f"or an .npz file")
     if not path_str:
         classes = list(DEFAULT_CLASSES)
-    return splits, classes, str(path)
+    return splits, classes, str(path), notes
+
+
+def _reader_options(cfg: DataConfig) -> dict[str, Any]:
+    """The readers' options from the data config (keys a config without them reads as their defaults)."""
+    return {"allow_outside_paths": bool(getattr(cfg, "allow_outside_paths", False)),
+            "path_column": getattr(cfg, "path_column", None) or None,
+            "label_column": getattr(cfg, "label_column", None) or None}
 
 
 def load_data(cfg: DataConfig) -> DataBundle:
-    """Read the data named by ``cfg.path`` (the embedded default when empty) into train/val/test."""
-    splits, classes, source = _read_source(cfg.path)
-    notes: list[str] = []
+    """Read the data named by ``cfg.path`` (the embedded default when empty) into train/val/test.
+
+    CSV manifests read ``cfg.allow_outside_paths`` (paths outside the manifest's folder), ``cfg.path_column``
+    and ``cfg.label_column`` (column names) where the config has them.
+    """
+    splits, classes, source, notes = _read_source(cfg.path, **_reader_options(cfg))
     splits = _complete_splits(splits, cfg, notes)
     if cfg.train_fraction < 1:
         n_before = len(splits["train"])
@@ -310,14 +693,20 @@ def load_data(cfg: DataConfig) -> DataBundle:
     return bundle
 
 
-def load_eval_data(path: str, classes: list[str], prefer: Sequence[str] = ("test", "all")) -> tuple[SplitData, str]:
+def load_eval_data(path: str, classes: list[str], prefer: Sequence[str] = ("test", "all"), *,
+                   allow_outside_paths: bool = False, path_column: str | None = None,
+                   label_column: str | None = None) -> tuple[SplitData, str]:
     """Images of ``path`` for a trained model: the first split of ``prefer`` that the data has (by default
     the test split, else every image), with labels matched to the model's ``classes`` by name.
 
     Names that match in another order are re-mapped; data without names of its own (``0``, ``1``, ...)
-    is matched by position, with a warning; names that differ are refused.
+    is matched by position, with a warning; names that differ are refused. The keyword options are the
+    CSV reader's (see ``load_data``).
     """
-    splits, data_classes, source = _read_source(path)
+    splits, data_classes, source, notes = _read_source(path, allow_outside_paths=allow_outside_paths,
+                                                       path_column=path_column, label_column=label_column)
+    for note in notes:
+        log.info("%s: %s", source, note)
     data = next((splits[s] for s in prefer if splits.get(s)), None)
     if data is None:
         wanted = " or ".join("unsplit" if s == "all" else s for s in prefer)

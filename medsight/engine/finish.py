@@ -22,7 +22,7 @@ from medsight.inference.predictor import predict_loader
 from medsight.models import cam_target
 from medsight.reporting.html import baseline_table, write_report
 from medsight.reporting.plots import plot_curves, plot_faithfulness, plot_gallery
-from medsight.utils.files import save_atomic, write_text_atomic
+from medsight.utils.files import make_private, save_atomic, write_text_atomic
 
 __all__ = ["finish_run"]
 
@@ -53,8 +53,8 @@ def finish_run(run: Run, state: EpochState) -> dict[str, Any]:
     cfg, out, task, device = run.cfg, run.out, run.task, run.device
     model, ckpt = load_model(out / "best.pt", device)
     model = model.to(memory_format=torch.channels_last)
-    vp, vl, _, _ = predict_loader(model, run.loaders["val"], device, task, desc="val")
-    tp, tl, _, _ = predict_loader(model, run.loaders["test"], device, task, desc="test")
+    vp, vl, _, val_skipped = predict_loader(model, run.loaders["val"], device, task, desc="val")
+    tp, tl, _, test_skipped = predict_loader(model, run.loaders["test"], device, task, desc="test")
     task.fit_decision(vl, vp)  # chosen on validation only; kept with the model for every later command
     save_atomic({**ckpt, "task": task.state()}, out / "best.pt")
     val_m = task.metrics(vl, vp, n_boot=0)
@@ -65,7 +65,7 @@ def finish_run(run: Run, state: EpochState) -> dict[str, Any]:
         "val": val_m, "test": test_m, "task": task.kind, "classes": task.classes, "best_epoch": state.best_epoch,
         "epochs_run": len(state.history), "monitor": cfg.train.monitor, "parameters": run.n_params,
         "data": run.bundle.source, "train_seconds": float(sum(r["seconds"] for r in state.history)),
-        "figures": figures, "skipped_files": sorted(state.skipped)}
+        "figures": figures, "skipped_files": sorted(set(state.skipped) | set(val_skipped) | set(test_skipped))}
     metrics.update(_explain(run, model, tp, tl))
     check = task.checklist(test_m, cfg.checklist.model_dump())
     if check:
@@ -80,6 +80,7 @@ def finish_run(run: Run, state: EpochState) -> dict[str, Any]:
         metrics["baselines"] = baseline_table(cfg.model.name, test_m["auc"], test_m["accuracy"])
     write_text_atomic(json.dumps(metrics, indent=2), out / "metrics.json")
     write_report(out, cfg, metrics, task, title=f"medsight run: {out.name}")
+    make_private(out)  # the gallery and the report show patient images: owner-only, like every run file
     _log_summary(run, metrics)
     return metrics
 

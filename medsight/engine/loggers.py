@@ -13,6 +13,7 @@ from medsight.config import LoggerName, choices, config_to_dict
 from medsight.engine.build import Run
 from medsight.engine.callbacks import Callback
 from medsight.engine.loop import EpochState
+from medsight.utils.files import make_private
 
 __all__ = ["TensorBoardLogger", "MLflowLogger", "LOGGERS", "make_loggers", "LoggerUnavailable"]
 
@@ -59,6 +60,7 @@ class TensorBoardLogger(Callback):
                 if isinstance(metrics["test"].get(k), float):
                     self.writer.add_scalar(f"test/{k}", metrics["test"][k], len(state.history))
         self.writer.close()
+        make_private(run.out / "tensorboard")  # the run folder's policy: owner-only files
 
 
 class MLflowLogger(Callback):
@@ -90,6 +92,7 @@ class MLflowLogger(Callback):
             self.mlflow.log_metrics({f"test_{k}": float(metrics["test"][k]) for k in ("accuracy", "auc", "ece")
                                      if isinstance(metrics["test"].get(k), float)})
         self.mlflow.end_run()
+        make_private(run.out / "mlruns")  # the run folder's policy: owner-only files (absent with a tracking server)
 
 
 LOGGERS: dict[str, type[Callback]] = {"tensorboard": TensorBoardLogger, "mlflow": MLflowLogger}

@@ -24,7 +24,7 @@ from medsight.inference.ensemble import combine, features
 from medsight.metrics import auc_score
 from medsight.tasks import task_from_state
 from medsight.reporting.html import checklist_html, html_table, img_tag, page
-from medsight.utils.files import write_text_atomic
+from medsight.utils.files import PRIVATE_DIR, make_private, write_text_atomic
 
 __all__ = ["ensemble", "EnsembleMethod", "METHODS", "EnsembleError"]
 
@@ -96,7 +96,7 @@ def ensemble(run_paths: list[str | Path], method: str, out: str | Path, meta: st
     val_m = task.metrics(vl, vp, n_boot=0)
     test_m = task.metrics(tl, tp, n_boot=1000, seed=seed)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     spec = {"format": "medsight-ensemble-1", "method": method, "classes": classes, "task": task.state(),
             "members": [str((r.path / "best.pt").resolve()) for r in runs], "combiner": combiner}
     write_text_atomic(json.dumps(spec, indent=2), out / "ensemble.json")
@@ -122,4 +122,5 @@ def ensemble(run_paths: list[str | Path], method: str, out: str | Path, meta: st
             f"<h2>Members</h2>{members}<pre>{html.escape(test_m.get('report', ''))}</pre>"
             f"{figures}{diversity_html(metrics['diversity'])}")
     write_text_atomic(page(f"medsight ensemble: {out.name}", body), out / "report.html")
+    make_private(out, only=["ensemble.json", "metrics.json", "report.html", "predictions.npz", *metrics["figures"]])
     return metrics

@@ -64,6 +64,25 @@ def combine(method: str, combiner: dict[str, Any], probs: list[np.ndarray], k: i
     raise EnsembleFileError(f"unknown ensemble method {method!r}")
 
 
+def _check_spec(spec: Any, p: Path) -> None:
+    """The entries every command reads, with their types: a hand-edited file fails here, by name."""
+    if not isinstance(spec, dict):
+        raise EnsembleFileError(f"{p} is not a medsight ensemble file: it holds a JSON {type(spec).__name__}, "
+                                f"not a mapping with format, method, members, classes and combiner")
+    if spec.get("format") != "medsight-ensemble-1":
+        raise EnsembleFileError(f"{p} is not a medsight ensemble file (no 'format': 'medsight-ensemble-1')")
+    members = spec.get("members")
+    if not isinstance(members, list) or not members or not all(isinstance(m, str) and m for m in members):
+        raise EnsembleFileError(f"{p}: 'members' must be a non-empty list of checkpoint paths, got {members!r}")
+    classes = spec.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise EnsembleFileError(f"{p}: 'classes' must be a list of at least two class names, got {classes!r}")
+    if not isinstance(spec.get("method"), str):
+        raise EnsembleFileError(f"{p} lacks the ensemble 'method' (soft, weighted, stacking or ovo)")
+    if not isinstance(spec.get("combiner"), dict):
+        raise EnsembleFileError(f"{p}: 'combiner' must be a mapping of the fitted weights or coefficients")
+
+
 class EnsemblePredictor(BasePredictor):
     """An ``ensemble.json`` used like a checkpoint: combined probabilities, mean of members' heatmaps."""
 
@@ -71,10 +90,9 @@ class EnsemblePredictor(BasePredictor):
         p = Path(path)
         try:
             spec = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise EnsembleFileError(f"{p} is not a readable ensemble file: {exc}") from exc
-        if spec.get("format") != "medsight-ensemble-1":
-            raise EnsembleFileError(f"{p} is not a medsight ensemble file")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EnsembleFileError(f"{p} is not a readable ensemble file (JSON): {exc}") from None
+        _check_spec(spec, p)
         self.spec = spec
         self.members = [Predictor(m, device) for m in spec["members"]]
         self.classes: list[str] = spec["classes"]

@@ -12,6 +12,8 @@ blocks the event loop and requests are served concurrently. Typed errors map to 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -30,9 +32,28 @@ def _header(text: str) -> str:
 
 
 def create_app(checkpoint: str | Path, device: str = "auto", page: bool = True) -> Any:
-    """The FastAPI application (REST API, with the Gradio page mounted at ``/`` when ``page``)."""
+    """The FastAPI application (REST API, with the Gradio page mounted at ``/`` when ``page``).
+
+    The REST API reads each upload into memory and keeps nothing. The page's uploads go to a private
+    folder that is emptied as they are read and removed when the app shuts down (``page.UploadFolder``);
+    Gradio's upload endpoint refuses files over ``MAX_UPLOAD_BYTES`` (413).
+    """
     service = Service(checkpoint, device)
-    app = FastAPI(title="medsight", description=NOTICE)
+    uploads = None
+    if page:
+        from medsight.serve.page import UploadFolder
+
+        uploads = UploadFolder()  # before Gradio builds anything: it points Gradio's file cache there
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if uploads is not None:
+                uploads.remove()
+
+    app = FastAPI(title="medsight", description=NOTICE, lifespan=lifespan)
 
     for exc_type, code in STATUS:
         def handler(_: Request, exc: Exception, code: int = code) -> JSONResponse:
@@ -65,7 +86,7 @@ def create_app(checkpoint: str | Path, device: str = "auto", page: bool = True) 
 
         from medsight.serve.page import build_page
 
-        app = gr.mount_gradio_app(app, build_page(service), path="/")
+        app = gr.mount_gradio_app(app, build_page(service, uploads), path="/", max_file_size=MAX_UPLOAD_BYTES)
     return app
 
 
