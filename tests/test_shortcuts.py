@@ -43,7 +43,7 @@ def test_corner_marker_is_flagged_as_a_shortcut(tmp_path, caplog, where, warned)
                                      "data.image_size=64", "train.batch_size=16", "data.hflip=false",
                                      "schedule.warmup_epochs=0", "train.sharpness_batches=0",
                                      "explain.gallery_per_class=2", "explain.faithfulness_images=0",
-                                     "optim.name=adamw", "optim.lr=1e-3", "train.monitor=loss"])
+                                     "optim.name=adamw", "optim.lr=1e-3", "train.monitor=loss", "plan=false"])
     metrics = train(cfg, progress=False).metrics
     assert metrics["test"]["auc"] >= 0.95  # the marker is learnt ...
     score = metrics["explain"]["border_score_mean"]

@@ -28,7 +28,7 @@ from medsight.engine.finish import finish_run
 from medsight.engine.loggers import make_loggers
 from medsight.engine.loop import EpochState, TrainingError, train_one_epoch, validate
 from medsight.planning.planner import MAX_EPOCHS, epoch_dependent
-from medsight.utils.files import write_text_atomic
+from medsight.utils.files import check_writable, make_private, write_text_atomic
 
 __all__ = ["train", "RunResult", "TrainingError"]
 
@@ -74,14 +74,13 @@ def _resolve(cfg: Config, dinfo: DistInfo, device: torch.device) -> Config:
 def _previous(cfg: Config, resume: bool, force: bool) -> dict[str, Any] | None:
     """last.pt to resume from, after checking that the run folder may be written."""
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise TrainingError(f"--out {out} is a file, not a folder")
+    check_writable(out)  # a file, or a folder that cannot be written: refused before any data is read
     for stale in out.glob(".*.tmp") if out.is_dir() else ():
         stale.unlink(missing_ok=True)  # left by a process killed mid-write; the real files are intact
     if resume:
         state = load_checkpoint(out / "last.pt")
         stored = state["config"].get("model", {}).get("name")
-        if stored != cfg.model.name:
+        if "model.name" in explicit_keys(cfg) and stored != cfg.model.name:
             raise TrainingError(f"{out}/last.pt was trained with model {stored!r}, not {cfg.model.name!r}; resume "
                                 f"with the run's own config.yaml")
         return state
@@ -129,6 +128,8 @@ def _epoch(run: Run, state: EpochState, epoch: int, callbacks: list[Callback], p
     row = {"epoch": epoch + 1, **stats, "val_loss": val_loss, "val_acc": val["acc"],
            "val_auc": val["auc"] if val["auc"] is not None else float("nan"),
            "lr": state.optimizer.param_groups[0]["lr"], "seconds": time.time() - t0, "phase": state.phase}
+    if "qwk" in val:  # graded labels: the validation kappa, shown each epoch
+        row["val_qwk"] = val["qwk"] if val["qwk"] is not None else float("nan")
     state.history.append(row)
     current = run.task.monitor_value(val, val_loss, run.cfg.train.monitor)
     improved = current > state.best
@@ -203,7 +204,7 @@ def _train(cfg: Config, resume: bool, force: bool, progress: bool, dinfo: DistIn
     own: list[Callback] = [CheckpointSaver(), HistoryWriter(), ConsoleLogger(), *make_loggers(run.cfg.train.loggers)]
     callbacks = (own + extra if dinfo.main else []) + [EarlyStopping()]
     if dinfo.main:
-        run.out.mkdir(parents=True, exist_ok=True)
+        run.out.mkdir(parents=True, exist_ok=True, mode=0o700)
         save_config(run.cfg, run.out / "config.yaml")
         _write_plan(run)
     for cb in callbacks:
@@ -226,5 +227,7 @@ def _train(cfg: Config, resume: bool, force: bool, progress: bool, dinfo: DistIn
         metrics = finish_run(run, state)
     for cb in callbacks:
         cb.on_train_end(run, state, metrics)
+    if dinfo.main and run.out.is_dir():
+        make_private(run.out)  # finished or interrupted: one permission policy for every run file
     return RunResult(out=run.out, metrics=metrics or {}, history=state.history,
                      interrupted=interrupted or not state.history)
