@@ -131,16 +131,39 @@ def fingerprint_of(cfg):
     return fingerprint(load_data(cfg.data), "single_label")
 
 
-def test_time_budget_fits_the_epochs_and_is_saved_as_epochs(tmp_path, small_npz):
+def test_time_budget_fits_the_epochs_and_is_saved_as_epochs(tmp_path, small_npz, monkeypatch):
+    import medsight.engine.budget as budget
+
+    # the machine's speed, fixed so the arithmetic is exact: 0.01 s per step, 0.001 s per evaluated image
+    monkeypatch.setattr(budget, "measure_speed", lambda run, steps=3: (0.01, 0.001))
     out = tmp_path / "run"
     cfg = apply_overrides(Config(), [f"data.path={small_npz}", f"out={out}", "data.image_size=32", "plan=false",
-                                     "train.time_budget=30s", "train.sharpness_batches=0",
+                                     "train.time_budget=1s", "train.sharpness_batches=0",
                                      "explain.faithfulness_images=0", "explain.gallery_per_class=1"])
     result = train(cfg, progress=False)
     fit = json.loads((out / "plan.json").read_text())["time_budget"]
     saved = yaml.safe_load((out / "config.yaml").read_text())["train"]
-    assert saved["time_budget"] is None and saved["epochs"] == fit["epochs"] == len(result.history) >= 1
-    assert fit["epochs"] * fit["epoch_seconds"] + fit["finish_seconds"] <= 30
+    # one step per epoch + 12 validation images = 0.022 s; finish = 12 test images + 30 steps = 0.312 s
+    assert fit["epochs"] == int((1 * budget.SAFETY - 0.312) / 0.022) == 24
+    assert saved["time_budget"] is None and saved["epochs"] == 24 == len(result.history)
+
+
+def test_speed_is_measured_on_a_copy_leaving_the_run_untouched(tmp_path, small_npz):
+    import torch
+
+    from medsight.engine.budget import measure_speed
+    from medsight.engine.build import build_run
+    from medsight.engine.distributed import DistInfo
+
+    cfg = apply_overrides(Config(), [f"data.path={small_npz}", f"out={tmp_path / 'run'}", "data.image_size=32",
+                                     "plan=false"])
+    run = build_run(cfg, tmp_path / "run", DistInfo(), torch.device("cpu"))
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    rng = torch.get_rng_state()
+    step, per_image = measure_speed(run)
+    assert step > 0 and per_image > 0
+    assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
+    assert torch.equal(rng, torch.get_rng_state())
 
 
 def test_a_budget_too_short_for_one_epoch_says_how_much_is_needed(tmp_path, small_npz):
