@@ -18,7 +18,7 @@ from medsight.checkpoint import load_model
 from medsight.config import CamMethod, choices, config_from_dict
 from medsight.data import ImageDataset, ImageReadError, load_data, load_eval_data, make_loader, read_image
 from medsight.evaluation.sharpness import fixed_batches, sharpness
-from medsight.explainers.cam import border_score, overlay
+from medsight.explainers.cam import overlay
 from medsight.inference import collect_images, eval_transform, load_predictor, predict_loader
 from medsight.reporting.plots import plot_explanation
 from medsight.tasks import task_from_checkpoint
@@ -111,8 +111,7 @@ def explain_files(checkpoint: str | Path, inputs: Sequence[str | Path], out: str
         for m in methods:
             heat = pred.heatmap(img, m, target_layer, target)
             overlays[m] = overlay(disp, heat)
-            b = float(border_score(torch.from_numpy(heat)[None])[0])
-            borders[m] = None if np.isnan(b) else b  # None: an empty map
+            borders[m] = pred.border(heat)  # None: an empty map; inside the field of view for fundus images
         png = out / f"{path.stem}_{'compare' if compare else method.replace('+', 'p')}.png"
         plot_explanation(disp, overlays, f"{path.name}: predicted {record['label']} ({record['probability']:.3f})"
                          f" · explaining '{pred.classes[target]}'", png)

@@ -29,7 +29,7 @@ __all__ = [
     "ExplainConfig", "ChecklistConfig", "FinetuneConfig", "DEFAULT_DATA", "load_config", "apply_overrides",
     "config_to_dict", "config_from_dict", "validate_config", "save_config", "with_values", "choices", "explicit_keys",
     "OptimizerName", "CamMethod", "TaskKind", "ScheduleName", "Monitor", "Precision", "LossName", "LoggerName",
-    "AutoAugment", "Pretext", "Layout", "MAX_IMAGE_SIZE",
+    "AutoAugment", "Pretext", "Layout", "MAX_IMAGE_SIZE", "OrdinalHead", "ResizePolicy", "Preset",
 ]
 
 #: The embedded default data set (real PneumoniaMNIST chest X-rays; see data/README.md).
@@ -41,9 +41,9 @@ MAX_IMAGE_SIZE = 2048
 OptimizerName = Literal["sgd", "adam", "adamw", "sam-sgd", "sam-adam", "sam-adamw",
                         "looksam-sgd", "looksam-adam", "looksam-adamw"]
 CamMethod = Literal["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam"]
-TaskKind = Literal["auto", "single_label"]
+TaskKind = Literal["auto", "single_label", "ordinal"]
 ScheduleName = Literal["cosine", "step", "multistep", "none"]
-Monitor = Literal["auc", "accuracy", "balanced_accuracy", "loss"]
+Monitor = Literal["auc", "accuracy", "balanced_accuracy", "loss", "qwk"]
 Precision = Literal["fp32", "bf16", "fp16"]
 LossName = Literal["ce", "focal"]
 ClassWeightMode = Literal["inverse", "effective"]
@@ -52,6 +52,13 @@ AutoAugment = Literal["none", "randaugment", "autoaugment", "trivialaugment"]
 Pretext = Literal["none", "rotation"]
 Layout = Literal["CCTT", "CCCT"]
 SamBn = Literal["first", "both"]
+#: How an ordinal task learns its grades (medsight.tasks.ordinal): plain cross-entropy, distance-aware label
+#: smoothing, CORN's conditional binary outputs (Shi et al. 2023), regression with cut-points tuned on validation.
+OrdinalHead = Literal["ce", "smooth", "corn", "regression"]
+#: Fitting an image to the square input: stretch it (squash), letterbox it (pad) or cut its centre (crop).
+ResizePolicy = Literal["squash", "pad", "crop"]
+#: Preprocessing for a kind of image: fundus photographs are cropped to their circular field of view.
+Preset = Literal["none", "fundus"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -124,6 +131,21 @@ class DataConfig(_Section):
     clahe_clip: Annotated[Float, Field(gt=0)] = 2.0
     auto_augment: AutoAugment = "none"
     random_erasing: Annotated[Float, Field(ge=0, le=1)] = 0.0  # probability of erasing a random rectangle
+    resize: ResizePolicy = "squash"  # squash | pad (letterbox, aspect kept) | crop (centre crop, aspect kept)
+    preset: Preset = "none"  # fundus: crop to the circular field of view and mask the outside
+    graham: bool = False  # fundus: Graham's local-average colour normalization (Kaggle DR 2015)
+    grade_order: list[Text] | None = None  # ordinal: the data's class names, lowest grade first
+    refer_grade: Annotated[int, Field(ge=1)] = 2  # ordinal: grades >= this are referable
+    refer_sensitivity: Fraction = 0.9  # ordinal: the referral threshold is chosen on val for this sensitivity
+
+    @model_validator(mode="after")
+    def _check_preprocessing(self) -> DataConfig:
+        if self.graham and self.preset != "fundus":
+            raise ValueError("data.graham normalizes fundus photographs inside their field of view; it needs "
+                             "data.preset=fundus")
+        if self.grade_order is not None and len(set(self.grade_order)) != len(self.grade_order):
+            raise ValueError(f"data.grade_order names a class twice: {', '.join(self.grade_order)}")
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -180,6 +202,8 @@ class TrainConfig(_Section):
     class_weight_mode: ClassWeightMode = "inverse"  # inverse (N / K n_k) | effective (effective number)
     class_weight_beta: Fraction = 0.999
     loss: LossName = "ce"
+    ordinal: OrdinalHead = "ce"  # data.task=ordinal: ce | smooth | corn | regression (see medsight.tasks.ordinal)
+    ordinal_smoothing: Annotated[Float, Field(gt=0, lt=1)] = 0.2  # ordinal=smooth: target mass on other grades
     focal_gamma: Annotated[Float, Field(ge=0)] = 2.0
     focal_alpha: list[Annotated[Float, Field(gt=0)]] | None = None  # per-class alpha (multiplies the weights)
     mixup: Annotated[Float, Field(ge=0)] = 0.0  # mixup alpha; 0 = off
@@ -230,6 +254,8 @@ class ChecklistConfig(_Section):
     min_auc: Unit | None = None
     min_recall: Unit | None = None  # every class's recall (sensitivity)
     max_ece: Unit | None = None
+    min_qwk: Annotated[Float, Field(ge=-1, le=1)] | None = None  # ordinal: quadratic weighted kappa
+    min_refer_sensitivity: Unit | None = None  # ordinal: sensitivity for referable grades
 
 
 class Config(_Section):
@@ -246,6 +272,20 @@ class Config(_Section):
 
     # dotted keys the user set (YAML, --set, flags, or Python arguments): the plan never changes them
     _explicit: frozenset[str] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check_ordinal(self) -> Config:
+        ordinal = self.data.task == "ordinal"
+        if self.train.monitor == "qwk" and not ordinal:
+            raise ValueError("train.monitor=qwk (quadratic weighted kappa) needs graded labels: set data.task=ordinal")
+        for key, on in (("checklist.min_qwk", self.checklist.min_qwk is not None),
+                        ("checklist.min_refer_sensitivity", self.checklist.min_refer_sensitivity is not None)):
+            if on and not ordinal:
+                raise ValueError(f"{key} needs graded labels: set data.task=ordinal")
+        if ordinal and self.train.ordinal in ("corn", "regression") and (self.train.mixup or self.train.cutmix):
+            raise ValueError(f"train.ordinal={self.train.ordinal} learns from whole grades; mixup/cutmix mix "
+                             f"them into fractions: turn train.mixup and train.cutmix off, or use ce/smooth")
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> Config:

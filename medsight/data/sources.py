@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medsight.config import DEFAULT_DATA
+from medsight.data.grades import order_grades
 from medsight.data.imageio import IMAGE_EXTS
 
 if TYPE_CHECKING:
@@ -675,6 +676,8 @@ def load_data(cfg: DataConfig) -> DataBundle:
                      "(training split in all four turns)")
         return DataBundle(classes=list(ROTATION_CLASSES), splits=rotation_pretext(splits, cfg.split_seed),
                           source=source, notes=notes)
+    if getattr(cfg, "grade_order", None):  # ordinal data whose class names do not sort in grade order
+        splits, classes = order_grades(splits, classes, cfg.grade_order)
     if cfg.num_classes is not None and cfg.num_classes != len(classes):
         raise DataError(f"data.num_classes is {cfg.num_classes} but {cfg.path or 'the data'} has {len(classes)} "
                         f"classes ({', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''})")

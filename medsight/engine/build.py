@@ -166,7 +166,7 @@ def build_run(cfg: Config, out: Path, dinfo: DistInfo, device: torch.device) -> 
     """Data, task, model, loaders, loss and optimizer phases of ``cfg``, in a fixed random order."""
     seed_everything(cfg.train.seed)
     bundle = load_data(cfg.data)
-    task = build_task(cfg.data.task, bundle.classes, bundle.splits["train"].labels)
+    task = build_task(cfg.data.task, bundle.classes, bundle.splits["train"].labels, cfg=cfg)
     plan = make_plan(fingerprint(bundle, task.kind), cfg) if cfg.plan else None
     if plan is not None:  # every option the user did not set, from the data (medsight.planning)
         cfg = apply_plan(cfg, plan)

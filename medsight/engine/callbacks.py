@@ -73,6 +73,7 @@ class ConsoleLogger(Callback):
                  f"accumulate {t.accum_steps}" if t.accum_steps > 1 else "",
                  f"{run.frozen / 1e6:.2f}M frozen (stem + {cfg.model.freeze_stages} stages)" if run.frozen else "",
                  f"{t.loss} loss" if t.loss != "ce" else "",
+                 f"ordinal head {t.ordinal}" if run.task.kind == "ordinal" else "",
                  f"progressive fine-tuning {ft.head_epochs}+{ft.discriminative_epochs}+"
                  f"{t.epochs - run.phases.ends[1]} epochs" if ft.progressive else "")
         extra = "".join(f" · {v}" for v in parts if v)
@@ -88,8 +89,9 @@ class ConsoleLogger(Callback):
 
     def on_epoch_end(self, run: Run, state: EpochState, row: dict[str, Any], improved: bool) -> None:
         auc = "n/a" if row["val_auc"] != row["val_auc"] else f"{row['val_auc']:.4f}"
+        qwk = f" qwk {row['val_qwk']:.4f}" if "val_qwk" in row else ""
         line = (f"epoch {row['epoch']:>3}/{run.cfg.train.epochs}  train loss {row['train_loss']:.4f} acc "
-                f"{row['train_acc']:.4f} │ val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} auc {auc} │ lr "
+                f"{row['train_acc']:.4f} │ val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} auc {auc}{qwk} │ lr "
                 f"{row['lr']:.2e} │ {row['seconds']:.1f}s{'  ★ best' if improved else ''}")
         log.info(line)
 

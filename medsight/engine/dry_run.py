@@ -49,7 +49,7 @@ def dry_run(cfg: Config, synthetic: bool = True, steps: int = 2) -> dict[str, An
     else:
         bundle = load_data(cfg.data)
         classes = bundle.classes
-    task = build_task(cfg.data.task, classes)
+    task = build_task(cfg.data.task, classes, cfg=cfg)
     model, frozen = build_model(cfg, task.num_outputs, pretrained=False)
     dc = data_config(model)
     size = cfg.data.image_size

@@ -126,23 +126,37 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """JET heatmap over an RGB image (both H×W, float in [0, 1]) with heat weight ``alpha``."""
+    """JET heatmap over an RGB image (H×W, float in [0, 1]) with heat weight ``alpha``. A heatmap of another
+    size (the model's input, under a display-resolution image of the same framing) is resized to the image."""
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
+    if heatmap.shape != image.shape[:2]:
+        heatmap = torch.nn.functional.interpolate(torch.from_numpy(np.ascontiguousarray(heatmap, dtype=np.float32))[None, None],
+                                                  size=image.shape[:2], mode="bilinear", align_corners=False)[0, 0].numpy()
     return show_cam_on_image(image.astype(np.float32), heatmap.astype(np.float32), use_rgb=True,
                              image_weight=1 - alpha)
 
 
-def border_score(heatmaps: torch.Tensor, band: float = 0.1) -> torch.Tensor:
+def border_score(heatmaps: torch.Tensor, band: float = 0.1, fov: bool = False) -> torch.Tensor:
     """Share of each heatmap's heat in the outer band (edges and corners, ``band`` of each side).
 
     A model that has learned a shortcut (markers, text, collimation at the image border) puts its heat
     there; a uniform map scores 1 - (1 - 2·band)², 0.36 for the default band. An all-zero map scores NaN.
+    With ``fov`` (fundus photographs cropped to their circular field of view), only heat inside the circle
+    counts and the band is its outer ring beyond (1 - 2·band) of the radius: a uniform map again scores 0.36,
+    and the black corners outside the retina neither hide nor fake a shortcut.
     """
     h, w = heatmaps.shape[-2:]
-    bh, bw = max(1, round(h * band)), max(1, round(w * band))
-    mask = torch.ones(h, w, dtype=torch.bool, device=heatmaps.device)
-    mask[bh:h - bh, bw:w - bw] = False
+    if fov:
+        yy, xx = torch.meshgrid(torch.arange(h, device=heatmaps.device), torch.arange(w, device=heatmaps.device),
+                                indexing="ij")
+        r = torch.sqrt((yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2) / (min(h, w) / 2)
+        heatmaps = heatmaps * (r <= 1)
+        mask = r > 1 - 2 * band
+    else:
+        bh, bw = max(1, round(h * band)), max(1, round(w * band))
+        mask = torch.ones(h, w, dtype=torch.bool, device=heatmaps.device)
+        mask[bh:h - bh, bw:w - bw] = False
     total = heatmaps.sum(dim=(-2, -1))
     score = (heatmaps * mask).sum(dim=(-2, -1)) / total.clamp_min(1e-12)
     # An empty map (no positive evidence anywhere) has no location: NaN, left out of dataset means.

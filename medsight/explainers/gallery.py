@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from medsight.data.dataset import ImageDataset
+from medsight.data.transforms import display_view, view_settings
 from medsight.explainers.cam import BORDER_WARN, border_score, explain, overlay
 
 if TYPE_CHECKING:
@@ -35,7 +36,8 @@ def gradcam_gallery(model: torch.nn.Module, ds: ImageDataset, probs: np.ndarray,
     for _, ids, outs in groups:
         target_of.update(zip(ids, outs))
     wanted = sorted(target_of)
-    size = ds.transform.transforms[0].size
+    view = view_settings(ds.transform)  # the model's framing (resize policy, fundus crop), redone for display
+    fov = view["preset"] == "fundus"
     heat: dict[int, np.ndarray] = {}
     scores, explained = [], []
     for start in range(0, len(wanted), 64):
@@ -46,7 +48,7 @@ def gradcam_gallery(model: torch.nn.Module, ds: ImageDataset, probs: np.ndarray,
             continue
         x = torch.stack([x for _, x in keep]).to(device)
         maps = explain(model, x, method=method, target_layer=target_layer, class_idx=[target_of[i] for i, _ in keep])
-        scores.append(border_score(maps).cpu())
+        scores.append(border_score(maps, fov=fov).cpu())
         explained += [target_of[i] for i, _ in keep]
         for (i, _), m in zip(keep, maps.cpu().numpy()):
             heat[i] = m
@@ -56,9 +58,7 @@ def gradcam_gallery(model: torch.nn.Module, ds: ImageDataset, probs: np.ndarray,
         for i, o in zip(ids, outs):
             if i not in heat:
                 continue
-            img = torch.nn.functional.interpolate(ds.load(i)[None], size=size, mode="bilinear",
-                                                  antialias=True, align_corners=False)[0]
-            disp = _display(img)
+            disp = _display(display_view(ds.load(i), view["size"], view["resize"], view["preset"], max_side=224))
             items.append({"image": disp, "overlay": overlay(disp, heat[i]),
                           "caption": f"pred {task.classes[o]} {probs[i, o]:.2f}"})
         rows.append({"title": title, "items": items})

@@ -24,6 +24,10 @@ from medsight.tasks import task_from_checkpoint, task_from_state
 __all__ = ["export_onnx", "OnnxPredictor", "ExportError"]
 
 
+#: The data options that shape inference preprocessing; they travel in the exported file's metadata.
+PREPROCESS = ("clahe", "clahe_clip", "resize", "preset", "graham")
+
+
 class ExportError(RuntimeError):
     """The model could not be exported, or the exported graph disagrees with PyTorch."""
 
@@ -56,8 +60,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18, check:
         meta = {"medsight_classes": json.dumps(ckpt["classes"]), "medsight_image_size": str(size),
                 "medsight_mean": json.dumps(list(ckpt["mean"])), "medsight_std": json.dumps(list(ckpt["std"])),
                 "medsight_model": ckpt["config"]["model"]["name"], "medsight_task": json.dumps(task.state())}
-        if ckpt["config"].get("data", {}).get("clahe"):
-            meta["medsight_clahe_clip"] = str(ckpt["config"]["data"].get("clahe_clip", 2.0))
+        data = ckpt["config"].get("data", {})
+        if data.get("clahe"):
+            meta["medsight_clahe_clip"] = str(data.get("clahe_clip", 2.0))
+        meta["medsight_preprocess"] = json.dumps({k: data[k] for k in PREPROCESS if k in data})
         for k, v in meta.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = k, v
@@ -110,7 +116,11 @@ class OnnxPredictor(BasePredictor):
         self.name = meta.get("medsight_model", p.stem)
         self.task = task_from_state(json.loads(meta["medsight_task"])) if "medsight_task" in meta else \
             task_from_state({"kind": "single_label", "classes": self.classes})
-        dcfg = DataConfig(clahe="medsight_clahe_clip" in meta, clahe_clip=float(meta.get("medsight_clahe_clip", 2.0)))
+        pre = json.loads(meta.get("medsight_preprocess", "{}"))
+        dcfg = DataConfig(**{"clahe": "medsight_clahe_clip" in meta,
+                             "clahe_clip": float(meta.get("medsight_clahe_clip", 2.0)),
+                             **{k: v for k, v in pre.items() if k in PREPROCESS}})
+        self.fov = dcfg.preset == "fundus"
         self.transform = make_transform(self.image_size, self.mean, self.std, train=False, cfg=dcfg)
 
     def run(self, batch: np.ndarray) -> np.ndarray:

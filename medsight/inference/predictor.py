@@ -20,8 +20,8 @@ from tqdm import tqdm
 from medsight.checkpoint import load_model
 from medsight.config import config_from_dict
 from medsight.data.imageio import IMAGE_EXTS
-from medsight.data.transforms import make_transform, to_three_channels
-from medsight.explainers.cam import explain
+from medsight.data.transforms import display_view, make_transform, to_three_channels
+from medsight.explainers.cam import border_score, explain
 from medsight.tasks import Task, task_from_checkpoint
 from medsight.utils.device import resolve_device
 
@@ -43,9 +43,15 @@ class BasePredictor:
 
     task: Task
     classes: list[str]
+    fov: bool = False  # fundus preset: border scores are measured inside the circular field of view
 
     def probabilities(self, img: torch.Tensor) -> np.ndarray:
         raise NotImplementedError
+
+    def border(self, heatmap: np.ndarray) -> float | None:
+        """The heatmap's border (shortcut) score, inside the field of view for fundus images; None when empty."""
+        b = float(border_score(torch.from_numpy(np.asarray(heatmap, dtype=np.float32))[None], fov=self.fov)[0])
+        return None if np.isnan(b) else b
 
     def predict(self, img: torch.Tensor) -> dict[str, Any]:
         """The task's answer for one image (label, probabilities, ...)."""
@@ -62,16 +68,19 @@ class Predictor(BasePredictor):
         self.classes: list[str] = list(self.task.classes)
         self.image_size: int = int(self.ckpt["image_size"])
         self.transform = eval_transform(self.ckpt)
+        self.data_cfg = config_from_dict(self.ckpt["config"]).data
+        self.fov = self.data_cfg.preset == "fundus"
         self.name = self.ckpt["config"]["model"]["name"]
 
     def preprocess(self, img: torch.Tensor) -> torch.Tensor:
         """float [C, H, W] in [0, 1] -> normalized (1, 3, S, S) on the model's device."""
         return self.transform(to_three_channels(img))[None].to(self.device)
 
-    def display(self, img: torch.Tensor) -> np.ndarray:
-        """The image as the model sees it (resized), for drawing: H×W×3 in [0, 1]."""
-        x = torch.nn.functional.interpolate(to_three_channels(img)[None], size=(self.image_size,) * 2,
-                                            mode="bilinear", antialias=True, align_corners=False)[0]
+    def display(self, img: torch.Tensor, max_side: int = 512) -> np.ndarray:
+        """The image framed as the model sees it (fundus crop, pad or crop), at display resolution (up to
+        ``max_side``), for drawing: H×W×3 in [0, 1]. ``heatmap`` maps cover it once resized to it."""
+        x = display_view(to_three_channels(img), self.image_size, self.data_cfg.resize, self.data_cfg.preset,
+                         max_side=max_side)
         return x.permute(1, 2, 0).clamp(0, 1).cpu().numpy()
 
     @torch.no_grad()

@@ -70,16 +70,19 @@ def best_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], *,
-                           n_boot: int = 1000, seed: int = 0, threshold: float | None = None) -> dict[str, Any]:
+                           n_boot: int = 1000, seed: int = 0, threshold: float | None = None,
+                           pred: np.ndarray | None = None) -> dict[str, Any]:
     """Accuracy, balanced accuracy, AUC, ECE, per-class precision/recall/specificity/F1/support,
     the confusion matrix and report text, and 95% bootstrap intervals for AUC and accuracy.
 
     For binary tasks, ``threshold`` (chosen on validation data) adds the accuracy at that threshold.
+    ``pred``: the decisions, when the task's rule is not the most probable class (the intervals are then
+    left to the caller, since ``bootstrap_ci`` decides by argmax).
     """
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     k = len(classes)
-    pred = probs.argmax(1)
+    pred = probs.argmax(1) if pred is None else np.asarray(pred, dtype=np.int64)
     cm = skm.confusion_matrix(labels, pred, labels=list(range(k)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

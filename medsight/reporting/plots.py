@@ -31,7 +31,9 @@ def plot_curves(history: Sequence[dict[str, float]], path: str | Path, best_epoc
     axes[1].plot(ep, [r["train_acc"] for r in history], "o-", label="train acc")
     axes[1].plot(ep, [r["val_acc"] for r in history], "o-", label="val acc")
     axes[1].plot(ep, [r["val_auc"] for r in history], "s--", label="val AUC")
-    axes[1].set_title("accuracy / AUC")
+    if all("val_qwk" in r for r in history):  # graded labels: validation kappa
+        axes[1].plot(ep, [r["val_qwk"] for r in history], "^-.", label="val QWK")
+    axes[1].set_title("accuracy / AUC" + (" / QWK" if history and "val_qwk" in history[0] else ""))
     axes[2].plot(ep, [r["lr"] for r in history], "o-")
     axes[2].set_title("learning rate (end of epoch)")
     axes[2].set_yscale("log")

@@ -3,18 +3,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medsight.config import TaskKind, choices
 from medsight.tasks.base import GalleryGroup, Task
+from medsight.tasks.ordinal import OrdinalTask
 from medsight.tasks.single_label import SingleLabelTask, TaskConfigError
 
-__all__ = ["Task", "TASKS", "GalleryGroup", "SingleLabelTask", "TaskConfigError", "build_task", "task_from_state",
-           "task_from_checkpoint", "infer_kind"]
+if TYPE_CHECKING:
+    from medsight.config import Config
 
-TASKS: dict[str, type[Task]] = {cls.kind: cls for cls in (SingleLabelTask,)}
+__all__ = ["Task", "TASKS", "GalleryGroup", "SingleLabelTask", "OrdinalTask", "TaskConfigError", "build_task",
+           "task_from_state", "task_from_checkpoint", "infer_kind"]
+
+TASKS: dict[str, type[Task]] = {cls.kind: cls for cls in (SingleLabelTask, OrdinalTask)}
 # every kind the config accepts has an implementation, and no implementation is unreachable
 assert set(TASKS) | {"auto"} == set(choices(TaskKind)), "medsight.config.TaskKind and TASKS disagree"
 
@@ -24,20 +28,21 @@ def infer_kind(labels: np.ndarray) -> str:
     return "single_label"
 
 
-def build_task(kind: str, classes: list[str], labels: np.ndarray | None = None) -> Task:
-    """The task of ``kind`` (``auto``: read from ``labels``) for ``classes``."""
+def build_task(kind: str, classes: list[str], labels: np.ndarray | None = None, cfg: Config | None = None) -> Task:
+    """The task of ``kind`` (``auto``: read from ``labels``) for ``classes``, with its options from ``cfg``."""
     if kind == "auto":
         kind = infer_kind(labels) if labels is not None else "single_label"
     if kind not in TASKS:
         raise TaskConfigError(f"unknown task kind {kind!r}; choose from {', '.join(TASKS)}")
-    return TASKS[kind](classes)
+    cls = TASKS[kind]
+    return cls(classes, options=cls.options_from(cfg) if cfg is not None else None)
 
 
 def task_from_state(state: dict[str, Any]) -> Task:
     kind = state.get("kind")
     if kind not in TASKS:
         raise TaskConfigError(f"unknown task kind {kind!r} in the checkpoint; this medsight knows {', '.join(TASKS)}")
-    return TASKS[kind](list(state["classes"]), state.get("decision"))
+    return TASKS[kind](list(state["classes"]), state.get("decision"), state.get("options"))
 
 
 def task_from_checkpoint(ckpt: dict[str, Any]) -> Task:

@@ -33,9 +33,16 @@ class Task(ABC):
 
     kind: ClassVar[str]
 
-    def __init__(self, classes: list[str], decision: dict[str, Any] | None = None) -> None:
+    def __init__(self, classes: list[str], decision: dict[str, Any] | None = None,
+                 options: dict[str, Any] | None = None) -> None:
         self.classes = list(classes)
         self.decision: dict[str, Any] = dict(decision or {})
+        self.options: dict[str, Any] = dict(options or {})
+
+    @classmethod
+    def options_from(cls, cfg: Config) -> dict[str, Any]:
+        """The task's own settings from a run's config (e.g. an ordinal head), stored with the task."""
+        return {}
 
     # ---------------------------------------------------------------------------------------- head
     @property
@@ -124,5 +131,8 @@ class Task(ABC):
 
     # -------------------------------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
-        """Plain data for the checkpoint: kind, classes and the fitted decision rule."""
-        return {"kind": self.kind, "classes": list(self.classes), "decision": dict(self.decision)}
+        """Plain data for the checkpoint: kind, classes, the fitted decision rule (and options, if any)."""
+        state = {"kind": self.kind, "classes": list(self.classes), "decision": dict(self.decision)}
+        if self.options:
+            state["options"] = dict(self.options)
+        return state

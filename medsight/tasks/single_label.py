@@ -88,7 +88,7 @@ class SingleLabelTask(Task):
         return line
 
     def checklist(self, m: dict[str, Any], thresholds: dict[str, float | None]) -> dict[str, Any] | None:
-        return checklist(m, **thresholds)
+        return checklist(m, **{k: thresholds.get(k) for k in ("min_accuracy", "min_auc", "min_recall", "max_ece")})
 
     def figures(self, out: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], test: dict[str, Any],
                 title: str = "") -> list[str]:
