@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medsight.config import DataConfig
+from medsight.config import DEFAULT_DATA, DataConfig
 from medsight.data import DataError, ImageDataset, load_data, load_eval_data, make_loader, make_transform
 from medsight.data.imageio import ImageReadError, read_image
 
@@ -134,6 +134,8 @@ def test_embedded_default_is_real_pneumoniamnist():
     bundle = load_data(DataConfig())
     assert bundle.classes == ["normal", "pneumonia"]
     assert bundle.counts() == {"train": [1214, 3494], "val": [135, 389], "test": [234, 390]}
+    # named by its path (as the panel benchmark does), it is the same data set with the same names
+    assert load_data(DataConfig(path=str(DEFAULT_DATA))).classes == ["normal", "pneumonia"]
 
 
 def test_missing_path_is_named(tmp_path):

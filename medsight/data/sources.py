@@ -646,7 +646,7 @@ def _read_source(path_str: str, *, allow_outside_paths: bool = False, path_colum
     else:
         raise DataError(f"cannot tell the format of {path}: give a folder of class folders, a .csv manifest "
                         f"or an .npz file")
-    if not path_str:
+    if path.resolve() == DEFAULT_DATA.resolve() and classes == ["0", "1"]:  # the embedded set, by any path
         classes = list(DEFAULT_CLASSES)
     return splits, classes, str(path), notes
 
