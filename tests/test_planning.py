@@ -172,3 +172,24 @@ def test_a_budget_too_short_for_one_epoch_says_how_much_is_needed(tmp_path, smal
     with pytest.raises(BudgetError, match=r"too short on this machine: one epoch takes about .* give at least \d+s"):
         train(cfg, progress=False)
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_graded_labels_select_by_kappa_and_oblong_images_are_letterboxed(tmp_path):
+    fp = fingerprint(bundle_of(1080, classes=5, channels=3), "ordinal")
+    chosen = {d.key: d.value for d in make_plan(fp, Config()).decisions}
+    assert chosen["train.monitor"] == "qwk" and chosen["data.resize"] == "squash"
+    assert {d.key: d.value for d in make_plan(fingerprint(bundle_of(1080, classes=5), "single_label"),
+                                              Config()).decisions}["train.monitor"] == "auc"
+    root = tmp_path / "wide"  # fundus-like 3:2 photographs
+    for i in range(8):
+        for cls in ("a", "b"):
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (90, 60)).save(root / cls / f"{i}.png")
+    from medsight.config import DataConfig
+    from medsight.data import load_data
+
+    wide = fingerprint(load_data(DataConfig(path=str(root), val_fraction=0.25, test_fraction=0.25)), "single_label")
+    decisions = {d.key: d for d in make_plan(wide, Config()).decisions}
+    assert decisions["data.resize"].value == "pad" and "1.50" in decisions["data.resize"].reason
+    user = make_plan(wide, apply_overrides(Config(), ["data.resize=crop"]))  # the user's policy wins
+    assert "data.resize" not in {d.key for d in user.decisions}

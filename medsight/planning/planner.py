@@ -35,6 +35,9 @@ CNN_BELOW = 2_000
 COATNET0_FROM = 20_000
 #: Base learning rate of the AdamW family at batch 64 (linear scaling with the batch, Goyal et al. 2017).
 BASE_LR, BASE_BATCH = 2e-3, 64
+#: Images whose aspect lies within this factor of 1 are resized as they are (at most ~10% stretch, less than
+#: the random resized crop's own); others are letterboxed (data.resize=pad) so no anatomy is stretched or cut.
+SQUARE_ENOUGH = 1.1
 
 
 @dataclass(frozen=True)
@@ -139,8 +142,19 @@ def rule_imbalance(fp: Fingerprint, chosen: dict[str, Any]) -> list[Decision]:
             Decision("train.class_weight_mode", "inverse", "(unused without weights)")]
 
 
+def rule_resize(fp: Fingerprint, chosen: dict[str, Any]) -> list[Decision]:
+    if fp.mixed or not 1 / SQUARE_ENOUGH <= fp.aspect <= SQUARE_ENOUGH:
+        return [Decision("data.resize", "pad", f"images are not all square (median aspect {fp.aspect:.2f}"
+                                               f"{', mixed sizes' if fp.mixed else ''}): letterboxed, so nothing is "
+                                               f"stretched or cut off")]
+    return [Decision("data.resize", "squash", f"square images (median aspect {fp.aspect:.2f}): resized as they are")]
+
+
 def rule_monitor(fp: Fingerprint, chosen: dict[str, Any]) -> list[Decision]:
     present = sum(1 for c in fp.counts.get("val", []) if c > 0)
+    if fp.task == "ordinal" and present >= 2:
+        return [Decision("train.monitor", "qwk", "graded labels: quadratic weighted kappa, the grading metric "
+                                                 "(a grade-4 eye called 3 costs less than one called 0)")]
     if present < 2:
         return [Decision("train.monitor", "loss", f"the validation split holds {present} class(es): no AUC to "
                                                   f"select by, so the validation loss")]
@@ -149,7 +163,8 @@ def rule_monitor(fp: Fingerprint, chosen: dict[str, Any]) -> list[Decision]:
 
 #: The rules in the order they run (later rules may read earlier decisions through ``chosen``).
 RULES: list[Callable[[Fingerprint, dict[str, Any]], list[Decision]]] = [
-    rule_image_size, rule_backbone, rule_batch, rule_schedule, rule_augmentation, rule_imbalance, rule_monitor]
+    rule_image_size, rule_backbone, rule_batch, rule_schedule, rule_augmentation, rule_imbalance, rule_resize,
+    rule_monitor]
 
 
 def make_plan(fp: Fingerprint, cfg: Config) -> Plan:
