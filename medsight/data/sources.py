@@ -34,7 +34,7 @@ from medsight.data.multilabel import (MultiLabelDataError, apply_label_policy, d
 if TYPE_CHECKING:
     from medsight.config import DataConfig
 
-__all__ = ["DataError", "SplitData", "DataBundle", "load_data", "load_eval_data", "DEFAULT_CLASSES",
+__all__ = ["DataError", "SplitData", "DataBundle", "load_data", "load_eval_data", "label_policy", "DEFAULT_CLASSES",
            "ROTATION_CLASSES", "rotation_pretext", "SPLITS"]
 
 log = logging.getLogger(__name__)
@@ -802,8 +802,12 @@ def _reader_options(cfg: DataConfig) -> dict[str, Any]:
     return {"allow_outside_paths": bool(getattr(cfg, "allow_outside_paths", False)),
             "path_column": getattr(cfg, "path_column", None) or None,
             "label_column": getattr(cfg, "label_column", None) or None,
-            "label_columns": getattr(cfg, "label_columns", None) or None,
-            "uncertain": getattr(cfg, "uncertain", "ignore"), "blank": getattr(cfg, "blank", "ignore"),
+            "label_columns": getattr(cfg, "label_columns", None) or None, **label_policy(cfg)}
+
+
+def label_policy(cfg: DataConfig) -> dict[str, Any]:
+    """The multi-label policies for uncertain and blank labels of a data config (see ``apply_label_policy``)."""
+    return {"uncertain": getattr(cfg, "uncertain", "ignore"), "blank": getattr(cfg, "blank", "ignore"),
             "uncertain_per_finding": getattr(cfg, "uncertain_per_finding", None)}
 
 
