@@ -16,7 +16,8 @@ import torch
 
 from medsight.checkpoint import load_model
 from medsight.config import CamMethod, choices, config_from_dict
-from medsight.data import ImageDataset, ImageReadError, load_data, load_eval_data, make_loader, read_image
+from medsight.data import (ImageDataset, ImageReadError, label_policy, load_data, load_eval_data, make_loader,
+                           read_image)
 from medsight.evaluation.sharpness import fixed_batches, sharpness
 from medsight.explainers.cam import overlay
 from medsight.inference import collect_images, eval_transform, load_predictor, predict_loader
@@ -51,6 +52,13 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], device: str = 
     return results
 
 
+def _eval_data(ckpt: dict[str, Any], data: str, classes: list[str], kind: str,
+               prefer: Sequence[str] = ("test", "all")) -> Any:
+    """Images of ``data`` for a checkpoint, read with the run's own multi-label policies."""
+    return load_eval_data(data, classes, prefer, multilabel=kind == "multilabel",
+                          label_policy=label_policy(config_from_dict(ckpt["config"]).data))
+
+
 def _check_eval_out(out: Path) -> None:
     if (out / "best.pt").exists() or (out / "last.pt").exists():
         raise OutputExistsError(f"{out} is a run folder; evaluating into it would replace the run's own metrics.json "
@@ -68,7 +76,7 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path | None = None, d
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, dev)
     task = task_from_checkpoint(ckpt)
-    split, source = load_eval_data(data, task.classes)
+    split, source = _eval_data(ckpt, data, task.classes, task.kind)
     ds = ImageDataset(split, eval_transform(ckpt))
     probs, labels, _, skipped = predict_loader(model, make_loader(ds, batch_size, False, 0), dev, task, desc="evaluate")
     metrics = task.metrics(labels, probs, n_boot=1000)
@@ -140,7 +148,7 @@ def checkpoint_sharpness(checkpoint: str | Path, data: str | None = None, rho: f
         bundle = load_data(config_from_dict(ckpt["config"]).data)
         split, source = bundle.splits["train"], bundle.source
     else:
-        split, source = load_eval_data(data, task.classes, prefer=("train", "all", "val", "test"))
+        split, source = _eval_data(ckpt, data, task.classes, task.kind, prefer=("train", "all", "val", "test"))
     ds = ImageDataset(split, eval_transform(ckpt))
     result = sharpness(model, fixed_batches(ds, n_batches, seed=seed), rho=rho, loss_fn=task.eval_loss(), seed=seed)
     result["data"] = source

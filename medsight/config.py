@@ -29,7 +29,8 @@ __all__ = [
     "ExplainConfig", "ChecklistConfig", "FinetuneConfig", "DEFAULT_DATA", "load_config", "apply_overrides",
     "config_to_dict", "config_from_dict", "validate_config", "save_config", "with_values", "choices", "explicit_keys",
     "OptimizerName", "CamMethod", "TaskKind", "ScheduleName", "Monitor", "Precision", "LossName", "LoggerName",
-    "AutoAugment", "Pretext", "Layout", "MAX_IMAGE_SIZE", "OrdinalHead", "ResizePolicy", "Preset",
+    "AutoAugment", "Pretext", "Layout", "MAX_IMAGE_SIZE", "OrdinalHead", "ResizePolicy", "Preset", "LabelPolicy",
+    "ThresholdRule",
 ]
 
 #: The embedded default data set (real PneumoniaMNIST chest X-rays; see data/README.md).
@@ -41,11 +42,13 @@ MAX_IMAGE_SIZE = 2048
 OptimizerName = Literal["sgd", "adam", "adamw", "sam-sgd", "sam-adam", "sam-adamw",
                         "looksam-sgd", "looksam-adam", "looksam-adamw"]
 CamMethod = Literal["gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam"]
-TaskKind = Literal["auto", "single_label", "ordinal"]
+TaskKind = Literal["auto", "single_label", "ordinal", "multilabel"]
 ScheduleName = Literal["cosine", "step", "multistep", "none"]
-Monitor = Literal["auc", "accuracy", "balanced_accuracy", "loss", "qwk"]
+Monitor = Literal["auc", "accuracy", "balanced_accuracy", "loss", "qwk", "map"]
 Precision = Literal["fp32", "bf16", "fp16"]
-LossName = Literal["ce", "focal"]
+#: ce and focal for one label per image; multi-label (data.task=multilabel): bce (with per-finding positive
+#: weights when train.class_weights), focal (its binary form) and asl (asymmetric loss, Ridnik et al. ICCV 2021).
+LossName = Literal["ce", "focal", "bce", "asl"]
 ClassWeightMode = Literal["inverse", "effective"]
 LoggerName = Literal["tensorboard", "mlflow"]
 AutoAugment = Literal["none", "randaugment", "autoaugment", "trivialaugment"]
@@ -55,6 +58,11 @@ SamBn = Literal["first", "both"]
 #: How an ordinal task learns its grades (medsight.tasks.ordinal): plain cross-entropy, distance-aware label
 #: smoothing, CORN's conditional binary outputs (Shi et al. 2023), regression with cut-points tuned on validation.
 OrdinalHead = Literal["ce", "smooth", "corn", "regression"]
+#: Multi-label: what an uncertain (-1) or blank label becomes: left out of loss and metrics (ignore), positive
+#: (ones, CheXpert's U-Ones) or negative (zeros, U-Zeros) — Irvin et al., CheXpert, AAAI 2019.
+LabelPolicy = Literal["ignore", "ones", "zeros"]
+#: Multi-label: how each finding's threshold is chosen on validation data.
+ThresholdRule = Literal["youden", "sensitivity"]
 #: Fitting an image to the square input: stretch it (squash), letterbox it (pad) or cut its centre (crop).
 ResizePolicy = Literal["squash", "pad", "crop"]
 #: Preprocessing for a kind of image: fundus photographs are cropped to their circular field of view.
@@ -137,6 +145,10 @@ class DataConfig(_Section):
     grade_order: list[Text] | None = None  # ordinal: the data's class names, lowest grade first
     refer_grade: Annotated[int, Field(ge=1)] = 2  # ordinal: grades >= this are referable
     refer_sensitivity: Fraction = 0.9  # ordinal: the referral threshold is chosen on val for this sensitivity
+    label_columns: list[Text] | None = None  # multi-label CSV, one column per finding: those columns (None: found)
+    uncertain: LabelPolicy = "ignore"  # multi-label: uncertain labels (-1) -> ignore (masked) | ones | zeros
+    uncertain_per_finding: dict[str, LabelPolicy] | None = None  # multi-label: a policy per finding, over `uncertain`
+    blank: LabelPolicy = "ignore"  # multi-label CSV: a blank cell (finding not mentioned) -> ignore | ones | zeros
 
     @model_validator(mode="after")
     def _check_preprocessing(self) -> DataConfig:
@@ -205,6 +217,11 @@ class TrainConfig(_Section):
     ordinal: OrdinalHead = "ce"  # data.task=ordinal: ce | smooth | corn | regression (see medsight.tasks.ordinal)
     ordinal_smoothing: Annotated[Float, Field(gt=0, lt=1)] = 0.2  # ordinal=smooth: target mass on other grades
     focal_gamma: Annotated[Float, Field(ge=0)] = 2.0
+    asl_gamma_neg: Annotated[Float, Field(ge=0)] = 4.0  # loss=asl: focusing on negatives (Ridnik et al. 2021)
+    asl_gamma_pos: Annotated[Float, Field(ge=0)] = 0.0  # loss=asl: focusing on positives
+    asl_clip: Annotated[Float, Field(ge=0, lt=1)] = 0.05  # loss=asl: probability margin shifted off easy negatives
+    threshold_rule: ThresholdRule = "youden"  # multi-label: per-finding thresholds on val (Youden's J or sensitivity)
+    target_sensitivity: Fraction = 0.9  # multi-label, threshold_rule=sensitivity: the sensitivity aimed at on val
     focal_alpha: list[Annotated[Float, Field(gt=0)]] | None = None  # per-class alpha (multiplies the weights)
     mixup: Annotated[Float, Field(ge=0)] = 0.0  # mixup alpha; 0 = off
     cutmix: Annotated[Float, Field(ge=0)] = 0.0  # cutmix alpha; 0 = off
@@ -285,6 +302,20 @@ class Config(_Section):
         if ordinal and self.train.ordinal in ("corn", "regression") and (self.train.mixup or self.train.cutmix):
             raise ValueError(f"train.ordinal={self.train.ordinal} learns from whole grades; mixup/cutmix mix "
                              f"them into fractions: turn train.mixup and train.cutmix off, or use ce/smooth")
+        return self
+
+    @model_validator(mode="after")
+    def _check_multilabel(self) -> Config:
+        multi, t = self.data.task == "multilabel", self.train
+        if t.loss in ("bce", "asl") and self.data.task in ("single_label", "ordinal"):
+            raise ValueError(f"train.loss={t.loss} is a multi-label loss (a sigmoid per finding); with "
+                             f"data.task={self.data.task} use ce or focal")
+        if t.monitor == "map" and not multi:
+            raise ValueError("train.monitor=map (mean average precision over findings) needs multi-label data: "
+                             "set data.task=multilabel")
+        if multi and (t.mixup or t.cutmix):
+            raise ValueError("train.mixup/cutmix mix one class per image; multi-label findings are not mixed: "
+                             "turn them off with data.task=multilabel")
         return self
 
     @model_validator(mode="after")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
@@ -13,7 +14,7 @@ from medsight.data.imageio import ImageReadError, read_image
 from medsight.data.sources import SplitData
 from medsight.data.transforms import array_to_tensor, to_three_channels
 
-__all__ = ["ImageDataset", "make_loader"]
+__all__ = ["ImageDataset", "make_loader", "label_tensor"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class ImageDataset(Dataset):
         except ImageReadError as exc:
             log.warning("skipping unreadable image %s: %s", self.data.describe(i), exc)
             return None, self.data.describe(i)
-        return self.transform(img), int(self.data.labels[i])
+        y = self.data.labels[i]
+        return self.transform(img), (y if self.data.labels.ndim == 2 else int(y))  # multi-label: a row of K
 
 
 def _collate(batch: list[tuple[torch.Tensor | None, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -55,7 +57,14 @@ def _collate(batch: list[tuple[torch.Tensor | None, Any]]) -> tuple[torch.Tensor
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), bad
     xs, ys = zip(*good)
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.long), bad
+    return torch.stack(xs), label_tensor(ys), bad
+
+
+def label_tensor(ys: Any) -> torch.Tensor:
+    """Labels of a batch: class numbers (long), or multi-label rows (float, -1 = masked)."""
+    if len(ys) and isinstance(ys[0], np.ndarray):
+        return torch.from_numpy(np.stack(ys).astype(np.float32))
+    return torch.tensor(ys, dtype=torch.long)
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_workers: int,

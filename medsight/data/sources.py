@@ -27,11 +27,14 @@ import numpy as np
 from medsight.config import DEFAULT_DATA
 from medsight.data.grades import order_grades
 from medsight.data.imageio import IMAGE_EXTS
+from medsight.data.multilabel import (MultiLabelDataError, apply_label_policy, describe_choice, finding_columns,
+                                      is_nih_manifest, multilabel_split, patient_from_path, read_finding_columns,
+                                      read_nih_manifest)
 
 if TYPE_CHECKING:
     from medsight.config import DataConfig
 
-__all__ = ["DataError", "SplitData", "DataBundle", "load_data", "load_eval_data", "DEFAULT_CLASSES",
+__all__ = ["DataError", "SplitData", "DataBundle", "load_data", "load_eval_data", "label_policy", "DEFAULT_CLASSES",
            "ROTATION_CLASSES", "rotation_pretext", "SPLITS"]
 
 log = logging.getLogger(__name__)
@@ -78,8 +81,16 @@ class DataBundle:
     source: str
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def multilabel(self) -> bool:
+        """Several findings per image: labels are (N, K) with 1, 0 and -1 (masked)."""
+        return self.splits["train"].labels.ndim == 2
+
     def counts(self) -> dict[str, list[int]]:
+        """Images per class, or for multi-label data positive images per finding."""
         k = len(self.classes)
+        if self.multilabel:
+            return {name: (s.labels == 1).sum(0).astype(int).tolist() for name, s in self.splits.items()}
         return {name: np.bincount(s.labels, minlength=k).tolist() for name, s in self.splits.items()}
 
 
@@ -274,17 +285,112 @@ def _from_csv(path: Path, notes: list[str], *, allow_outside_paths: bool = False
     codes, classes = _labels_from_names([labels[i] for i in keep])
     data = SplitData(labels=codes, paths=[paths[i] for i in keep],
                      groups=[groups[i] for i in keep] if groups is not None else None)
-    if splits_col is not None and any(splits_col):
-        names = [splits_col[i] for i in keep]
-        bad = sorted(set(names) - set(SPLITS))
-        if bad:
-            raise DataError(f"CSV manifest {path}: split must be train, val or test; found {', '.join(bad)}")
-        splits = {s: data.subset(np.array([i for i, n in enumerate(names) if n == s], dtype=np.int64))
-                  for s in SPLITS if s in names}
-        if groups is not None:
-            _check_no_group_leak(splits, path)
-        return splits, classes
-    return {"all": data}, classes
+    return _split_by_column(data, [splits_col[i] for i in keep] if splits_col is not None else None, path), classes
+
+
+def _split_by_column(data: SplitData, names: list[str] | None, path: Path) -> dict[str, SplitData]:
+    """The manifest's own ``split`` column (train/val/test), checked for patients in two splits; or one
+    ``all`` split when the column is absent or empty."""
+    if names is None or not any(names):
+        return {"all": data}
+    if "" in names:
+        raise DataError(f"CSV manifest {path}: split is blank on some rows while others name one; give every "
+                        f"row train, val or test, or leave the column empty everywhere")
+    bad = sorted(set(names) - set(SPLITS))
+    if bad:
+        raise DataError(f"CSV manifest {path}: split must be train, val or test; found {', '.join(bad)}")
+    splits = {s: data.subset(np.array([i for i, n in enumerate(names) if n == s], dtype=np.int64))
+              for s in SPLITS if s in names}
+    if data.groups is not None:
+        _check_no_group_leak(splits, path)
+    return splits
+
+
+def _is_multilabel_csv(table: _Csv, base: Path, path_column: str | None, label_column: str | None,
+                       label_columns: Sequence[str] | None) -> bool:
+    """NIH's ``Finding Labels``, findings named by ``data.label_columns``, or (without a single label column)
+    two or more numeric finding columns."""
+    if is_nih_manifest(table.fields) or label_columns:
+        return True
+    if label_column or "label" in table.fields:
+        return False
+    if any(f.strip().lower() in LABEL_COLUMNS for f in table.fields):
+        return False
+    return len(finding_columns(table.fields, table.rows, [path_column or "path"])) >= 2
+
+
+def _finding_path_column(table: _Csv, base: Path, path_column: str | None) -> str:
+    if path_column is not None:
+        if path_column not in table.fields:
+            raise DataError(f"CSV manifest {table.path} has no column '{path_column}' (data.path_column); its "
+                            f"columns are {', '.join(table.fields)}")
+        return path_column
+    named = [f for f in table.fields if f.lower() == "path"]
+    if named:
+        return named[0]
+    found = [f for f in table.fields if _looks_like_paths(table, f, base)]
+    if len(found) != 1:
+        raise DataError(f"CSV manifest {table.path}: no 'Path' column, and {'several columns' if found else 'no column'} "
+                        f"hold{'' if found else 's'} image file names; choose one with data.path_column")
+    return found[0]
+
+
+def _from_multilabel_csv(path: Path, notes: list[str], *, allow_outside_paths: bool, path_column: str | None,
+                         label_columns: Sequence[str] | None) -> tuple[dict[str, SplitData], list[str]]:
+    """An NIH-style manifest, or one column per finding (CheXpert's ``train.csv``): raw labels (1, 0, -1
+    uncertain, NaN blank), patients, and the manifest's own split when it has one."""
+    table = _read_csv(path)
+    if not table.rows:
+        raise DataError(f"CSV manifest {path} has no rows")
+    try:
+        if is_nih_manifest(table.fields) and not label_columns:
+            raw, classes, paths, groups, split_names, more = read_nih_manifest(path, table.rows, table.lines)
+            notes += more
+            data = SplitData(labels=raw, paths=paths, groups=groups)
+            return _split_by_column(data, split_names, path), classes
+        base = Path(os.path.normpath(path.parent.absolute()))
+        pcol = _finding_path_column(table, base, path_column)
+        patient_col = next((f for f in table.fields if f.lower() in ("patient_id", "patient id")), None)
+        if label_columns:
+            absent = [c for c in label_columns if c not in table.fields]
+            if absent:
+                raise DataError(f"CSV manifest {path} has no column(s) {', '.join(absent)} (data.label_columns); "
+                                f"its columns are {', '.join(table.fields)}")
+            columns = list(label_columns)
+        else:
+            columns = finding_columns(table.fields, table.rows, [pcol] + ([patient_col] if patient_col else []))
+        msg = describe_choice(columns, bool(label_columns))
+        log.info("%s: %s", path, msg)
+        notes.append(msg)
+        raw = read_finding_columns(path, table.rows, table.lines, columns)
+    except MultiLabelDataError as exc:
+        raise DataError(str(exc)) from None
+    paths = []
+    for r, line in zip(table.rows, table.lines):
+        rel = (r.get(pcol) or "").strip()
+        if not rel:
+            raise DataError(f"CSV manifest {path}, row {line}: empty {pcol}")
+        full = os.path.normpath(os.path.join(base, rel))
+        first = Path(rel).parts[0] if Path(rel).parts else ""
+        if not os.path.exists(full) and first == base.name:  # CheXpert: paths start with the data set's folder
+            full = os.path.normpath(os.path.join(base.parent, rel))
+        if not allow_outside_paths and not _inside(full, str(base)) and not _inside(full, str(base.parent)):
+            raise DataError(f"CSV manifest {path}, row {line}: {rel} lies outside the manifest's folder {base}; paths "
+                            f"must stay inside it (data.allow_outside_paths=true allows others)")
+        paths.append(full)
+    if patient_col:
+        groups = [(r.get(patient_col) or "").strip() for r in table.rows]
+        if "" in groups:
+            raise DataError(f"CSV manifest {path}, row {table.lines[groups.index('')]}: {patient_col} is empty")
+    else:
+        found = [patient_from_path(p) for p in paths]
+        groups = found if all(found) else None
+        if groups:
+            notes.append("patients read from the image paths (patientNNNNN): split by patient")
+    split_col = next((f for f in table.fields if f.lower() == "split"), None)
+    names = [(r.get(split_col) or "").strip().lower() for r in table.rows] if split_col else None
+    data = SplitData(labels=raw, paths=paths, groups=groups)
+    return _split_by_column(data, names, path), list(columns)
 
 
 def _check_no_group_leak(splits: dict[str, SplitData], source: Path) -> None:
@@ -442,11 +548,25 @@ def _npz_array(arrays: Any, key: str, path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read '{key}' ({type(exc).__name__}); the archive is damaged") from None
 
 
+def _npz_multilabels(a: np.ndarray, key: str, path: Path) -> np.ndarray:
+    """N×K labels, one column per finding (ChestMNIST): 1, 0, and -1 or NaN (uncertain, blank) as raw labels."""
+    if a.dtype.kind not in "uifb":
+        raise DataError(f"{path}: {key} has shape {a.shape} (one column per finding) but holds {a.dtype} values; "
+                        f"a finding label is 1, 0 or -1 (uncertain)")
+    f = a.astype(np.float32)
+    bad = np.argwhere(~np.isnan(f) & ~np.isin(f, (0.0, 1.0, -1.0)))
+    if len(bad):
+        i, k = bad[0]
+        raise DataError(f"{path}: {key}[{i}, {k}] is {a[i, k]!s}; multi-label labels (N×K, one column per finding) "
+                        f"are 1, 0 or -1 (uncertain)")
+    return f
+
+
 def _npz_labels(a: np.ndarray, key: str, path: Path) -> np.ndarray:
-    """Integer class numbers from a labels array: integer-valued floats are fine; anything else is refused."""
+    """Integer class numbers from a labels array: integer-valued floats are fine; anything else is refused.
+    An N×K array (K > 1) is multi-label: one 0/1 column per finding."""
     if a.ndim == 2 and a.shape[1] > 1:
-        raise DataError(f"{path}: {key} has shape {a.shape}: several labels per image (multi-label) are not "
-                        f"supported; give one class number per image")
+        return _npz_multilabels(a, key, path)
     a = a.reshape(-1)
     if a.dtype.kind not in "uifb":
         raise DataError(f"{path}: {key} must hold class numbers 0..K-1, got {a.dtype} values "
@@ -536,10 +656,18 @@ def _from_npz(path: Path, notes: list[str]) -> tuple[dict[str, SplitData], list[
         key = next((k for k in ("class_names", "classes") if k in arrays.files), None)
         names = _npz_array(arrays, key, path).reshape(-1) if key else None
     _rescale_float_images(splits, path, notes)
-    k = int(max(s.labels.max() for s in splits.values())) + 1
+    shapes = {s: d.labels.shape[1] if d.labels.ndim == 2 else 1 for s, d in splits.items()}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{s}_labels {len(splits[s])}×{k}" for s, k in shapes.items())
+        raise DataError(f"{path}: the splits disagree on the labels' shape ({listed}); multi-label data has one "
+                        f"column per finding in every split, single-label data one class number per image")
+    multi = next(iter(splits.values())).labels.ndim == 2
+    k = next(iter(shapes.values())) if multi else int(max(s.labels.max() for s in splits.values())) + 1
     if names is None:
         return splits, [str(i) for i in range(k)]
     classes = [str(c).strip() for c in names.tolist()]
+    if multi and len(classes) != k:
+        raise DataError(f"{path}: {key} has {len(classes)} names but the labels have {k} finding columns")
     if len(classes) < k:
         raise DataError(f"{path}: {key} has {len(classes)} names but the labels go up to {k - 1}")
     if "" in classes or len(set(classes)) != len(classes):
@@ -553,6 +681,11 @@ def _stratified_split(data: SplitData, fraction: float, seed: int) -> tuple[Spli
     """Hold out ``fraction`` of ``data``, stratified by label; grouped by patient when groups are known."""
     from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
+    if data.labels.ndim == 2:  # several findings per image: iterative stratification, patients whole
+        if data.groups is not None and len(set(data.groups)) < 2:
+            raise DataError(f"only {len(set(data.groups))} patient: too few for a patient-level split")
+        keep, held = multilabel_split(data.labels, fraction, seed, data.groups)
+        return data.subset(keep), data.subset(held)
     idx = np.arange(len(data))
     counts = np.bincount(data.labels)
     if data.groups is not None:
@@ -618,7 +751,9 @@ def rotation_pretext(splits: dict[str, SplitData], seed: int) -> dict[str, Split
 
 
 def _read_source(path_str: str, *, allow_outside_paths: bool = False, path_column: str | None = None,
-                 label_column: str | None = None) -> tuple[dict[str, SplitData], list[str], str, list[str]]:
+                 label_column: str | None = None, label_columns: Sequence[str] | None = None,
+                 uncertain: str = "ignore", blank: str = "ignore", uncertain_per_finding: dict[str, str] | None = None
+                 ) -> tuple[dict[str, SplitData], list[str], str, list[str]]:
     """``(splits, classes, source, notes)`` of the data at ``path_str`` (the embedded default when empty).
 
     A folder is read as a published layout it matches (Tiny ImageNet, Kaggle/EyePACS or APTOS retinopathy),
@@ -638,6 +773,10 @@ def _read_source(path_str: str, *, allow_outside_paths: bool = False, path_colum
         splits, classes = _from_tiny_imagenet(path, notes)
     elif path.is_dir():
         splits, classes = _from_folder(path)
+    elif path.suffix.lower() == ".csv" and _is_multilabel_csv(_read_csv(path), path.parent, path_column,
+                                                              label_column, label_columns):
+        splits, classes = _from_multilabel_csv(path, notes, allow_outside_paths=allow_outside_paths,
+                                               path_column=path_column, label_columns=label_columns)
     elif path.suffix.lower() == ".csv":
         splits, classes = _from_csv(path, notes, allow_outside_paths=allow_outside_paths, path_column=path_column,
                                     label_column=label_column)
@@ -648,6 +787,13 @@ def _read_source(path_str: str, *, allow_outside_paths: bool = False, path_colum
                         f"or an .npz file")
     if path.resolve() == DEFAULT_DATA.resolve() and classes == ["0", "1"]:  # the embedded set, by any path
         classes = list(DEFAULT_CLASSES)
+    if next(iter(splits.values())).labels.ndim == 2:  # multi-label: uncertain and blank labels by the policy
+        try:
+            for name, split in splits.items():
+                split.labels, done = apply_label_policy(split.labels, classes, uncertain, blank, uncertain_per_finding)
+                notes += [f"{name}: {d}" for d in done]
+        except MultiLabelDataError as exc:
+            raise DataError(str(exc)) from None
     return splits, classes, str(path), notes
 
 
@@ -655,7 +801,14 @@ def _reader_options(cfg: DataConfig) -> dict[str, Any]:
     """The readers' options from the data config (keys a config without them reads as their defaults)."""
     return {"allow_outside_paths": bool(getattr(cfg, "allow_outside_paths", False)),
             "path_column": getattr(cfg, "path_column", None) or None,
-            "label_column": getattr(cfg, "label_column", None) or None}
+            "label_column": getattr(cfg, "label_column", None) or None,
+            "label_columns": getattr(cfg, "label_columns", None) or None, **label_policy(cfg)}
+
+
+def label_policy(cfg: DataConfig) -> dict[str, Any]:
+    """The multi-label policies for uncertain and blank labels of a data config (see ``apply_label_policy``)."""
+    return {"uncertain": getattr(cfg, "uncertain", "ignore"), "blank": getattr(cfg, "blank", "ignore"),
+            "uncertain_per_finding": getattr(cfg, "uncertain_per_finding", None)}
 
 
 def load_data(cfg: DataConfig) -> DataBundle:
@@ -691,29 +844,41 @@ def load_data(cfg: DataConfig) -> DataBundle:
     bundle = DataBundle(classes=classes, splits=splits, source=source, notes=notes)
     for name, c in bundle.counts().items():
         empty = [classes[i] for i, n in enumerate(c) if n == 0]
-        if name == "train" and empty:
+        if bundle.multilabel and empty:  # kept: trained on its negatives, reported as unscoreable
+            msg = f"finding(s) {', '.join(empty)} have no positive {name} images"
+            msg += ": trained on negatives only" if name == "train" else ": not scoreable on this split"
+            log.warning("%s: %s", source, msg)
+            notes.append(msg)
+        elif name == "train" and empty:
             raise DataError(f"{source}: class(es) {', '.join(empty)} have no training images")
     return bundle
 
 
-def load_eval_data(path: str, classes: list[str], prefer: Sequence[str] = ("test", "all"), *,
+def load_eval_data(path: str, classes: list[str], prefer: Sequence[str] = ("test", "all"), *, multilabel: bool = False,
                    allow_outside_paths: bool = False, path_column: str | None = None,
-                   label_column: str | None = None) -> tuple[SplitData, str]:
+                   label_column: str | None = None, label_policy: dict[str, Any] | None = None
+                   ) -> tuple[SplitData, str]:
     """Images of ``path`` for a trained model: the first split of ``prefer`` that the data has (by default
     the test split, else every image), with labels matched to the model's ``classes`` by name.
 
     Names that match in another order are re-mapped; data without names of its own (``0``, ``1``, ...)
-    is matched by position, with a warning; names that differ are refused. The keyword options are the
-    CSV reader's (see ``load_data``).
+    is matched by position, with a warning; names that differ are refused. ``multilabel``: the model
+    expects one column per finding (columns are matched by name the same way). ``label_policy``: the
+    multi-label ``uncertain``/``blank``/``uncertain_per_finding`` policies; the other keyword options are
+    the CSV reader's (see ``load_data``).
     """
     splits, data_classes, source, notes = _read_source(path, allow_outside_paths=allow_outside_paths,
-                                                       path_column=path_column, label_column=label_column)
+                                                       path_column=path_column, label_column=label_column,
+                                                       **(label_policy or {}))
     for note in notes:
         log.info("%s: %s", source, note)
     data = next((splits[s] for s in prefer if splits.get(s)), None)
     if data is None:
         wanted = " or ".join("unsplit" if s == "all" else s for s in prefer)
         raise DataError(f"{source} has no {wanted} images to use")
+    if (data.labels.ndim == 2) != multilabel:
+        raise DataError(f"{source} has {'several findings' if data.labels.ndim == 2 else 'one class'} per image but "
+                        f"the model was trained on {'several findings' if multilabel else 'one class'} per image")
     if len(data_classes) != len(classes):
         raise DataError(f"{source} has {len(data_classes)} classes ({', '.join(data_classes)}) but the model "
                         f"was trained on {len(classes)} ({', '.join(classes)})")
@@ -722,6 +887,10 @@ def load_eval_data(path: str, classes: list[str], prefer: Sequence[str] = ("test
     model_index = {c.strip().lower(): i for i, c in enumerate(classes)}
     if sorted(model_index) == sorted(c.strip().lower() for c in data_classes):
         remap = np.array([model_index[c.strip().lower()] for c in data_classes], dtype=np.int64)
+        if multilabel:  # one column per finding: reorder the columns
+            cols = np.empty_like(data.labels)
+            cols[:, remap] = data.labels
+            return SplitData(labels=cols, paths=data.paths, images=data.images, groups=data.groups), source
         log.info("%s: classes matched to the model's by name (%s)", source,
                  ", ".join(f"{c}->{classes[remap[i]]}" for i, c in enumerate(data_classes)))
         return SplitData(labels=remap[data.labels], paths=data.paths, images=data.images, groups=data.groups), source

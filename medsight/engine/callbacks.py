@@ -82,8 +82,10 @@ class ConsoleLogger(Callback):
         log.info(f"medsight: {cfg.model.name} ({run.n_params / 1e6:.2f}M parameters{layout}) · {cfg.optim.name} "
                  f"lr {cfg.optim.lr:g}{rho} · {t.epochs} epochs · {run.device}{world}{extra}")
         counts = run.bundle.counts()
-        log.info(f"data: {run.bundle.source} · {run.task.kind.replace('_', '-')} · classes "
-                 f"{', '.join(run.bundle.classes)} · " + " · ".join(f"{s} {sum(c)} {c}" for s, c in counts.items()))
+        per = "positives per finding " if run.bundle.multilabel else ""
+        log.info(f"data: {run.bundle.source} · {run.task.kind.replace('_', '-')} · "
+                 f"{'findings' if run.bundle.multilabel else 'classes'} {', '.join(run.bundle.classes)} · {per}"
+                 + " · ".join(f"{s} {len(run.bundle.splits[s])} {c}" for s, c in counts.items()))
         for note in run.bundle.notes:
             log.info(f"data: {note}")
 

@@ -26,7 +26,7 @@ def diversity(runs: list[RunData]) -> dict[str, Any]:
     Kuncheva & Whitaker, "Measures of Diversity in Classifier Ensembles", Machine Learning 51 (2003).
     """
     preds = {r.name: r.task.decide(r.test_probs) for r in runs}
-    correct = {r.name: preds[r.name] == r.test_labels for r in runs}
+    correct = {r.name: r.task.per_image_correct(r.test_labels, r.test_probs) for r in runs}
     pairs = []
     for a, b in itertools.combinations(runs, 2):
         ca, cb = correct[a.name], correct[b.name]
@@ -42,7 +42,9 @@ def diversity(runs: list[RunData]) -> dict[str, Any]:
     best = {}
     for i, cls in enumerate(runs[0].classes):
         recalls = {r.name: r.metrics["test"]["per_class"][cls]["recall"] for r in runs}
-        best[cls] = max(recalls, key=recalls.get)
+        recalls = {n: v for n, v in recalls.items() if v is not None}  # a finding without test positives: none
+        if recalls:
+            best[cls] = max(recalls, key=recalls.get)
     return {"pairs": pairs, "best_per_class": best}
 
 

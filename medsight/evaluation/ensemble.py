@@ -21,7 +21,6 @@ from medsight.config import choices, config_from_dict
 from medsight.evaluation.compare import diversity, diversity_html
 from medsight.evaluation.runs import EnsembleError, RunData, check_compatible, load_run, save_predictions
 from medsight.inference.ensemble import combine, features
-from medsight.metrics import auc_score
 from medsight.tasks import task_from_state
 from medsight.reporting.html import checklist_html, html_table, img_tag, page
 from medsight.utils.files import PRIVATE_DIR, make_private, write_text_atomic
@@ -37,11 +36,13 @@ def _fit_combiner(method: str, runs: list[RunData], meta: str, seed: int) -> dic
     if method == "soft":
         return {"weights": [1.0 / len(runs)] * len(runs)}
     if method == "weighted":
-        aucs = [auc_score(r.val_labels, r.val_probs) for r in runs]
+        aucs = [r.task.epoch_metrics(r.val_labels, r.val_probs)["auc"] for r in runs]
         if any(a is None for a in aucs):
             raise EnsembleError("weighted ensembles need a validation AUC for every run (both classes in val)")
         w = np.array(aucs)
         return {"weights": (w / w.sum()).tolist(), "val_auc": aucs}
+    if runs[0].task.kind == "multilabel":
+        return _fit_per_finding(method, runs)
     x, y = features([r.val_probs for r in runs]), runs[0].val_labels
     if len(np.unique(y)) < 2:
         raise EnsembleError("stacking needs validation predictions with at least two classes")
@@ -73,6 +74,31 @@ def _fit_combiner(method: str, runs: list[RunData], meta: str, seed: int) -> dic
         return {"pairs": pairs}
     raise EnsembleError(f"unknown ensemble method {method!r}; choose from {', '.join(METHODS)}")
 
+
+
+def _fit_per_finding(method: str, runs: list[RunData]) -> dict[str, Any]:
+    """Multi-label stacking: per finding, a logistic regression on the members' probabilities of that finding
+    (validation images whose label is not masked). A finding without both labels in validation keeps the
+    members' mean, and the combiner says so."""
+    if method != "stacking":
+        raise EnsembleError(f"{method} combines one class per image; multi-label runs take soft, weighted or stacking")
+    from sklearn.linear_model import LogisticRegression
+
+    y_all = runs[0].val_labels
+    coef, icpt, mean_only = [], [], []
+    for k, name in enumerate(runs[0].classes):
+        keep = y_all[:, k] >= 0
+        x = np.stack([r.val_probs[keep, k] for r in runs], 1)
+        y = (y_all[keep, k] == 1).astype(int)
+        if len(np.unique(y)) < 2:
+            coef.append(None)
+            icpt.append(None)
+            mean_only.append(name)
+            continue
+        clf = LogisticRegression(max_iter=2000).fit(x, y)
+        coef.append(clf.coef_[0].tolist())
+        icpt.append(float(clf.intercept_[0]))
+    return {"meta": "logistic_per_finding", "coef": coef, "intercept": icpt, "mean_only": mean_only}
 
 
 def ensemble(run_paths: list[str | Path], method: str, out: str | Path, meta: str = "logistic",

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from medsight.data.dataset import label_tensor
+
 __all__ = ["sharpness", "fixed_batches"]
 
 
@@ -33,12 +35,12 @@ def fixed_batches(dataset: torch.utils.data.Dataset, n_batches: int, batch_size:
         xs.append(x)
         ys.append(y)
         if len(xs) == batch_size:
-            batches.append((torch.stack(xs), torch.tensor(ys)))
+            batches.append((torch.stack(xs), label_tensor(ys)))
             xs, ys = [], []
             if len(batches) == n_batches:
                 break
     if xs and len(batches) < n_batches:
-        batches.append((torch.stack(xs), torch.tensor(ys)))
+        batches.append((torch.stack(xs), label_tensor(ys)))
     return batches
 
 

@@ -32,35 +32,39 @@ def gradcam_gallery(model: torch.nn.Module, ds: ImageDataset, probs: np.ndarray,
     rng = np.random.default_rng(seed)
     groups = task.gallery_groups(labels, probs, per_class, rng)
     sample = rng.choice(len(labels), size=min(len(labels), 256), replace=False)
-    target_of = {int(i): task.explained_output(probs[int(i)]) for i in sample}
+    # (image, explained output) pairs: the border sample's (multi-label images are scored for each finding
+    # they carry, see Task.border_outputs) and the gallery's
+    outputs = {int(i): task.border_outputs(labels[int(i)], probs[int(i)]) for i in sample}
     for _, ids, outs in groups:
-        target_of.update(zip(ids, outs))
-    wanted = sorted(target_of)
+        for i, o in zip(ids, outs):
+            if o not in outputs.get(i, []):  # a gallery image's output replaces a single default one
+                outputs[i] = outputs[i] + [o] if len(outputs.get(i, [])) > 1 else [o]
+    wanted = sorted((i, o) for i, outs in outputs.items() for o in outs)
     view = view_settings(ds.transform)  # the model's framing (resize policy, fundus crop), redone for display
     fov = view["preset"] == "fundus"
-    heat: dict[int, np.ndarray] = {}
+    heat: dict[tuple[int, int], np.ndarray] = {}
     scores, explained = [], []
     for start in range(0, len(wanted), 64):
-        ids = wanted[start:start + 64]
-        items = [ds[i] for i in ids]
-        keep = [(i, x) for i, (x, _) in zip(ids, items) if x is not None]
+        pairs = wanted[start:start + 64]
+        items = {i: ds[i][0] for i in dict.fromkeys(i for i, _ in pairs)}
+        keep = [(i, o) for i, o in pairs if items[i] is not None]
         if not keep:
             continue
-        x = torch.stack([x for _, x in keep]).to(device)
-        maps = explain(model, x, method=method, target_layer=target_layer, class_idx=[target_of[i] for i, _ in keep])
+        x = torch.stack([items[i] for i, _ in keep]).to(device)
+        maps = explain(model, x, method=method, target_layer=target_layer, class_idx=[o for _, o in keep])
         scores.append(border_score(maps, fov=fov).cpu())
-        explained += [target_of[i] for i, _ in keep]
-        for (i, _), m in zip(keep, maps.cpu().numpy()):
-            heat[i] = m
+        explained += [o for _, o in keep]
+        for pair, m in zip(keep, maps.cpu().numpy()):
+            heat[pair] = m
     rows = []
     for title, ids, outs in groups:
         items = []
         for i, o in zip(ids, outs):
-            if i not in heat:
+            if (i, o) not in heat:
                 continue
             disp = _display(display_view(ds.load(i), view["size"], view["resize"], view["preset"], max_side=224))
-            items.append({"image": disp, "overlay": overlay(disp, heat[i]),
-                          "caption": f"pred {task.classes[o]} {probs[i, o]:.2f}"})
+            items.append({"image": disp, "overlay": overlay(disp, heat[(i, o)]),
+                          "caption": f"{'' if task.kind == 'multilabel' else 'pred '}{task.classes[o]} {probs[i, o]:.2f}"})
         rows.append({"title": title, "items": items})
     allscores = torch.cat(scores).numpy() if scores else np.empty(0)
     cls = np.array(explained)

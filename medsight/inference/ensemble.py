@@ -34,6 +34,13 @@ def combine(method: str, combiner: dict[str, Any], probs: list[np.ndarray], k: i
     """Apply a fitted combiner to member probabilities (each N×k); returns N×k probabilities."""
     if method in ("soft", "weighted"):
         return sum(w * p for w, p in zip(combiner["weights"], probs))
+    if method == "stacking" and combiner.get("meta") == "logistic_per_finding":  # multi-label, per finding
+        out = np.mean(probs, axis=0)
+        for j, (w, b) in enumerate(zip(combiner["coef"], combiner["intercept"])):
+            if w is not None:
+                z = np.stack([p[:, j] for p in probs], 1) @ np.array(w) + b
+                out[:, j] = 1 / (1 + np.exp(-z))
+        return out
     x = features(probs)
     if method == "stacking":
         seen = combiner["classes_seen"]

@@ -1,8 +1,9 @@
 """Training losses. A new loss goes in a module here and is chosen by its task (``medsight.tasks``)."""
 
 from medsight.losses.classification import ClassificationLoss, class_weights
+from medsight.losses.multilabel import AsymmetricLoss, BinaryFocal, MaskedBCE, positive_weights
 from medsight.losses.ordinal import (CornLoss, CornProbabilities, DistanceSmoothedCE, ExpectedGradeMSE,
                                      RegressionProbabilities)
 
 __all__ = ["ClassificationLoss", "class_weights", "DistanceSmoothedCE", "CornLoss", "CornProbabilities",
-           "ExpectedGradeMSE", "RegressionProbabilities"]
+           "ExpectedGradeMSE", "RegressionProbabilities", "MaskedBCE", "BinaryFocal", "AsymmetricLoss", "positive_weights"]

@@ -129,6 +129,10 @@ def rule_augmentation(fp: Fingerprint, chosen: dict[str, Any]) -> list[Decision]
 
 def rule_imbalance(fp: Fingerprint, chosen: dict[str, Any]) -> list[Decision]:
     ratio = f"imbalance {fp.imbalance:g}:1"
+    if fp.task == "multilabel":  # each finding is its own binary problem: weigh its positives, not classes
+        return [Decision("train.class_weights", True, f"multi-label: per-finding positive weights (negatives / "
+                                                      f"positives in training), so rare findings are not ignored"),
+                Decision("train.class_weight_mode", "inverse", "(multi-label: unused, the weights are per finding)")]
     if fp.imbalance >= 10:
         return [Decision("train.class_weights", True, f"{ratio}: rare classes would be ignored without weights"),
                 Decision("train.class_weight_mode", "effective", "effective-number weights (Cui et al. 2019): "
@@ -155,6 +159,12 @@ def rule_monitor(fp: Fingerprint, chosen: dict[str, Any]) -> list[Decision]:
     if fp.task == "ordinal" and present >= 2:
         return [Decision("train.monitor", "qwk", "graded labels: quadratic weighted kappa, the grading metric "
                                                  "(a grade-4 eye called 3 costs less than one called 0)")]
+    if fp.task == "multilabel":
+        if not present:
+            return [Decision("train.monitor", "loss", "no finding has a positive validation image: no AUC to select "
+                                                      "by, so the validation loss")]
+        return [Decision("train.monitor", "auc", f"mean validation AUC over the {present} findings with validation "
+                                                 f"positives (threshold-free, robust to rare findings)")]
     if present < 2:
         return [Decision("train.monitor", "loss", f"the validation split holds {present} class(es): no AUC to "
                                                   f"select by, so the validation loss")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-__all__ = ["plot_curves", "plot_confusion", "plot_roc", "plot_recall_bars", "plot_faithfulness", "plot_gallery", "plot_explanation"]
+__all__ = ["plot_curves", "plot_confusion", "plot_roc", "plot_roc_grid", "plot_recall_bars", "plot_faithfulness", "plot_gallery", "plot_explanation"]
 
 
 def _save(fig: plt.Figure, path: str | Path) -> None:
@@ -89,6 +90,37 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], classes: Sequence
     ax.set_title("ROC")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_roc_grid(curves: dict[str, tuple[np.ndarray, np.ndarray]], classes: Sequence[str], path: str | Path,
+                  thresholds: Sequence[float] | None = None) -> None:
+    """Multi-label: one ROC panel per finding, a curve per split (labels (N, K) with -1 masked, probs (N, K)),
+    and where given the point of each finding's threshold on the last split."""
+    k = len(classes)
+    cols = min(5, k)
+    rows = math.ceil(k / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.ravel()[k:]:
+        ax.axis("off")
+    for j, (ax, name) in enumerate(zip(axes.ravel(), classes)):
+        drawn = False
+        for split, (labels, probs) in curves.items():
+            keep = labels[:, j] >= 0
+            y, p = labels[keep, j], probs[keep, j]
+            if 0 < y.sum() < len(y):
+                fpr, tpr, _ = roc_curve(y, p)
+                ax.plot(fpr, tpr, label=split)
+                drawn = True
+                if thresholds is not None and split == list(curves)[-1]:
+                    pred = p >= thresholds[j]
+                    ax.plot([pred[y == 0].mean()], [pred[y == 1].mean()], "ko", ms=3)
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set_title(name if drawn else f"{name} (not scoreable)", fontsize=8)
+        ax.tick_params(labelsize=6)
+        if j == 0 and drawn:
+            ax.legend(fontsize=6, loc="lower right")
+    fig.suptitle("ROC per finding (dot: the threshold chosen on validation)", fontsize=9)
     _save(fig, path)
 
 

@@ -2,7 +2,9 @@
 
     GET  /health    -> {"status": "ok", "model": NAME, "classes": [...], "task": KIND}
     POST /predict   multipart field ``file``              -> the task's record: {"label", "probabilities": {...}}
-    POST /explain   multipart ``file`` [+ form ``method``] -> PNG: the image beside its Grad-CAM overlay
+    POST /explain   multipart ``file`` [+ form ``method``, ``target`` (a class or finding name)] -> PNG: the image
+                    beside the Grad-CAM overlay of ``target`` (default: the decided class, or the most probable
+                    finding); headers X-Label, X-Explained, X-Probability, X-Border-Score (X-Findings for multi-label)
     GET  /          the web page: upload PNG/JPEG/DICOM, see probabilities, the overlay and any warning
 
 Endpoints are plain (sync) functions: FastAPI runs them in its worker threads, so model work never
@@ -73,13 +75,16 @@ def create_app(checkpoint: str | Path, device: str = "auto", page: bool = True) 
         return {"file": file.filename, **service.predict(read(file))}
 
     @app.post("/explain")
-    def explain(file: UploadFile = File(...), method: str = Form("gradcam")) -> Response:
+    def explain(file: UploadFile = File(...), method: str = Form("gradcam"), target: str = Form("")) -> Response:
         img = read(file)
-        png, meta = service.explain_png(img, method)
+        png, meta = service.explain_png(img, method, target or None)
         border = meta["border_score"]
-        return Response(png, media_type="image/png", headers={
-            "X-Label": _header(meta["label"]), "X-Probability": f"{meta['probabilities'][meta['label']]:.6f}",
-            "X-Border-Score": f"{border:.6f}" if border == border else "n/a", "X-Method": method})
+        headers = {"X-Label": _header(meta["label"]), "X-Explained": _header(meta["explained"]),
+                   "X-Probability": f"{meta['probabilities'][meta['explained']]:.6f}",
+                   "X-Border-Score": f"{border:.6f}" if border == border else "n/a", "X-Method": method}
+        if "findings" in meta:  # multi-label: every finding above its threshold
+            headers["X-Findings"] = _header("|".join(meta["findings"]))
+        return Response(png, media_type="image/png", headers=headers)
 
     if page:
         import gradio as gr

@@ -24,7 +24,7 @@ import numpy as np
 
 from medsight.config import CamMethod, choices
 from medsight.explainers.cam import BORDER_WARN
-from medsight.serve.service import NOTICE, Service, UnknownMethodError
+from medsight.serve.service import NOTICE, Service, UnknownClassError, UnknownMethodError
 
 __all__ = ["build_page", "UploadFolder"]
 
@@ -113,6 +113,10 @@ def _upload(file: Any) -> tuple[Path, str] | None:
     return Path(file), Path(file).name
 
 
+#: The selector's default: the decided class (single-label) or the most probable finding (multi-label).
+MOST_PROBABLE = "(the decided / most probable)"
+
+
 def build_page(service: Service, uploads: UploadFolder | None = None) -> Any:
     """The Gradio page over ``service``; with ``uploads``, every upload is deleted once decoded."""
     import gradio as gr
@@ -138,6 +142,13 @@ def build_page(service: Service, uploads: UploadFolder | None = None) -> Any:
                 uploads.discard(path)
 
     def run(file: Any, method: str, held: Any) -> tuple[dict[str, float], str, str, Any]:
+        return run_for(file, method, held, None)
+
+    def show(file: Any, method: str, target: str, held: Any) -> tuple[dict[str, float], str, str, Any]:
+        """The heatmap of the class or finding chosen in the selector."""
+        return run_for(file, method, held, None if target == MOST_PROBABLE else target)
+
+    def run_for(file: Any, method: str, held: Any, target: str | None) -> tuple[dict[str, float], str, str, Any]:
         found = _upload(file)
         if found is None:
             raise gr.Error("Choose an image or DICOM file first.")
@@ -149,11 +160,19 @@ def build_page(service: Service, uploads: UploadFolder | None = None) -> Any:
         img = held[1]
         try:
             result = service.predict(img)
-            _, ov, border = service.explain(img, method)
-        except (ImageReadError, UnknownMethodError) as exc:
+            index = service.class_index(target)
+            _, ov, border = service.explain(img, method, index)
+        except (ImageReadError, UnknownMethodError, UnknownClassError) as exc:
             raise gr.Error(str(exc)) from None
-        p = result["probabilities"][result["label"]]
-        text = f"**Prediction: {result['label']}** ({p:.1%})  \n" + (
+        shown = target or result.get("explained") or result["label"]
+        if "findings" in result:  # multi-label: every finding above its threshold, the heatmap of one
+            text = (f"**Findings above their thresholds:** {result['label']}  \nHeatmap of "
+                    f"**{shown}** ({result['probabilities'][shown]:.1%})  \n")
+        else:
+            p = result["probabilities"][shown]
+            text = f"**Prediction: {result['label']}** ({result['probability']:.1%})" + (
+                f" · heatmap of **{shown}** ({p:.1%})" if target else "") + "  \n"
+        text += (
             f"Grad-CAM border score {border:.2f}" if border == border else "The heatmap is empty (no positive evidence).")
         if border > BORDER_WARN:
             text += (f"  \n⚠️ **Warning:** the heat sits mostly at the image border (score {border:.2f} > "
@@ -170,6 +189,8 @@ def build_page(service: Service, uploads: UploadFolder | None = None) -> Any:
                 upload = gr.File(label="Image (PNG, JPEG, TIFF, BMP or DICOM)", elem_id="upload")
                 method = gr.Dropdown(list(choices(CamMethod)), value="gradcam", label="Explanation method",
                                      elem_id="method")
+                target = gr.Dropdown([MOST_PROBABLE, *info["classes"]], value=MOST_PROBABLE, elem_id="target",
+                                     label="Heatmap of" + (" finding" if info["task"] == "multilabel" else " class"))
                 button = gr.Button("Predict and explain", variant="primary", elem_id="run")
             with gr.Column():
                 verdict = gr.Markdown(elem_id="verdict")
@@ -177,4 +198,6 @@ def build_page(service: Service, uploads: UploadFolder | None = None) -> Any:
                 cam = gr.HTML(label="Grad-CAM overlay", elem_id="overlay")
         upload.upload(receive, upload, held, preprocess=False)
         button.click(run, [upload, method, held], [probs, cam, verdict, held], api_name="run", preprocess=False)
+        target.input(show, [upload, method, target, held], [probs, cam, verdict, held], api_name="explain_finding",
+                     preprocess=False)
     return page

@@ -26,6 +26,10 @@ class UnknownMethodError(ValueError):
     """An explanation method that medsight does not have."""
 
 
+class UnknownClassError(ValueError):
+    """A class or finding the model does not have."""
+
+
 class Service:
     """Model, lock and the three operations behind both the page and the API."""
 
@@ -50,29 +54,42 @@ class Service:
         with torch.inference_mode():
             return self.predictor.predict(img)
 
-    def explain(self, img: torch.Tensor, method: str = "gradcam") -> tuple[np.ndarray, np.ndarray, float]:
-        """(display image, overlay, border score) for ``img``; both images H×W×3 in [0, 1]."""
+    def class_index(self, name: str | None) -> int | None:
+        """The output of a class or finding named by the user (None: the task's default)."""
+        if not name:
+            return None
+        if name not in self.predictor.classes:
+            raise UnknownClassError(f"unknown class or finding {name!r}; the model knows "
+                                    f"{', '.join(self.predictor.classes)}")
+        return self.predictor.classes.index(name)
+
+    def explain(self, img: torch.Tensor, method: str = "gradcam", class_idx: int | None = None
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+        """(display image, overlay, border score) for ``img`` (the heatmap of output ``class_idx``, default:
+        the task's explained output); both images H×W×3 in [0, 1]."""
         if method not in METHODS:
             raise UnknownMethodError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         disp = self.predictor.display(img)
         with self._cam_lock:
-            heat = self.predictor.heatmap(img, method)
+            heat = self.predictor.heatmap(img, method, class_idx=class_idx)
         border = float(border_score(torch.from_numpy(heat)[None])[0])
         return disp, overlay(disp, heat), border
 
-    def explain_png(self, img: torch.Tensor, method: str) -> tuple[bytes, dict[str, Any]]:
+    def explain_png(self, img: torch.Tensor, method: str, target: str | None = None) -> tuple[bytes, dict[str, Any]]:
         from PIL import Image
 
+        index = self.class_index(target)
         result = self.predict(img)
-        disp, ov, border = self.explain(img, method)
+        disp, ov, border = self.explain(img, method, index)
+        explained = self.predictor.classes[index] if index is not None else result.get("explained", result["label"])
         side = np.concatenate([disp, ov], axis=1)
         big = Image.fromarray((side * 255).round().astype(np.uint8)).resize(
             (2 * max(256, disp.shape[1]), max(256, disp.shape[0])), Image.NEAREST)
         buf = io.BytesIO()
         big.save(buf, format="PNG")
-        return buf.getvalue(), {**result, "border_score": border, "method": method}
+        return buf.getvalue(), {**result, "border_score": border, "method": method, "explained": explained}
 
 
 #: Typed errors -> HTTP status codes (the API never searches error text).
 STATUS: tuple[tuple[type[Exception], int], ...] = ((ImageTooLargeError, 413), (ImageReadError, 400),
-                                                   (UnknownMethodError, 400))
+                                                   (UnknownMethodError, 400), (UnknownClassError, 400))

@@ -9,23 +9,25 @@ import numpy as np
 
 from medsight.config import TaskKind, choices
 from medsight.tasks.base import GalleryGroup, Task
+from medsight.tasks.multilabel import MultiLabelTask
 from medsight.tasks.ordinal import OrdinalTask
 from medsight.tasks.single_label import SingleLabelTask, TaskConfigError
 
 if TYPE_CHECKING:
     from medsight.config import Config
 
-__all__ = ["Task", "TASKS", "GalleryGroup", "SingleLabelTask", "OrdinalTask", "TaskConfigError", "build_task",
+__all__ = ["Task", "TASKS", "GalleryGroup", "SingleLabelTask", "OrdinalTask", "MultiLabelTask", "TaskConfigError", "build_task",
            "task_from_state", "task_from_checkpoint", "infer_kind"]
 
-TASKS: dict[str, type[Task]] = {cls.kind: cls for cls in (SingleLabelTask, OrdinalTask)}
+TASKS: dict[str, type[Task]] = {cls.kind: cls for cls in (SingleLabelTask, OrdinalTask, MultiLabelTask)}
 # every kind the config accepts has an implementation, and no implementation is unreachable
 assert set(TASKS) | {"auto"} == set(choices(TaskKind)), "medsight.config.TaskKind and TASKS disagree"
 
 
 def infer_kind(labels: np.ndarray) -> str:
-    """The task kind the labels imply: one integer per image -> single_label."""
-    return "single_label"
+    """The task kind the labels imply: N×K findings (1, 0, -1 masked) -> multilabel; one integer per image
+    -> single_label (ordinal grades look the same and are asked for with data.task=ordinal)."""
+    return "multilabel" if np.asarray(labels).ndim == 2 else "single_label"
 
 
 def build_task(kind: str, classes: list[str], labels: np.ndarray | None = None, cfg: Config | None = None) -> Task:
@@ -34,6 +36,10 @@ def build_task(kind: str, classes: list[str], labels: np.ndarray | None = None, 
         kind = infer_kind(labels) if labels is not None else "single_label"
     if kind not in TASKS:
         raise TaskConfigError(f"unknown task kind {kind!r}; choose from {', '.join(TASKS)}")
+    if labels is not None and (np.asarray(labels).ndim == 2) != (kind == "multilabel"):
+        raise TaskConfigError(
+            f"data.task={kind} but the labels have {'one column per finding (several findings per image)' if np.asarray(labels).ndim == 2 else 'one class per image'}; "
+            f"use data.task={'multilabel' if np.asarray(labels).ndim == 2 else 'single_label or ordinal'} (or auto)")
     cls = TASKS[kind]
     return cls(classes, options=cls.options_from(cfg) if cfg is not None else None)
 

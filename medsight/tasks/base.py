@@ -129,6 +129,14 @@ class Task(ABC):
         """The output Grad-CAM explains by default for one image: the decided class."""
         return int(self.decide(probs[None])[0])
 
+    def border_outputs(self, labels: np.ndarray, probs: np.ndarray) -> list[int]:
+        """The outputs whose heatmaps score one image's border (shortcut) heat: by default the explained one."""
+        return [self.explained_output(probs)]
+
+    def per_image_correct(self, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """Per image: was the decision right (for ensemble diversity)."""
+        return self.decide(probs) == np.asarray(labels)
+
     # -------------------------------------------------------------------------------------- state
     def state(self) -> dict[str, Any]:
         """Plain data for the checkpoint: kind, classes, the fitted decision rule (and options, if any)."""
