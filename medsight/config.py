@@ -30,7 +30,7 @@ __all__ = [
     "config_to_dict", "config_from_dict", "validate_config", "save_config", "with_values", "choices", "explicit_keys",
     "OptimizerName", "CamMethod", "TaskKind", "ScheduleName", "Monitor", "Precision", "LossName", "LoggerName",
     "AutoAugment", "Pretext", "Layout", "MAX_IMAGE_SIZE", "OrdinalHead", "ResizePolicy", "Preset",
-    "EvalConfig", "ConformalScore",
+    "EvalConfig", "ConformalScore", "CorruptionName",
 ]
 
 #: The embedded default data set (real PneumoniaMNIST chest X-rays; see data/README.md).
@@ -60,6 +60,9 @@ OrdinalHead = Literal["ce", "smooth", "corn", "regression"]
 ResizePolicy = Literal["squash", "pad", "crop"]
 #: Split-conformal non-conformity scores (medsight.metrics.conformal).
 ConformalScore = Literal["lac", "aps"]
+
+#: Image corruptions of the robustness check (medsight.evaluation.robustness), in report order.
+CorruptionName = Literal["gaussian_noise", "blur", "contrast", "brightness", "jpeg", "resolution"]
 
 #: Preprocessing for a kind of image: fundus photographs are cropped to their circular field of view.
 Preset = Literal["none", "fundus"]

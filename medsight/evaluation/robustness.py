@@ -20,6 +20,7 @@ from torch import nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from medsight.config import CorruptionName, choices
 from medsight.data import ImageDataset, make_loader
 from medsight.data.sources import SplitData
 from medsight.inference.predictor import predict_loader
@@ -74,6 +75,9 @@ CORRUPTIONS: dict[str, tuple[Callable[[torch.Tensor, float, torch.Generator], to
     "jpeg": (_jpeg, (40, 20, 8)),
     "resolution": (_resolution, (2, 3, 4)),
 }
+
+# every name the config and the CLI offer has an implementation, in the same order
+assert tuple(CORRUPTIONS) == choices(CorruptionName), "medsight.config.CorruptionName and CORRUPTIONS disagree"
 
 
 def corrupt(img: torch.Tensor, name: str, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
