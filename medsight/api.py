@@ -16,17 +16,22 @@ import torch
 
 from medsight.checkpoint import load_model
 from medsight.config import CamMethod, choices, config_from_dict
-from medsight.data import (ImageDataset, ImageReadError, label_policy, load_data, load_eval_data, make_loader,
-                           read_image)
+from medsight.data import (DataError, ImageDataset, ImageReadError, label_policy, load_data, load_eval_data,
+                           make_loader, read_image)
+from medsight.evaluation.robustness import robustness
+from medsight.evaluation.trust import decision_probs, measure
 from medsight.evaluation.sharpness import fixed_batches, sharpness
 from medsight.explainers.cam import overlay
-from medsight.inference import collect_images, eval_transform, load_predictor, predict_loader
-from medsight.reporting.plots import plot_explanation
+from medsight.inference import collect_images, eval_transform, load_predictor
+from medsight.inference.predictor import predict_logits
+from medsight.reporting.html import img_tag, page
+from medsight.reporting.model_card import model_card_sections, to_html, to_markdown
+from medsight.reporting.plots import plot_explanation, plot_robustness
 from medsight.tasks import task_from_checkpoint
 from medsight.utils.device import resolve_device
 from medsight.utils.files import PRIVATE_DIR, make_private, write_text_atomic
 
-__all__ = ["evaluate", "predict", "explain_files", "checkpoint_sharpness", "OutputExistsError"]
+__all__ = ["evaluate", "predict", "explain_files", "checkpoint_sharpness", "robustness_check", "OutputExistsError"]
 
 
 class OutputExistsError(FileExistsError):
@@ -69,24 +74,82 @@ def _check_eval_out(out: Path) -> None:
 
 def evaluate(checkpoint: str | Path, data: str, out: str | Path | None = None, device: str = "auto",
              batch_size: int = 128) -> dict[str, Any]:
-    """Re-evaluate a trained model on another data set (its test split, or every image if unsplit); the
-    decision rule stays the one fitted on the model's own validation data."""
+    """Re-evaluate a trained model on another data set (its test split, or every image if unsplit): external
+    validation. The decision rule, temperature, operating points, conformal quantile and abstention threshold
+    stay the ones fitted on the model's own validation data; calibration, coverage and subgroup gaps are
+    measured on the new data. With ``out``: metrics.json, figures, model_card.md and report.html."""
     if out is not None:
         _check_eval_out(Path(out))
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, dev)
     task = task_from_checkpoint(ckpt)
+    cfg = config_from_dict(ckpt["config"])
     split, source = _eval_data(ckpt, data, task.classes, task.kind)
     ds = ImageDataset(split, eval_transform(ckpt))
-    probs, labels, _, skipped = predict_loader(model, make_loader(ds, batch_size, False, 0), dev, task, desc="evaluate")
+    logits, labels, skipped = predict_logits(model, make_loader(ds, batch_size, False, 0), dev, tta=True)
+    probs = decision_probs(task, logits)
     metrics = task.metrics(labels, probs, n_boot=1000)
-    result = {"checkpoint": str(checkpoint), "data": source, "task": task.kind, "test": metrics, "skipped_files": skipped}
+    result = {"checkpoint": str(checkpoint), "data": source, "task": task.kind, "classes": task.classes,
+              "test": metrics, "skipped_files": skipped}
+    out_path = Path(out) if out is not None else None
+    if out_path is not None:
+        out_path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    result["trust"] = measure(task, cfg.eval, logits, labels, meta=split.meta, out=out_path, seed=cfg.train.seed)
+    if out_path is not None:
+        figures = task.figures(out_path, {Path(source).name: (labels, probs)}, metrics, title=f"{source}")
+        result["figures"] = figures + result["trust"].pop("figures")
+        write_text_atomic(json.dumps(result, indent=2), out_path / "metrics.json")
+        summary = {"source": source, "classes": task.classes,
+                   "counts": {"external": np.bincount(labels, minlength=len(task.classes)).tolist()},
+                   "patients": {"external": len(set(split.groups)) if split.groups else None},
+                   "notes": [f"external validation of {checkpoint}: the rules fitted on the model's own validation "
+                             f"data, measured on this data"]}
+        card = model_card_sections(result, ckpt["config"], summary)
+        write_text_atomic(to_markdown(card, f"{Path(checkpoint).parent.name} on {Path(source).name}"),
+                          out_path / "model_card.md")
+        figs = " ".join(img_tag(out_path / f) for f in result["figures"])
+        write_text_atomic(page(f"medsight external validation: {Path(source).name}",
+                               f"<h2>Figures</h2>{figs}<h2>Model card</h2>{to_html(card)}"), out_path / "report.html")
+        make_private(out_path, only=["metrics.json", "model_card.md", "report.html", *result["figures"]])
+    return result
+
+
+def robustness_check(checkpoint: str | Path, data: str | None = None, out: str | Path | None = None,
+                     device: str = "auto", corruptions: Sequence[str] | None = None, seed: int = 0,
+                     batch_size: int = 128, write: bool = False) -> dict[str, Any]:
+    """The checkpoint's metric under corruptions × 3 severities on its own test split (or on ``data``).
+
+    ``out``: robustness.json and robustness.png there; ``write``: the result is also stored under
+    ``"robustness"`` in the metrics.json beside the checkpoint (and its model card refers to it).
+    """
+    dev = resolve_device(device)
+    model, ckpt = load_model(checkpoint, dev)
+    task = task_from_checkpoint(ckpt)
+    if data is None:
+        stored = config_from_dict(ckpt["config"]).data
+        try:
+            bundle = load_data(stored)
+        except DataError as exc:
+            raise DataError(f"the data {checkpoint} was trained on cannot be found ({exc}); give it with --data "
+                            f"(a folder, CSV or .npz with the classes {', '.join(task.classes)})") from None
+        split, source = bundle.splits["test"], bundle.source
+    else:
+        split, source = load_eval_data(data, task.classes)
+    result = robustness(model, task, split, eval_transform(ckpt), dev, corruptions=list(corruptions or []) or None,
+                        batch_size=batch_size, seed=seed)
+    result["data"] = source
     if out is not None:
-        out = Path(out)
-        out.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
-        result["figures"] = task.figures(out, {Path(source).name: (labels, probs)}, metrics, title=f"{source}")
-        write_text_atomic(json.dumps(result, indent=2), out / "metrics.json")
-        make_private(out, only=["metrics.json", *result["figures"]])  # like run files: owner-only
+        o = Path(out)
+        o.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+        write_text_atomic(json.dumps(result, indent=2), o / "robustness.json")
+        plot_robustness(result, o / "robustness.png")
+        make_private(o, only=["robustness.json", "robustness.png"])
+    metrics_path = Path(checkpoint).parent / "metrics.json"
+    if write and metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+        metrics["robustness"] = result
+        write_text_atomic(json.dumps(metrics, indent=2), metrics_path)
+        result["written"] = str(metrics_path)
     return result
 
 

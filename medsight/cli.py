@@ -122,8 +122,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{result['data']}: n {m['n']} · {task.summary(m)}")
     if result["skipped_files"]:
         print(f"skipped {len(result['skipped_files'])} unreadable file(s)")
+    tr = result["trust"]
+    cal, conf = tr["calibration"], tr.get("conformal")
+    print(f"calibration here: ECE {cal['ece_before']:.4f} before temperature, {cal['ece_after']:.4f} after"
+          + (f" · conformal coverage {conf['coverage']:.3f} (stated {conf['target_coverage']:.2f}), mean set size "
+             f"{conf['mean_set_size']:.2f}" if conf else ""))
     if args.out:
-        print(f"wrote {args.out}/metrics.json")
+        print(f"wrote {args.out}/metrics.json, model_card.md and report.html")
+    return 0
+
+
+def _cmd_robustness(args: argparse.Namespace) -> int:
+    from medsight.api import robustness_check
+
+    r = robustness_check(args.checkpoint, data=args.data, out=args.out, device=args.device,
+                         corruptions=args.corruptions, seed=args.seed, write=args.store)
+    m = r["metric"]
+    print(f"{r['data']}: clean {m} {r['clean']:.4f} ({r['n']} images)")
+    for name, rows in r["corruptions"].items():
+        print(f"  {name:<15} " + "  ".join(f"s{x['severity']} {x[m]:.4f} (−{x['drop']:.4f})" if x[m] is not None
+                                           else f"s{x['severity']} n/a" for x in rows))
+    print(f"mean {m} drop {r['mean_drop']:.4f}")
+    if r.get("written"):
+        print(f"stored in {r['written']}")
     return 0
 
 
@@ -231,7 +252,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from medsight import __version__
-    from medsight.config import CamMethod, OptimizerName, choices
+    from medsight.config import CamMethod, CorruptionName, OptimizerName, choices
     from medsight.evaluation.ensemble import METHODS
 
     p = argparse.ArgumentParser(prog="medsight", description="Train medical image classifiers that generalize "
@@ -280,6 +301,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="folder for metrics.json and plots")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_cmd_evaluate)
+
+    rb = sub.add_parser("robustness", help="the metric under noise, blur, contrast, brightness, JPEG and "
+                                           "resolution loss at 3 severities")
+    rb.add_argument("checkpoint")
+    rb.add_argument("--data", help="folder, CSV or .npz (default: the checkpoint's own data, its test split)")
+    rb.add_argument("--out", help="folder for robustness.json and robustness.png")
+    rb.add_argument("--corruptions", nargs="+", choices=choices(CorruptionName), help="a subset (default: all)")
+    rb.add_argument("--seed", type=int, default=0)
+    rb.add_argument("--store", action="store_true", help="also store the result in the run's metrics.json")
+    rb.add_argument("--device", default="auto")
+    rb.set_defaults(func=_cmd_robustness)
 
     x = sub.add_parser("explain", help="Grad-CAM overlays for images")
     x.add_argument("checkpoint")

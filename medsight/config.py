@@ -30,7 +30,7 @@ __all__ = [
     "config_to_dict", "config_from_dict", "validate_config", "save_config", "with_values", "choices", "explicit_keys",
     "OptimizerName", "CamMethod", "TaskKind", "ScheduleName", "Monitor", "Precision", "LossName", "LoggerName",
     "AutoAugment", "Pretext", "Layout", "MAX_IMAGE_SIZE", "OrdinalHead", "ResizePolicy", "Preset", "LabelPolicy",
-    "ThresholdRule",
+    "ThresholdRule", "EvalConfig", "ConformalScore", "CorruptionName",
 ]
 
 #: The embedded default data set (real PneumoniaMNIST chest X-rays; see data/README.md).
@@ -65,6 +65,12 @@ LabelPolicy = Literal["ignore", "ones", "zeros"]
 ThresholdRule = Literal["youden", "sensitivity"]
 #: Fitting an image to the square input: stretch it (squash), letterbox it (pad) or cut its centre (crop).
 ResizePolicy = Literal["squash", "pad", "crop"]
+#: Split-conformal non-conformity scores (medsight.metrics.conformal).
+ConformalScore = Literal["lac", "aps"]
+
+#: Image corruptions of the robustness check (medsight.evaluation.robustness), in report order.
+CorruptionName = Literal["gaussian_noise", "blur", "contrast", "brightness", "jpeg", "resolution"]
+
 #: Preprocessing for a kind of image: fundus photographs are cropped to their circular field of view.
 Preset = Literal["none", "fundus"]
 
@@ -275,6 +281,34 @@ class ChecklistConfig(_Section):
     min_refer_sensitivity: Unit | None = None  # ordinal: sensitivity for referable grades
 
 
+Rate = Annotated[Float, Field(gt=0, le=1)]
+
+
+class EvalConfig(_Section):
+    """What the evaluation of a trained model measures beyond the task's metrics (medsight.evaluation.trust):
+    calibration, operating points, selective prediction, conformal sets, TTA, subgroups and robustness."""
+
+    calibrate: bool = True  # temperature scaling fitted on validation, stored in the checkpoint
+    target_sensitivity: Rate | None = None  # operating point chosen on val for this sensitivity, in (0, 1]
+    target_specificity: Rate | None = None  # ... or for this specificity; neither: Youden's J
+    conformal_coverage: Fraction = 0.9  # split-conformal prediction sets for this coverage, in (0, 1)
+    conformal_score: ConformalScore = "lac"  # lac (1 - p_true) | aps (adaptive prediction sets)
+    conformal_class_conditional: bool = False  # one quantile per class (coverage per class, larger sets)
+    abstain_fraction: Annotated[Float, Field(ge=0, lt=1)] = 0.1  # predict refers the least confident share of val
+    tta: bool = False  # decide on the mean over test-time augmentation views (always measured against none)
+    subgroups: list[Text] | None = None  # CSV manifest metadata columns; None: detected (sex, age, site, ...)
+    subgroup_min_size: Annotated[int, Field(ge=2)] = 20  # smaller groups are reported but get no interval
+    robustness: bool = False  # measure the metric under corruptions at the end of training (slower)
+    bootstrap: Annotated[int, Field(ge=0)] = 1000  # resamples for the intervals of this section
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        if self.target_sensitivity is not None and self.target_specificity is not None:
+            raise ValueError("eval.target_sensitivity and eval.target_specificity both set: an operating point "
+                             "has one target; set one of them (or neither, for Youden's J)")
+        return self
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -284,6 +318,7 @@ class Config(_Section):
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     checklist: ChecklistConfig = Field(default_factory=ChecklistConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     out: Text = ""  # run folder; empty: runs/MODEL-TIMESTAMP
     plan: bool = True  # derive every option the user did not set from the data (medsight.planning)
 

@@ -57,6 +57,7 @@ class SplitData:
     images: np.ndarray | None = None
     groups: list[str] | None = None
     quarter_turns: np.ndarray | None = None  # rotation pretext: turn image i by 90° x this before its transform
+    meta: dict[str, list[str]] | None = None  # CSV manifests: the other columns (sex, age, site, ...) per image
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -68,6 +69,7 @@ class SplitData:
             images=self.images[idx] if self.images is not None else None,
             groups=[self.groups[i] for i in idx] if self.groups is not None else None,
             quarter_turns=self.quarter_turns[idx] if self.quarter_turns is not None else None,
+            meta={k: [v[i] for i in idx] for k, v in self.meta.items()} if self.meta else None,
         )
 
     def describe(self, i: int) -> str:
@@ -92,6 +94,12 @@ class DataBundle:
         if self.multilabel:
             return {name: (s.labels == 1).sum(0).astype(int).tolist() for name, s in self.splits.items()}
         return {name: np.bincount(s.labels, minlength=k).tolist() for name, s in self.splits.items()}
+
+    def summary(self) -> dict[str, Any]:
+        """Provenance for a model card: source, classes, images per split and class, patients where known."""
+        return {"source": self.source, "classes": list(self.classes), "counts": self.counts(),
+                "patients": {name: len(set(s.groups)) if s.groups else None for name, s in self.splits.items()},
+                "notes": list(self.notes)}
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -283,8 +291,10 @@ def _from_csv(path: Path, notes: list[str], *, allow_outside_paths: bool = False
         log.warning("%s: %s", path, msg)
         notes.append(msg)
     codes, classes = _labels_from_names([labels[i] for i in keep])
+    extra = [f for f in table.fields if f not in (pcol, lcol, "split", "patient_id") and f]
+    meta = {f: [table.rows[i].get(f, "").strip() for i in keep] for f in extra}  # subgroup analysis reads these
     data = SplitData(labels=codes, paths=[paths[i] for i in keep],
-                     groups=[groups[i] for i in keep] if groups is not None else None)
+                     groups=[groups[i] for i in keep] if groups is not None else None, meta=meta or None)
     return _split_by_column(data, [splits_col[i] for i in keep] if splits_col is not None else None, path), classes
 
 
@@ -389,7 +399,9 @@ def _from_multilabel_csv(path: Path, notes: list[str], *, allow_outside_paths: b
             notes.append("patients read from the image paths (patientNNNNN): split by patient")
     split_col = next((f for f in table.fields if f.lower() == "split"), None)
     names = [(r.get(split_col) or "").strip().lower() for r in table.rows] if split_col else None
-    data = SplitData(labels=raw, paths=paths, groups=groups)
+    used = {pcol, patient_col, split_col, *columns}
+    meta = {f: [(r.get(f) or "").strip() for r in table.rows] for f in table.fields if f and f not in used}
+    data = SplitData(labels=raw, paths=paths, groups=groups, meta=meta or None)  # meta: Sex, Age, ... for subgroups
     return _split_by_column(data, names, path), list(columns)
 
 
@@ -893,7 +905,8 @@ def load_eval_data(path: str, classes: list[str], prefer: Sequence[str] = ("test
             return SplitData(labels=cols, paths=data.paths, images=data.images, groups=data.groups), source
         log.info("%s: classes matched to the model's by name (%s)", source,
                  ", ".join(f"{c}->{classes[remap[i]]}" for i, c in enumerate(data_classes)))
-        return SplitData(labels=remap[data.labels], paths=data.paths, images=data.images, groups=data.groups), source
+        return SplitData(labels=remap[data.labels], paths=data.paths, images=data.images, groups=data.groups,
+                         meta=data.meta), source
     if all(c == str(i) for i, c in enumerate(data_classes)):
         log.warning("%s carries no class names; matching its labels 0..%d to the model's classes by position (%s)",
                     source, len(classes) - 1, ", ".join(classes))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from medsight.checkpoint import load_model
-from medsight.config import DEFAULT_DATA
+from medsight.config import DEFAULT_DATA, config_to_dict
 from medsight.engine.build import Run
 from medsight.engine.loop import EpochState
 from medsight.evaluation.runs import save_predictions
@@ -18,10 +18,13 @@ from medsight.evaluation.sharpness import fixed_batches, sharpness
 from medsight.explainers.cam import BORDER_WARN
 from medsight.explainers.faithfulness import faithfulness
 from medsight.explainers.gallery import gradcam_gallery
-from medsight.inference.predictor import predict_loader
+from medsight.evaluation.robustness import robustness
+from medsight.evaluation.trust import decision_probs, fit_on_validation, measure
+from medsight.inference.predictor import predict_logits
 from medsight.models import cam_target
 from medsight.reporting.html import baseline_table, write_report
-from medsight.reporting.plots import plot_curves, plot_faithfulness, plot_gallery
+from medsight.reporting.model_card import model_card_sections, to_html, to_markdown
+from medsight.reporting.plots import plot_curves, plot_faithfulness, plot_gallery, plot_robustness
 from medsight.utils.files import make_private, save_atomic, write_text_atomic
 
 __all__ = ["finish_run"]
@@ -48,14 +51,18 @@ def _explain(run: Run, model: torch.nn.Module, tp: Any, tl: Any) -> dict[str, An
 
 
 def finish_run(run: Run, state: EpochState) -> dict[str, Any]:
-    """Reload best.pt, fit the task's decision rule on validation, evaluate on test, explain, measure
-    sharpness, and write figures, predictions.npz, metrics.json and report.html."""
+    """Reload best.pt, fit the task's decision rule and the trust rules (temperature, operating points,
+    conformal sets, abstention) on validation, evaluate on test, explain, measure sharpness (and robustness
+    when asked), and write figures, predictions.npz, metrics.json, model_card.md and report.html."""
     cfg, out, task, device = run.cfg, run.out, run.task, run.device
     model, ckpt = load_model(out / "best.pt", device)
     model = model.to(memory_format=torch.channels_last)
-    vp, vl, _, val_skipped = predict_loader(model, run.loaders["val"], device, task, desc="val")
-    tp, tl, _, test_skipped = predict_loader(model, run.loaders["test"], device, task, desc="test")
-    task.fit_decision(vl, vp)  # chosen on validation only; kept with the model for every later command
+    vlog, vl, val_skipped = predict_logits(model, run.loaders["val"], device, tta=cfg.eval.tta)
+    tlog, tl, test_skipped = predict_logits(model, run.loaders["test"], device, tta=True)  # TTA always measured
+    # temperature, decision rule, operating points, conformal sets, abstention: fitted on validation only and
+    # kept with the model for every later command
+    vp = fit_on_validation(task, cfg.eval, vlog, vl)
+    tp = decision_probs(task, tlog)
     save_atomic({**ckpt, "task": task.state()}, out / "best.pt")
     val_m = task.metrics(vl, vp, n_boot=0)
     test_m = task.metrics(tl, tp, n_boot=1000, seed=cfg.train.seed)
@@ -66,6 +73,14 @@ def finish_run(run: Run, state: EpochState) -> dict[str, Any]:
         "epochs_run": len(state.history), "monitor": cfg.train.monitor, "parameters": run.n_params,
         "data": run.bundle.source, "train_seconds": float(sum(r["seconds"] for r in state.history)),
         "figures": figures, "skipped_files": sorted(set(state.skipped) | set(val_skipped) | set(test_skipped))}
+    metrics["trust"] = measure(task, cfg.eval, tlog, tl, meta=run.datasets["test"].data.meta, out=out,
+                               seed=cfg.train.seed)
+    metrics["figures"] += metrics["trust"].pop("figures")
+    if cfg.eval.robustness:
+        metrics["robustness"] = robustness(model, task, run.datasets["test"].data, run.datasets["test"].transform,
+                                           device, seed=cfg.train.seed)
+        plot_robustness(metrics["robustness"], out / "robustness.png")
+        metrics["figures"].append("robustness.png")
     metrics.update(_explain(run, model, tp, tl))
     check = task.checklist(test_m, cfg.checklist.model_dump())
     if check:
@@ -79,7 +94,9 @@ def finish_run(run: Run, state: EpochState) -> dict[str, Any]:
     if Path(run.bundle.source) == DEFAULT_DATA:
         metrics["baselines"] = baseline_table(cfg.model.name, test_m["auc"], test_m["accuracy"])
     write_text_atomic(json.dumps(metrics, indent=2), out / "metrics.json")
-    write_report(out, cfg, metrics, task, title=f"medsight run: {out.name}")
+    card = model_card_sections(metrics, config_to_dict(cfg), run.bundle.summary())
+    write_text_atomic(to_markdown(card, out.name), out / "model_card.md")
+    write_report(out, cfg, metrics, task, title=f"medsight run: {out.name}", card=to_html(card))
     make_private(out)  # the gallery and the report show patient images: owner-only, like every run file
     _log_summary(run, metrics)
     return metrics

@@ -1,7 +1,7 @@
 """ONNX export and onnxruntime inference.
 
 The exported graph takes a normalized float32 batch ``image`` (N, 3, S, S) and returns ``probabilities``
-(the task's activation inside the graph). The classes, input size, mean and std travel in the file's metadata, so
+(the fitted temperature and the task's activation inside the graph). The classes, input size, mean and std travel in the file's metadata, so
 an ``.onnx`` file is used exactly like a checkpoint by ``medsight predict --onnx``.
 """
 
@@ -47,7 +47,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18, check:
     model, ckpt = load_model(checkpoint, "cpu")
     task = task_from_checkpoint(ckpt)
     size = int(ckpt["image_size"])
-    wrapped = nn.Sequential(model, task.activation_module()).eval()
+    # calibrated probabilities: the fitted temperature divides the logits inside the graph
+    wrapped = nn.Sequential(model, task.calibration_module(), task.activation_module()).eval()
     example = torch.randn(2, 3, size, size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,10 +22,12 @@ from medsight.config import config_from_dict
 from medsight.data.imageio import IMAGE_EXTS
 from medsight.data.transforms import display_view, make_transform, to_three_channels
 from medsight.explainers.cam import border_score, explain
+from medsight.inference.tta import tta_views
 from medsight.tasks import Task, task_from_checkpoint
 from medsight.utils.device import resolve_device
 
-__all__ = ["BasePredictor", "Predictor", "collect_images", "eval_transform", "predict_loader", "NoImagesError"]
+__all__ = ["BasePredictor", "Predictor", "collect_images", "eval_transform", "predict_loader", "predict_logits",
+           "NoImagesError"]
 
 
 class NoImagesError(ValueError):
@@ -54,8 +56,9 @@ class BasePredictor:
         return None if np.isnan(b) else b
 
     def predict(self, img: torch.Tensor) -> dict[str, Any]:
-        """The task's answer for one image (label, probabilities, ...)."""
-        return self.task.record(self.probabilities(img))
+        """The task's answer for one image (label, probabilities, ..., and whether to refer to a clinician when
+        the model fitted an abstention threshold)."""
+        return self.task.answer(self.probabilities(img))
 
 
 class Predictor(BasePredictor):
@@ -85,7 +88,10 @@ class Predictor(BasePredictor):
 
     @torch.no_grad()
     def probabilities(self, img: torch.Tensor) -> np.ndarray:
-        return self.task.activation(self.model(self.preprocess(img)))[0].cpu().numpy()
+        x = self.preprocess(img)
+        if self.task.decision.get("tta"):  # the run chose test-time augmentation: the mean over its views
+            return torch.stack([self.task.probabilities(self.model(v)) for v in tta_views(x)]).mean(0)[0].cpu().numpy()
+        return self.task.probabilities(self.model(x))[0].cpu().numpy()
 
     def heatmap(self, img: torch.Tensor, method: str = "gradcam", target_layer: str | None = None,
                 class_idx: int | None = None) -> np.ndarray:
@@ -93,7 +99,7 @@ class Predictor(BasePredictor):
         x = self.preprocess(img)
         if class_idx is None:
             with torch.no_grad():
-                class_idx = self.task.explained_output(self.task.activation(self.model(x))[0].cpu().numpy())
+                class_idx = self.task.explained_output(self.task.probabilities(self.model(x))[0].cpu().numpy())
         return explain(self.model, x, method=method, target_layer=target_layer, class_idx=class_idx)[0].cpu().numpy()
 
 
@@ -131,8 +137,30 @@ def predict_loader(model: nn.Module, loader: torch.utils.data.DataLoader, device
         if loss_fn is not None:
             loss_sum += float(loss_fn(logits, y)) * len(y)
         n += len(y)
-        probs.append(task.activation(logits).cpu().numpy())
+        probs.append(task.probabilities(logits).cpu().numpy())
         labels.append(y.cpu().numpy())
     if n == 0:
         raise NoImagesError("no readable images to evaluate")
     return np.concatenate(probs), np.concatenate(labels), loss_sum / n, skipped
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, loader: torch.utils.data.DataLoader, device: torch.device, tta: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Raw logits over a loader: ``(logits, labels, skipped files)``; logits are (N, K), or (V, N, K) with
+    ``tta`` (one slice per view of :data:`medsight.inference.tta.TTA_VIEWS`, the first the plain image).
+    Calibration and decisions are fitted from these (see :meth:`medsight.tasks.Task.fit_temperature`)."""
+    model.eval()
+    logits, labels, skipped = [], [], []
+    for x, y, bad in loader:
+        skipped += bad
+        if len(x) == 0:
+            continue
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        views = tta_views(x) if tta else [x]
+        logits.append(torch.stack([model(v).float() for v in views]).cpu().numpy())
+        labels.append(y.numpy())
+    if not labels:
+        raise NoImagesError("no readable images to evaluate")
+    out = np.concatenate(logits, axis=1)
+    return (out if tta else out[0]), np.concatenate(labels), skipped

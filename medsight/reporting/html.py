@@ -96,9 +96,10 @@ def page(title: str, body: str) -> str:
             f"<p class='warn'>Research software: not for clinical use.</p>{body}</body></html>")
 
 
-def write_report(out: Path, cfg: Config, metrics: dict[str, Any], task: Task, title: str = "medsight run") -> Path:
+def write_report(out: Path, cfg: Config, metrics: dict[str, Any], task: Task, title: str = "medsight run",
+                 card: str = "") -> Path:
     """A self-contained HTML page (figures embedded) with config, metrics, plots and the gallery; the
-    metric tables and test figures are the task's."""
+    metric tables and test figures are the task's; ``card`` is the model card's HTML (a section of its own)."""
     test = metrics["test"]
     tables = "".join(f"<h3>{html.escape(name)}</h3>{html_table(header, rows)}"
                      for name, header, rows in task.report_tables(metrics))
@@ -150,6 +151,7 @@ class: {html.escape(_fmt_scores(expl.get('border_score_per_class', {})))}
 (share of heat in the outer 10% band; a uniform map scores 0.36).</p>{warn}
 {img_tag(out / 'gradcam_gallery.png')}
 {faith_html}
+{f"<h2>Model card</h2>{card}" if card else ""}
 <h2>Configuration</h2><pre>{html.escape(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))}</pre>
 </body></html>
 """

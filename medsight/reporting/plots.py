@@ -14,7 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-__all__ = ["plot_curves", "plot_confusion", "plot_roc", "plot_roc_grid", "plot_recall_bars", "plot_faithfulness", "plot_gallery", "plot_explanation"]
+__all__ = ["plot_curves", "plot_confusion", "plot_roc", "plot_roc_grid", "plot_recall_bars", "plot_faithfulness",
+           "plot_gallery", "plot_explanation", "plot_reliability", "plot_risk_coverage", "plot_robustness"]
 
 
 def _save(fig: plt.Figure, path: str | Path) -> None:
@@ -190,4 +191,56 @@ def plot_explanation(image: np.ndarray, overlays: dict[str, np.ndarray], title: 
     for ax in axes.ravel():
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def plot_reliability(bins: dict[str, dict[str, Any]], path: str | Path, title: str = "reliability (test)") -> None:
+    """Reliability diagram: observed accuracy against stated confidence per bin, one line per version
+    (e.g. before and after temperature scaling), with each version's ECE in the legend."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="perfect calibration")
+    for name, b in bins.items():
+        pts = [(c, f) for c, f in zip(b["confidence"], b["frequency"]) if c is not None and f is not None]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, "o-", ms=4, label=f"{name} (ECE {b['ece']:.3f})")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("observed accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_risk_coverage(curves: dict[str, dict[str, Any]], path: str | Path) -> None:
+    """Risk–coverage curves (error among the answered images against the share answered), AURC in the legend."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.0))
+    for name, c in curves.items():
+        if c.get("coverage"):
+            ax.plot(c["coverage"], c["selective_risk"], "-", label=f"{name} (AURC {c['aurc']:.4f})")
+    ax.set_xlabel("coverage (share answered)")
+    ax.set_ylabel("selective risk (error rate)")
+    ax.set_xlim(0, 1)
+    ax.set_title("risk–coverage (test)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_robustness(result: dict[str, Any], path: str | Path) -> None:
+    """The metric under each corruption against severity, the clean value as a dashed line."""
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    metric = result["metric"]
+    for name, rows in result["corruptions"].items():
+        ax.plot([0] + [r["severity"] for r in rows], [result["clean"]] + [r[metric] for r in rows], "o-",
+                ms=4, label=name)
+    ax.axhline(result["clean"], color="grey", ls="--", lw=1)
+    ax.set_xlabel("severity (0 = clean)")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_xticks(range(0, 1 + max((len(r) for r in result["corruptions"].values()), default=0)))
+    ax.set_title(f"robustness: mean {metric} drop {result['mean_drop']:.3f}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     _save(fig, path)

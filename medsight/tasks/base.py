@@ -19,10 +19,27 @@ import numpy as np
 import torch
 from torch import nn
 
+from medsight.metrics.calibration import fit_temperature
+
 if TYPE_CHECKING:
     from medsight.config import Config
 
-__all__ = ["Task", "GalleryGroup"]
+__all__ = ["Task", "GalleryGroup", "Temperature", "BinaryView"]
+
+#: (name, y_true_binary, score): one yes/no question a task's probabilities answer (a class against the rest,
+#: the referable grades, a finding), for operating points, per-finding calibration and subgroup gaps.
+BinaryView = tuple[str, np.ndarray, np.ndarray]
+
+
+class Temperature(nn.Module):
+    """Divides logits by fitted temperatures (one, or one per output): the calibration step of an ONNX graph."""
+
+    def __init__(self, temperature: float | list[float]) -> None:
+        super().__init__()
+        self.register_buffer("t", torch.as_tensor(temperature, dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits / self.t
 
 #: (title, indices of images to show, output index explained for each of them)
 GalleryGroup = tuple[str, list[int], list[int]]
@@ -58,6 +75,45 @@ class Task(ABC):
     def activation_module(self) -> nn.Module:
         """The activation as a module, for graphs that carry it inside (ONNX export)."""
 
+    # --------------------------------------------------------------------------------- calibration
+    @property
+    def temperature(self) -> float | list[float] | None:
+        """The fitted temperature (None: uncalibrated); a list holds one per output (multi-label findings)."""
+        return self.decision.get("temperature")
+
+    @property
+    def calibratable(self) -> bool:
+        """Whether temperature scaling applies to this task's logits without changing its decisions."""
+        return True
+
+    def calibrate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits divided by the fitted temperature (unchanged when none is fitted)."""
+        t = self.temperature
+        if t is None:
+            return logits
+        return logits / torch.as_tensor(t, dtype=logits.dtype, device=logits.device)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated probabilities: what every consumer of a fitted model reads (predict, serve, export,
+        ensembles, evaluation). :meth:`activation` stays the raw one that training uses."""
+        return self.activation(self.calibrate(logits))
+
+    def calibration_module(self) -> nn.Module:
+        """The calibration step as a module (ONNX export): division by the temperature, or identity."""
+        return nn.Identity() if self.temperature is None else Temperature(self.temperature)
+
+    def temperature_nll(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood of the true labels under :meth:`activation` of (scaled) logits."""
+        p = self.activation(logits).clamp_min(1e-12)
+        return -p.gather(1, labels.long()[:, None]).log().mean()
+
+    def fit_temperature(self, val_logits: np.ndarray, val_labels: np.ndarray) -> None:
+        """Temperature scaling (Guo et al. 2017) on validation logits; stored in the decision. A multi-label
+        task overrides this to fit one temperature per finding."""
+        self.decision.pop("temperature", None)
+        if self.calibratable and len(np.unique(val_labels)) > 1:
+            self.decision["temperature"] = fit_temperature(val_logits, val_labels, self.temperature_nll)
+
     # ------------------------------------------------------------------------------------ training
     @abstractmethod
     def make_loss(self, cfg: Config, train_labels: np.ndarray) -> nn.Module:
@@ -78,6 +134,33 @@ class Task(ABC):
     @abstractmethod
     def decide(self, probs: np.ndarray) -> np.ndarray:
         """Probabilities (N, K) -> decisions, one per image."""
+
+    # ---------------------------------------------------------------------------------------- trust
+    def binary_views(self, labels: np.ndarray, probs: np.ndarray) -> list[BinaryView]:
+        """The yes/no questions the probabilities answer: for two classes the second class; for more, each
+        class against the rest. Ordinal (referable grades) and multi-label (each finding) override it."""
+        y, p = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+        classes = self.classes[1:] if len(self.classes) == 2 else self.classes
+        return [(c, (y == self.classes.index(c)).astype(int), p[:, self.classes.index(c)]) for c in classes]
+
+    def errors(self, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """0/1 per image: the decision is wrong (what selective prediction's risk counts)."""
+        return (self.decide(probs) != np.asarray(labels)).astype(int)
+
+    def confidence(self, probs: np.ndarray) -> np.ndarray:
+        """How sure the model is per image (higher = surer): the probability of the most probable class.
+        The abstention rule refers images below a threshold of it."""
+        return np.asarray(probs, dtype=np.float64).max(1)
+
+    def answer(self, probs: np.ndarray) -> dict[str, Any]:
+        """:meth:`record` plus, when an abstention threshold was fitted, whether to refer to a clinician."""
+        rec = self.record(probs)
+        below = self.decision.get("abstain_below")
+        if below is not None:
+            conf = float(self.confidence(np.asarray(probs)[None])[0])
+            rec["confidence"] = conf
+            rec["refer_to_clinician"] = bool(conf < below)
+        return rec
 
     # ------------------------------------------------------------------------------------- metrics
     @abstractmethod

@@ -129,6 +129,17 @@ class OrdinalTask(Task):
     def activation_module(self) -> nn.Module:
         return {"corn": CornProbabilities, "regression": RegressionProbabilities}.get(self.head, lambda: nn.Softmax(1))()
 
+    @property
+    def calibratable(self) -> bool:
+        """Temperature scaling keeps the decisions of softmax heads; CORN's median grade and the regression
+        score's cut-points would move with it, so those heads stay uncalibrated."""
+        return self.head in ("ce", "smooth")
+
+    def binary_views(self, labels: np.ndarray, probs: np.ndarray) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """One question: is the grade referable (≥ refer_grade)? Scored by :meth:`refer_scores`."""
+        y = (np.asarray(labels) >= self.refer_grade).astype(int)
+        return [(f"grade ≥ {self.classes[self.refer_grade]}", y, self.refer_scores(probs))]
+
     # ------------------------------------------------------------------------------------ training
     def make_loss(self, cfg: Config, train_labels: np.ndarray) -> nn.Module:
         t, k = cfg.train, len(self.classes)

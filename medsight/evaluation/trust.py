@@ -1,0 +1,185 @@
+"""Trust for clinical use: what a reviewer asks beyond the AUC, for any task kind, from logits.
+
+* :func:`fit_on_validation` fits, on validation data only, everything that later commands apply: the
+  temperature, the task's decision rule (on calibrated probabilities), the operating points for the stated
+  target, the conformal quantile and the abstention threshold. All of it is stored in the task's decision,
+  so the checkpoint carries it to predict, serve, export and ensembles.
+* :func:`measure` reports them on test (or on external data): calibration before and after, operating
+  points with intervals, risk–coverage curves (max probability against TTA-based scores), conformal
+  coverage and set size, TTA's effect, and per-subgroup gaps when the data carries metadata.
+
+Everything per class or per finding goes through the task's :meth:`~medsight.tasks.Task.binary_views`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from medsight.evaluation.subgroups import detect_columns, group_labels, subgroup_metrics
+from medsight.metrics.calibration import binary_ece, reliability_bins
+from medsight.metrics.conformal import fit_conformal, prediction_sets, set_metrics
+from medsight.metrics.operating_points import choose_threshold, describe_target, operating_point
+from medsight.metrics.selective import abstention_threshold, risk_coverage
+from medsight.reporting.plots import plot_reliability, plot_risk_coverage
+from medsight.tasks import Task
+
+if TYPE_CHECKING:
+    from medsight.config import EvalConfig
+
+__all__ = ["fit_on_validation", "measure", "decision_probs", "CONFORMAL_CAVEAT"]
+
+CONFORMAL_CAVEAT = ("Conformal coverage is guaranteed on average over images exchangeable with the validation "
+                    "images it was calibrated on; it does not hold per subgroup, nor under a shift of scanner, "
+                    "site or population.")
+
+
+def _probs(task: Task, logits: np.ndarray, calibrated: bool = True) -> np.ndarray:
+    z = torch.as_tensor(logits, dtype=torch.float32)
+    f = task.probabilities if calibrated else task.activation
+    return f(z).numpy().astype(np.float64)
+
+
+def decision_probs(task: Task, logits: np.ndarray) -> np.ndarray:
+    """The probabilities the model answers with: calibrated, and averaged over TTA views when the logits
+    carry views (V, N, K) and the task decided to use them."""
+    if logits.ndim == 3:
+        if task.decision.get("tta"):
+            return np.mean([_probs(task, v) for v in logits], axis=0)
+        logits = logits[0]
+    return _probs(task, logits)
+
+
+def fit_on_validation(task: Task, ev: EvalConfig, val_logits: np.ndarray, val_labels: np.ndarray) -> np.ndarray:
+    """Fit temperature, decision rule, operating points, conformal quantile and abstention threshold on
+    validation logits ((N, K), or (V, N, K) with TTA views); returns the validation probabilities used."""
+    plain = val_logits[0] if val_logits.ndim == 3 else val_logits
+    labels = np.asarray(val_labels, dtype=np.int64)
+    for key in ("temperature", "tta", "operating_points", "conformal", "abstain_below"):
+        task.decision.pop(key, None)
+    if ev.calibrate:
+        task.fit_temperature(plain, labels)
+    if ev.tta and val_logits.ndim == 3:
+        task.decision["tta"] = True
+    probs = decision_probs(task, val_logits)
+    task.fit_decision(labels, probs)
+    target = describe_target(ev.target_sensitivity, ev.target_specificity)
+    views = {}
+    for name, y, score in task.binary_views(labels, probs):
+        t = choose_threshold(y, score, ev.target_sensitivity, ev.target_specificity)
+        if t is not None:
+            reached = operating_point(y, score, t, n_boot=0)
+            views[name] = {"threshold": t, "val": {k: reached[k] for k in ("sensitivity", "specificity", "ppv", "npv")}}
+    task.decision["operating_points"] = {"target": target, "views": views}
+    task.decision["conformal"] = fit_conformal(labels, probs, ev.conformal_coverage, ev.conformal_score,
+                                               ev.conformal_class_conditional)
+    below = abstention_threshold(task.confidence(probs), ev.abstain_fraction)
+    if below is not None:
+        task.decision["abstain_below"] = below
+        task.decision["abstain_fraction"] = float(ev.abstain_fraction)
+    return probs
+
+
+def _calibration(task: Task, labels: np.ndarray, raw: np.ndarray, cal: np.ndarray) -> dict[str, Any]:
+    def top(p: np.ndarray) -> dict[str, Any]:
+        return reliability_bins(task.confidence(p), 1 - task.errors(labels, p))
+
+    per_view = {name: {"ece_before": binary_ece(y, s), "ece_after": binary_ece(y2, s2)}
+                for (name, y, s), (_, y2, s2) in zip(task.binary_views(labels, raw), task.binary_views(labels, cal))}
+    before, after = top(raw), top(cal)
+    return {"temperature": task.temperature, "fitted": task.temperature is not None,
+            "ece_before": before["ece"], "ece_after": after["ece"], "per_view": per_view,
+            "reliability": {"before": before, "after": after}}
+
+
+def _selective(task: Task, labels: np.ndarray, logits: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    errors = task.errors(labels, probs)
+    scores = {"max probability": task.confidence(probs)}
+    if logits.ndim == 3:  # TTA views: the mean's confidence, and agreement (minus the spread of the decided output)
+        views = np.stack([_probs(task, v) for v in logits])
+        mean = views.mean(0)
+        decided = task.decide(probs)
+        spread = views[:, np.arange(len(decided)), decided].std(0)
+        scores["TTA mean probability"] = task.confidence(mean)
+        scores["TTA agreement (−std)"] = -spread
+    curves = {name: risk_coverage(errors, s) for name, s in scores.items()}
+    best = min(curves, key=lambda n: curves[n]["aurc"])
+    out: dict[str, Any] = {"curves": curves, "best": best, "aurc": {n: c["aurc"] for n, c in curves.items()},
+                           "risk": float(errors.mean())}
+    below = task.decision.get("abstain_below")
+    if below is not None:
+        answered = task.confidence(probs) >= below
+        out["abstention"] = {"threshold": below, "val_fraction": task.decision.get("abstain_fraction"),
+                             "referred": float(1 - answered.mean()),
+                             "risk_answered": float(errors[answered].mean()) if answered.any() else None}
+    return out
+
+
+def _operating_points(task: Task, labels: np.ndarray, probs: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    fitted = task.decision.get("operating_points") or {}
+    views = fitted.get("views", {})
+    out = {}
+    for name, y, score in task.binary_views(labels, probs):
+        if name in views:
+            op = operating_point(y, score, views[name]["threshold"], n_boot=n_boot, seed=seed)
+            out[name] = {**op, "val": views[name]["val"]}
+    return {"target": fitted.get("target"), "views": out}
+
+
+def _subgroups(task: Task, labels: np.ndarray, probs: np.ndarray, meta: dict[str, list[str]] | None,
+               ev: EvalConfig, n_boot: int, seed: int) -> dict[str, Any]:
+    if not meta:
+        return {"columns": {}, "note": "the data carries no metadata columns (CSV manifests can: sex, age, site, ...)"}
+    wanted = list(ev.subgroups) if ev.subgroups is not None else detect_columns(list(meta))
+    out: dict[str, Any] = {"columns": {}, "detected": ev.subgroups is None, "available": sorted(meta)}
+    missing = [c for c in wanted if c not in meta]
+    if missing:
+        out["missing"] = missing
+        out["note"] = f"eval.subgroups names column(s) {', '.join(missing)} that the data lacks; it has {', '.join(meta)}"
+    views = (task.decision.get("operating_points") or {}).get("views", {})
+    for col in (c for c in wanted if c in meta):
+        groups = group_labels(col, meta[col])
+        out["columns"][col] = {name: subgroup_metrics(y, s, views.get(name, {}).get("threshold"), groups,
+                                                      min_size=ev.subgroup_min_size, n_boot=n_boot, seed=seed)
+                               for name, y, s in task.binary_views(labels, probs)}
+    return out
+
+
+def measure(task: Task, ev: EvalConfig, logits: np.ndarray, labels: np.ndarray, *,
+            meta: dict[str, list[str]] | None = None, out: Path | None = None, seed: int = 0,
+            prefix: str = "") -> dict[str, Any]:
+    """The trust section for ``logits`` ((N, K), or (V, N, K) with TTA views) and ``labels``, with the rules
+    fitted on validation; with ``out``, the reliability diagram and the risk–coverage figure are written."""
+    labels = np.asarray(labels, dtype=np.int64)
+    plain = logits[0] if logits.ndim == 3 else logits
+    raw, cal = _probs(task, plain, calibrated=False), _probs(task, plain)
+    probs = decision_probs(task, logits)
+    n_boot = ev.bootstrap
+    result: dict[str, Any] = {"n": int(len(labels)), "calibration": _calibration(task, labels, raw, cal),
+                              "operating_points": _operating_points(task, labels, probs, n_boot, seed),
+                              "selective": _selective(task, labels, logits, probs)}
+    conformal = task.decision.get("conformal")
+    if conformal:
+        sets = prediction_sets(probs, conformal)
+        result["conformal"] = {"method": conformal["method"], "target_coverage": conformal["coverage"],
+                               "class_conditional": conformal["class_conditional"], "qhat": conformal["qhat"],
+                               **set_metrics(labels, sets), "caveat": CONFORMAL_CAVEAT}
+    if logits.ndim == 3:
+        tta = np.mean([_probs(task, v) for v in logits], axis=0)
+        m0, m1 = task.epoch_metrics(labels, cal), task.epoch_metrics(labels, tta)
+        result["tta"] = {"used_for_decisions": bool(task.decision.get("tta")), "views": int(logits.shape[0]),
+                         "auc_without": m0.get("auc"), "auc_with": m1.get("auc"),
+                         "accuracy_without": m0.get("accuracy"), "accuracy_with": m1.get("accuracy"),
+                         "ece_without": reliability_bins(task.confidence(cal), 1 - task.errors(labels, cal))["ece"],
+                         "ece_with": reliability_bins(task.confidence(tta), 1 - task.errors(labels, tta))["ece"]}
+    result["subgroups"] = _subgroups(task, labels, probs, meta, ev, n_boot, seed)
+    if out is not None:
+        rel, rc = f"{prefix}reliability.png", f"{prefix}risk_coverage.png"
+        plot_reliability({"before temperature": result["calibration"]["reliability"]["before"],
+                          "after temperature": result["calibration"]["reliability"]["after"]}, out / rel)
+        plot_risk_coverage(result["selective"]["curves"], out / rc)
+        result["figures"] = [rel, rc]
+    return result
