@@ -199,10 +199,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from medsight.serve import NOTICE, serve
+    from medsight.serve import NOTICE, BatchSettings, serve
 
     print(f"medsight serving {args.checkpoint} on http://{args.host}:{args.port}  ({NOTICE})", flush=True)
-    serve(args.checkpoint, host=args.host, port=args.port, device=args.device, page=not args.no_page)
+    batching = BatchSettings(enabled=not args.no_batching, max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms,
+                             queue_limit=args.queue_limit)
+    serve(args.checkpoint, host=args.host, port=args.port, device=args.device, page=not args.no_page,
+          onnx=args.onnx or None, batching=batching)
     return 0
 
 
@@ -354,6 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--device", default="auto")
     v.add_argument("--no-page", action="store_true", help="REST API only, no web page")
+    v.add_argument("--onnx", action="store_true",
+                   help="CHECKPOINT is an exported .onnx model: serve it in onnxruntime (predictions, no explanations)")
+    v.add_argument("--max-batch", type=int, default=32, help="most images in one model call (default 32)")
+    v.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long the first request of a batch waits for others (default 5 ms)")
+    v.add_argument("--queue-limit", type=int, default=256,
+                   help="most requests inside the server at once; more are answered 429 with Retry-After (default 256)")
+    v.add_argument("--no-batching", action="store_true", help="answer each request on its own (one model call each)")
     v.set_defaults(func=_cmd_serve)
 
     c = sub.add_parser("compare", help="compare finished runs: table, ROC curves, recall bars, diversity")

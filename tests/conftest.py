@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +74,28 @@ def tiny_run(tmp_path_factory) -> Path:
     cfg = apply_overrides(Config(), tiny_overrides(root / "run", data) + ["train.sharpness_batches=1"])
     train(cfg, progress=False)
     return root / "run"
+
+
+def start_server(args: list[str], env: dict[str, str] | None = None, timeout: float = 120
+                 ) -> tuple[subprocess.Popen, str]:
+    """`medsight serve ARGS` in its own process, as a user starts it, once /health answers: (process, url)."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "medsight", "serve", *args, "--port", str(port), "--device", "cpu"],
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    pytest.fail(f"server did not start in {timeout:g} s")

@@ -4,12 +4,9 @@ would: `medsight serve` in its own process, real uploads to Gradio's upload endp
 from __future__ import annotations
 
 import io
-import os
-import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -20,7 +17,7 @@ from PIL import Image
 
 from medsight.serve import MAX_UPLOAD_BYTES
 
-from conftest import blob_image
+from conftest import blob_image, start_server
 
 CYRILLIC = ["норма", "пневмония"]  # outside Latin-1, which HTTP headers are limited to
 
@@ -31,36 +28,13 @@ def _png(label: int, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """`medsight serve CKPT` in its own process with its own temporary folder (TMPDIR)."""
 
     def __init__(self, checkpoint: Path, tmp: Path) -> None:
-        import httpx
-
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
-        port = _free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "medsight", "serve", str(checkpoint), "--port", str(port), "--device", "cpu"],
-            env={**os.environ, "TMPDIR": str(tmp)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        self.proc.kill()
-        pytest.fail("server did not start in 120 s")
+        self.proc, self.url = start_server([str(checkpoint)], env={"TMPDIR": str(tmp)})
 
     def upload_folders(self) -> list[Path]:
         return sorted(self.tmp.glob("medsight-uploads-*"))

@@ -12,19 +12,32 @@ from torchvision.transforms import v2
 
 from medsight.data.imageio import ImageReadError, read_image
 from medsight.data.sources import SplitData
-from medsight.data.transforms import array_to_tensor, to_three_channels
+from medsight.data.transforms import array_to_tensor, to_three_channels, view_settings
 
 __all__ = ["ImageDataset", "make_loader", "label_tensor"]
 
 log = logging.getLogger(__name__)
 
 
-class ImageDataset(Dataset):
-    """Samples of one split as (tensor, label); an unreadable file yields ``(None, path)`` instead."""
+def _decode_size(transform: Any) -> int | None:
+    """Twice the input size of a transform built by ``make_transform`` (None for another transform)."""
+    try:
+        return 2 * int(view_settings(transform)["size"])
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
 
-    def __init__(self, data: SplitData, transform: v2.Compose) -> None:
+
+class ImageDataset(Dataset):
+    """Samples of one split as (tensor, label); an unreadable file yields ``(None, path)`` instead.
+
+    Files are decoded at a reduced size that keeps at least twice the transform's input size on each side
+    (``reduce=False``: at full size; see ``medsight.data.imageio``).
+    """
+
+    def __init__(self, data: SplitData, transform: v2.Compose, reduce: bool = True) -> None:
         self.data = data
         self.transform = transform
+        self.reduce_to = _decode_size(transform) if reduce else None
 
     def __len__(self) -> int:
         return len(self.data)
@@ -34,7 +47,7 @@ class ImageDataset(Dataset):
         if self.data.images is not None:
             img = to_three_channels(array_to_tensor(self.data.images[i]))
         else:
-            img = to_three_channels(read_image(self.data.paths[i]))
+            img = to_three_channels(read_image(self.data.paths[i], self.reduce_to))
         if not torch.isfinite(img).all():  # broken input, not a learning-rate problem: skip it, by name
             raise ImageReadError(f"{self.data.describe(i)}: NaN or infinite pixel values")
         if self.data.quarter_turns is not None:

@@ -2,6 +2,15 @@
 
 PNG / JPEG / BMP / TIFF through Pillow (8- and 16-bit, grayscale, RGB, RGBA, palette) and DICOM through
 pydicom (modality LUT, VOI LUT or window, MONOCHROME1 inverted, full bit depth kept until the end).
+
+Decoding for the size you need (``reduce_to``): when the caller knows its input size, a large image is
+decoded at a reduced size whose sides stay at least ``reduce_to`` (callers pass twice their input size, so
+the final resize still has two source pixels per output pixel). JPEG uses Pillow's ``draft`` (the
+decoder's DCT scaling by 1/2, 1/4 or 1/8: the reduced image costs a fraction of the full decode); every
+format is then shrunk by area averaging while still integer (8- or 16-bit, DICOM's stored values), and
+only the small result becomes float. Intensity scaling (min-max of 16-bit data, DICOM's LUTs) uses the
+full image's range, so the reduced image matches the full decode resized to the same input (tested: mean
+absolute difference under 0.01 of the range at 224 px).
 """
 
 from __future__ import annotations
@@ -38,13 +47,40 @@ def _reason(exc: BaseException) -> str:
     return _REPR.sub("the data", str(exc))
 
 
-def _normalize_array(a: np.ndarray) -> np.ndarray:
-    """uint8 by its range; deeper integers (12/16-bit medical data) and floats by min-max."""
+def _normalize_array(a: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """uint8 by its range; deeper integers (12/16-bit medical data) and floats by min-max (of ``value_range``
+    when given: the full image's range, for an image that was shrunk)."""
     if a.dtype == np.uint8:
         return a.astype(np.float32) / 255.0
     a = a.astype(np.float32)
-    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
-    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    lo, hi = value_range if value_range is not None else (float(np.nanmin(a)), float(np.nanmax(a)))
+    return np.clip((a - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(a)
+
+
+#: dtypes OpenCV's area resize takes
+_SHRINKABLE = (np.uint8, np.uint16, np.int16, np.float32, np.float64)
+
+
+def _shrink(a: np.ndarray, reduce_to: int | None) -> np.ndarray:
+    """Area-average ``a`` (H, W[, C]) down so that both sides stay at least ``reduce_to``, in its own dtype
+    (integers stay integers). Unchanged when it is already that small (or of a dtype OpenCV cannot resize)."""
+    if not reduce_to or a.dtype.type not in _SHRINKABLE:
+        return a
+    h, w = a.shape[:2]
+    scale = max(reduce_to / h, reduce_to / w)
+    if scale >= 1:
+        return a
+    import cv2
+
+    size = (max(reduce_to, round(w * scale)), max(reduce_to, round(h * scale)))
+    return cv2.resize(np.ascontiguousarray(a), size, interpolation=cv2.INTER_AREA)
+
+
+def _range(a: np.ndarray) -> tuple[float, float] | None:
+    """The min-max range normalization would use on ``a`` (None for 8-bit, which is scaled by 255)."""
+    if a.dtype == np.uint8:
+        return None
+    return float(np.nanmin(a)), float(np.nanmax(a))
 
 
 def _pil_to_array(img: Image.Image) -> np.ndarray:
@@ -59,7 +95,9 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))  # RGBA, P, CMYK, YCbCr...: drop alpha, expand palettes
 
 
-def _read_pil(fp: str | io.BytesIO, name: str) -> np.ndarray:
+def _read_pil(fp: str | io.BytesIO, name: str, reduce_to: int | None = None
+              ) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """(pixels, the full image's value range) — shrunk towards ``reduce_to`` when given."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -67,8 +105,13 @@ def _read_pil(fp: str | io.BytesIO, name: str) -> np.ndarray:
                 if img.width * img.height > MAX_PIXELS:
                     raise ImageTooLargeError(f"{name}: {img.width}x{img.height} pixels is larger than the "
                                          f"{MAX_PIXELS:,}-pixel limit")
+                if reduce_to and img.format == "JPEG":
+                    img.draft(img.mode, (reduce_to, reduce_to))  # DCT scaling: both sides stay >= reduce_to
                 img.load()
-                return _pil_to_array(img)
+                a = _pil_to_array(img)
+                if not reduce_to:
+                    return a, None
+                return _shrink(a, reduce_to), _range(a)
     except ImageReadError:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
@@ -77,7 +120,7 @@ def _read_pil(fp: str | io.BytesIO, name: str) -> np.ndarray:
         raise ImageReadError(f"{name}: not a readable image ({_reason(exc)})") from exc
 
 
-def _read_dicom(fp: str | io.BytesIO, name: str) -> np.ndarray:
+def _read_dicom(fp: str | io.BytesIO, name: str, reduce_to: int | None = None) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -97,9 +140,19 @@ def _read_dicom(fp: str | io.BytesIO, name: str) -> np.ndarray:
     if n_frames > 1:
         arr = arr[n_frames // 2]  # the middle frame of a multi-frame series
     if samples == 1:
-        arr = apply_modality_lut(arr, ds)
-        arr = apply_voi_lut(arr, ds) if ("WindowCenter" in ds or "VOILUTSequence" in ds) else arr
-        out = _normalize_array(np.asarray(arr, dtype=np.float32))
+        def luts(stored: np.ndarray) -> np.ndarray:
+            out = apply_modality_lut(stored, ds)
+            return apply_voi_lut(out, ds) if ("WindowCenter" in ds or "VOILUTSequence" in ds) else out
+
+        value_range = None
+        if reduce_to:  # shrink the stored integers; the range is the full image's, through the (monotonic) LUTs
+            small = _shrink(arr, reduce_to)
+            ends = np.asarray(luts(np.array([[arr.min(), arr.max()]], dtype=arr.dtype)), dtype=np.float32)
+            arr = luts(small)
+            value_range = (min(float(ends.min()), float(np.min(arr))), max(float(ends.max()), float(np.max(arr))))
+        else:
+            arr = luts(arr)
+        out = _normalize_array(np.asarray(arr, dtype=np.float32), value_range)
         if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
             out = 1.0 - out
         return out
@@ -107,30 +160,36 @@ def _read_dicom(fp: str | io.BytesIO, name: str) -> np.ndarray:
         from pydicom.pixels import convert_color_space
 
         arr = convert_color_space(arr, ds.PhotometricInterpretation, "RGB")
-    return np.asarray(arr)
+    return _shrink(np.asarray(arr), reduce_to)
 
 
 def _is_dicom(head: bytes, name: str) -> bool:
     return head[128:132] == b"DICM" or Path(name).suffix.lower() in (".dcm", ".dicom")
 
 
-def _to_tensor(a: np.ndarray) -> torch.Tensor:
-    a = a if a.dtype == np.float32 and a.max(initial=0) <= 1.0 else _normalize_array(a)
+def _to_tensor(a: np.ndarray, value_range: tuple[float, float] | None = None) -> torch.Tensor:
+    a = a if a.dtype == np.float32 and a.max(initial=0) <= 1.0 else _normalize_array(a, value_range)
     t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
 
-def read_image_bytes(data: bytes, name: str = "upload") -> torch.Tensor:
-    """Decode an image or DICOM held in memory to float [C, H, W] in [0, 1] (C = 1 or 3)."""
+def _decode(fp: str | io.BytesIO, head: bytes, name: str, reduce_to: int | None) -> torch.Tensor:
+    if _is_dicom(head, name):
+        return _to_tensor(_read_dicom(fp, name, reduce_to))
+    return _to_tensor(*_read_pil(fp, name, reduce_to))
+
+
+def read_image_bytes(data: bytes, name: str = "upload", reduce_to: int | None = None) -> torch.Tensor:
+    """Decode an image or DICOM held in memory to float [C, H, W] in [0, 1] (C = 1 or 3); with
+    ``reduce_to``, at a reduced size whose sides stay at least ``reduce_to`` (see the module's notes)."""
     if not data:
         raise ImageReadError(f"{name}: empty file")
-    buf = io.BytesIO(data)
-    a = _read_dicom(buf, name) if _is_dicom(data[:132], name) else _read_pil(buf, name)
-    return _to_tensor(a)
+    return _decode(io.BytesIO(data), data[:132], name, reduce_to)
 
 
-def read_image(path: str | Path) -> torch.Tensor:
-    """Read an image or DICOM file to float [C, H, W] in [0, 1] (C = 1 or 3)."""
+def read_image(path: str | Path, reduce_to: int | None = None) -> torch.Tensor:
+    """Read an image or DICOM file to float [C, H, W] in [0, 1] (C = 1 or 3); with ``reduce_to``, at a
+    reduced size whose sides stay at least ``reduce_to`` (see the module's notes)."""
     p = Path(path)
     if not p.is_file():
         raise ImageReadError(f"{p}: file not found")
@@ -138,5 +197,4 @@ def read_image(path: str | Path) -> torch.Tensor:
         raise ImageReadError(f"{p}: empty file")
     with p.open("rb") as fh:
         head = fh.read(132)
-    a = _read_dicom(str(p), str(p)) if _is_dicom(head, p.name) else _read_pil(str(p), str(p))
-    return _to_tensor(a)
+    return _decode(str(p), head, str(p), reduce_to)

@@ -16,11 +16,13 @@ __all__ = ["BasePredictor", "Predictor", "OnnxPredictor", "EnsemblePredictor", "
            "NoImagesError"]
 
 
-def load_predictor(checkpoint: str | Path, device: str = "auto", onnx: bool | None = None) -> BasePredictor:
+def load_predictor(checkpoint: str | Path, device: str = "auto", onnx: bool | None = None,
+                   onnx_spinning: bool = True) -> BasePredictor:
     """A :class:`Predictor` for a checkpoint, an :class:`OnnxPredictor` for an exported ``.onnx`` file, or
-    an :class:`EnsemblePredictor` for an ``ensemble.json``."""
+    an :class:`EnsemblePredictor` for an ``ensemble.json``. ``onnx_spinning=False``: onnxruntime's idle
+    threads sleep (for a server, whose other threads need the cores)."""
     if onnx or (onnx is None and str(checkpoint).endswith(".onnx")):
-        return OnnxPredictor(checkpoint)
+        return OnnxPredictor(checkpoint, spinning=onnx_spinning)
     if str(checkpoint).endswith(".json"):
         return EnsemblePredictor(checkpoint, device)
     return Predictor(checkpoint, device)

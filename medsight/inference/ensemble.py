@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,9 +111,12 @@ class EnsemblePredictor(BasePredictor):
         self.image_size = self.members[0].image_size
         self.name = f"{spec['method']} ensemble of {', '.join(m.name for m in self.members)}"
 
-    def probabilities(self, img: torch.Tensor) -> np.ndarray:
-        probs = [m.probabilities(img)[None] for m in self.members]
-        return combine(self.spec["method"], self.spec["combiner"], probs, len(self.classes))[0]
+    def prepare(self, img: torch.Tensor) -> list[torch.Tensor]:
+        return [m.prepare(img) for m in self.members]  # members may differ in input size and preprocessing
+
+    def probabilities_batch(self, prepared: Sequence[list[torch.Tensor]]) -> np.ndarray:
+        probs = [m.probabilities_batch([p[i] for p in prepared]) for i, m in enumerate(self.members)]
+        return combine(self.spec["method"], self.spec["combiner"], probs, len(self.classes))
 
     def display(self, img: torch.Tensor) -> np.ndarray:
         return self.members[0].display(img)

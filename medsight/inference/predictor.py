@@ -41,14 +41,28 @@ def eval_transform(ckpt: dict[str, Any]) -> Any:
 
 
 class BasePredictor:
-    """What every predictor shares: the task's record for an image."""
+    """What every predictor shares: the task's record for an image, and batches.
+
+    ``prepare`` is the per-image work (fitting, normalization) and ``probabilities_batch`` runs the model
+    once on many prepared images; the server does the first in its request threads and the second in its
+    micro-batches. ``probabilities(img)`` is the same two steps for one image, so a batched answer and a
+    one-at-a-time answer go through the same code.
+    """
 
     task: Task
     classes: list[str]
     fov: bool = False  # fundus preset: border scores are measured inside the circular field of view
 
-    def probabilities(self, img: torch.Tensor) -> np.ndarray:
+    def prepare(self, img: torch.Tensor) -> Any:
+        """One decoded image (float [C, H, W] in [0, 1]) ready to be batched."""
         raise NotImplementedError
+
+    def probabilities_batch(self, prepared: Sequence[Any]) -> np.ndarray:
+        """The task's probabilities (N, K) of ``prepared`` images, in one model call."""
+        raise NotImplementedError
+
+    def probabilities(self, img: torch.Tensor) -> np.ndarray:
+        return self.probabilities_batch([self.prepare(img)])[0]
 
     def border(self, heatmap: np.ndarray) -> float | None:
         """The heatmap's border (shortcut) score, inside the field of view for fundus images; None when empty."""
@@ -86,12 +100,16 @@ class Predictor(BasePredictor):
                          max_side=max_side)
         return x.permute(1, 2, 0).clamp(0, 1).cpu().numpy()
 
+    def prepare(self, img: torch.Tensor) -> torch.Tensor:
+        """float [C, H, W] in [0, 1] -> normalized (3, S, S), on the CPU."""
+        return self.transform(to_three_channels(img))
+
     @torch.no_grad()
-    def probabilities(self, img: torch.Tensor) -> np.ndarray:
-        x = self.preprocess(img)
+    def probabilities_batch(self, prepared: Sequence[torch.Tensor]) -> np.ndarray:
+        x = torch.stack(list(prepared)).to(self.device)
         if self.task.decision.get("tta"):  # the run chose test-time augmentation: the mean over its views
-            return torch.stack([self.task.probabilities(self.model(v)) for v in tta_views(x)]).mean(0)[0].cpu().numpy()
-        return self.task.probabilities(self.model(x))[0].cpu().numpy()
+            return torch.stack([self.task.probabilities(self.model(v)) for v in tta_views(x)]).mean(0).cpu().numpy()
+        return self.task.probabilities(self.model(x)).cpu().numpy()
 
     def heatmap(self, img: torch.Tensor, method: str = "gradcam", target_layer: str | None = None,
                 class_idx: int | None = None) -> np.ndarray:

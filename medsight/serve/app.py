@@ -7,22 +7,28 @@
                     finding); headers X-Label, X-Explained, X-Probability, X-Border-Score (X-Findings for multi-label)
     GET  /          the web page: upload PNG/JPEG/DICOM, see probabilities, the overlay and any warning
 
-Endpoints are plain (sync) functions: FastAPI runs them in its worker threads, so model work never
-blocks the event loop and requests are served concurrently. Typed errors map to status codes
-(``medsight.serve.service.STATUS``); the server keeps serving after any bad upload.
+No model work runs on the event loop. With batching on (the default), ``/predict`` decodes and fits the
+upload in a worker thread and waits for the next micro-batch (``medsight.serve.batching``); with it off,
+and for ``/explain``, the endpoint is a plain function that FastAPI runs in its worker threads. At most
+``queue_limit`` requests are inside at once: one more is answered 429 with ``Retry-After`` before its
+body is read. Typed errors map to status codes (``medsight.serve.service.STATUS``); the server keeps
+serving after any bad upload.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
+from fastapi.concurrency import run_in_threadpool
 
+from medsight.serve.batching import Admission, BatchSettings, ServerBusyError
 from medsight.serve.service import MAX_UPLOAD_BYTES, NOTICE, STATUS, Service
 
 __all__ = ["create_app", "serve"]
@@ -33,14 +39,49 @@ def _header(text: str) -> str:
     return text if text.isascii() else quote(text)
 
 
-def create_app(checkpoint: str | Path, device: str = "auto", page: bool = True) -> Any:
+_Scope = MutableMapping[str, Any]
+_Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+_Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+#: The endpoints that run the model; the page, /health and the docs are never refused.
+_BOUNDED = ("/predict", "/explain")
+
+
+class AdmissionLimit:
+    """ASGI middleware: a model request past the admission limit gets 429 with ``Retry-After`` at once,
+    before its upload is read, so a flood costs the server almost nothing."""
+
+    def __init__(self, app: Any, admission: Admission) -> None:
+        self.app, self.admission = app, admission
+
+    async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in _BOUNDED:
+            await self.app(scope, receive, send)
+            return
+        try:
+            self.admission.enter()
+        except ServerBusyError as exc:
+            await JSONResponse({"detail": str(exc)}, status_code=429,
+                               headers={"Retry-After": str(exc.retry_after)})(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.admission.leave()
+
+
+def create_app(checkpoint: str | Path, device: str = "auto", page: bool = True, onnx: bool | None = None,
+               batching: BatchSettings | None = None) -> Any:
     """The FastAPI application (REST API, with the Gradio page mounted at ``/`` when ``page``).
+
+    ``onnx`` serves an exported model in onnxruntime (default: when the file name ends in ``.onnx``);
+    ``batching`` sets the micro-batches and the queue limit (:class:`BatchSettings`; default on).
 
     The REST API reads each upload into memory and keeps nothing. The page's uploads go to a private
     folder that is emptied as they are read and removed when the app shuts down (``page.UploadFolder``);
     Gradio's upload endpoint refuses files over ``MAX_UPLOAD_BYTES`` (413).
     """
-    service = Service(checkpoint, device)
+    service = Service(checkpoint, device, onnx=onnx, batching=batching)
     uploads = None
     if page:
         from medsight.serve.page import UploadFolder
@@ -52,6 +93,7 @@ def create_app(checkpoint: str | Path, device: str = "auto", page: bool = True) 
         try:
             yield
         finally:
+            service.close()
             if uploads is not None:
                 uploads.remove()
 
@@ -70,9 +112,16 @@ def create_app(checkpoint: str | Path, device: str = "auto", page: bool = True) 
     def health() -> dict[str, Any]:
         return service.info
 
-    @app.post("/predict")
-    def predict(file: UploadFile = File(...)) -> dict[str, Any]:
-        return {"file": file.filename, **service.predict(read(file))}
+    if service.batcher is not None:
+        @app.post("/predict")
+        async def predict(file: UploadFile = File(...)) -> dict[str, Any]:
+            data = await file.read(MAX_UPLOAD_BYTES + 1)
+            prepared = await run_in_threadpool(service.prepare, data, file.filename or "upload")
+            return {"file": file.filename, **await asyncio.wrap_future(service.submit(prepared))}
+    else:
+        @app.post("/predict")
+        def predict(file: UploadFile = File(...)) -> dict[str, Any]:
+            return {"file": file.filename, **service.predict(read(file))}
 
     @app.post("/explain")
     def explain(file: UploadFile = File(...), method: str = Form("gradcam"), target: str = Form("")) -> Response:
@@ -92,13 +141,15 @@ def create_app(checkpoint: str | Path, device: str = "auto", page: bool = True) 
         from medsight.serve.page import build_page
 
         app = gr.mount_gradio_app(app, build_page(service, uploads), path="/", max_file_size=MAX_UPLOAD_BYTES)
+    app.add_middleware(AdmissionLimit, admission=service.admission)
+    app.state.service = service
     return app
 
 
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          page: bool = True) -> None:
+          page: bool = True, onnx: bool | None = None, batching: BatchSettings | None = None) -> None:
     """Run the app with uvicorn until interrupted (binds to localhost unless told otherwise)."""
     import uvicorn
 
-    app = create_app(checkpoint, device, page=page)
+    app = create_app(checkpoint, device, page=page, onnx=onnx, batching=batching)
     uvicorn.run(app, host=host, port=port, log_level="warning")

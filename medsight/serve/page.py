@@ -160,6 +160,10 @@ def build_page(service: Service, uploads: UploadFolder | None = None) -> Any:
         img = held[1]
         try:
             result = service.predict(img)
+            if not service.can_explain:  # an exported ONNX model: the prediction only
+                p = result["probabilities"][result["label"]]
+                return (result["probabilities"], "", f"**Prediction: {result['label']}** ({p:.1%})  \n"
+                        "No overlay: this server runs an exported ONNX model, which cannot explain.", held)
             index = service.class_index(target)
             _, ov, border = service.explain(img, method, index)
         except (ImageReadError, UnknownMethodError, UnknownClassError) as exc:

@@ -1,7 +1,9 @@
-"""The model behind the page and the API: decode an upload, predict, explain (no trainer imported)."""
+"""The model behind the page and the API: decode an upload, predict (one at a time or in micro-batches),
+explain (no trainer imported)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import threading
 from pathlib import Path
@@ -13,9 +15,10 @@ import torch
 from medsight.config import CamMethod, choices
 from medsight.data.imageio import ImageReadError, ImageTooLargeError, read_image_bytes
 from medsight.explainers.cam import border_score, overlay
-from medsight.inference import load_predictor
+from medsight.inference import OnnxPredictor, load_predictor
+from medsight.serve.batching import Admission, BatchSettings, MicroBatcher, ServerBusyError
 
-__all__ = ["Service", "NOTICE", "MAX_UPLOAD_BYTES", "UnknownMethodError"]
+__all__ = ["Service", "NOTICE", "MAX_UPLOAD_BYTES", "UnknownMethodError", "ExplainUnavailableError"]
 
 NOTICE = "Research software: not for clinical use. Predictions must not guide diagnosis or treatment."
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
@@ -30,20 +33,65 @@ class UnknownClassError(ValueError):
     """A class or finding the model does not have."""
 
 
-class Service:
-    """Model, lock and the three operations behind both the page and the API."""
+class ExplainUnavailableError(RuntimeError):
+    """Explanations need the PyTorch model (an exported ONNX model has no gradients to follow)."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "auto") -> None:
-        self.predictor = load_predictor(checkpoint, device, onnx=False)  # a checkpoint or an ensemble.json
+
+class Service:
+    """Model, batcher, admission and the operations behind both the page and the API.
+
+    ``checkpoint`` is a checkpoint, an ``ensemble.json`` or an exported ``.onnx`` model (``onnx=True``
+    for another file name); the ONNX model runs in onnxruntime without PyTorch's model code, and cannot
+    explain. ``batching`` says how predictions are gathered (:class:`BatchSettings`).
+    """
+
+    def __init__(self, checkpoint: str | Path, device: str = "auto", onnx: bool | None = None,
+                 batching: BatchSettings | None = None) -> None:
+        self.predictor = load_predictor(checkpoint, device, onnx=onnx, onnx_spinning=False)
+        self.batching = batching or BatchSettings()
+        self.admission = Admission(self.batching.queue_limit)
+        self.batcher = MicroBatcher(self._run_batch, self.batching.max_batch, self.batching.max_wait_ms) \
+            if self.batching.enabled else None
         # Grad-CAM registers hooks on the shared model: one explanation at a time. Plain predictions run
         # concurrently (inference mode, no shared state).
         self._cam_lock = threading.Lock()
 
     @property
+    def can_explain(self) -> bool:
+        return not isinstance(self.predictor, OnnxPredictor)
+
+    @property
     def info(self) -> dict[str, Any]:
-        p = self.predictor
+        p, b = self.predictor, self.batching
         return {"status": "ok", "model": p.name, "classes": p.classes, "image_size": p.image_size,
-                "task": p.task.kind}
+                "task": p.task.kind, "runtime": "pytorch" if self.can_explain else "onnxruntime",
+                "batching": {"enabled": b.enabled, "max_batch": b.max_batch, "max_wait_ms": b.max_wait_ms,
+                             "queue_limit": b.queue_limit, "batches_run": self.batcher.batches if self.batcher else 0,
+                             "images_batched": self.batcher.images if self.batcher else 0}}
+
+    def close(self) -> None:
+        """Finish the predictions already gathered and stop the batcher."""
+        if self.batcher is not None:
+            self.batcher.close()
+
+    def _run_batch(self, prepared: list[Any]) -> list[dict[str, Any]]:
+        with torch.inference_mode():
+            probs = self.predictor.probabilities_batch(prepared)
+        return [self.predictor.task.record(p) for p in probs]
+
+    def prepare(self, data: bytes, name: str) -> Any:
+        """Decode an upload and fit it to the model's input (the per-image work, done in the request's thread)."""
+        img = self.decode(data, name)
+        with torch.inference_mode():
+            return self.predictor.prepare(img)
+
+    def submit(self, prepared: Any) -> concurrent.futures.Future:
+        """The task's record for a prepared image, from the next micro-batch (or at once without batching)."""
+        if self.batcher is not None:
+            return self.batcher.submit(prepared)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut.set_result(self._run_batch([prepared])[0])
+        return fut
 
     def decode(self, data: bytes, name: str) -> torch.Tensor:
         if len(data) > MAX_UPLOAD_BYTES:
@@ -69,6 +117,9 @@ class Service:
         the task's explained output); both images H×W×3 in [0, 1]."""
         if method not in METHODS:
             raise UnknownMethodError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if not self.can_explain:
+            raise ExplainUnavailableError("explanations need the PyTorch checkpoint: this server runs an exported "
+                                          "ONNX model, which can predict but not explain")
         disp = self.predictor.display(img)
         with self._cam_lock:
             heat = self.predictor.heatmap(img, method, class_idx=class_idx)
@@ -92,4 +143,5 @@ class Service:
 
 #: Typed errors -> HTTP status codes (the API never searches error text).
 STATUS: tuple[tuple[type[Exception], int], ...] = ((ImageTooLargeError, 413), (ImageReadError, 400),
-                                                   (UnknownMethodError, 400), (UnknownClassError, 400))
+                                                   (UnknownMethodError, 400), (UnknownClassError, 400),
+                                                   (ExplainUnavailableError, 501), (ServerBusyError, 429))
