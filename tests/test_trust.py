@@ -181,8 +181,10 @@ def test_multilabel_confidence_errors_and_referral_by_hand():
     p = np.array([[0.6, 0.9], [0.1, 0.55], [0.25, 0.05]])
     # margins from the thresholds: a (0.6-0.2)/0.8=0.5, b 0.8; a 0.5, b 0.1; a 0.0625, b 0.9
     np.testing.assert_allclose(task.confidence(p), [0.75, 0.55, 0.53125])
-    y = np.array([[1, 1], [0, 0], [-1, 0]])  # image 2: b decided present but absent; image 3: a masked
-    assert task.errors(y, p).tolist() == [0, 1, 0]
+    y = np.array([[1, 1], [0, 1], [-1, 1]])  # image 2: a right, b right; image 3: a masked, b decided absent
+    assert task.errors(y, p).tolist() == [0, 0, 1]
+    assert task.errors(np.array([[0, 0]]), p[:1]).tolist() == [1]  # both findings wrong
+    assert task.errors(np.array([[1, 0]]), p[:1]).tolist() == [0.5]  # one of two: the Hamming loss
     rec = task.answer(p[1])
     assert rec["refer_to_clinician"] and rec["least_certain_finding"] == "b" and rec["findings"] == ["b"]
     assert not task.answer(p[0])["refer_to_clinician"]

@@ -151,7 +151,8 @@ class Task(ABC):
         return np.ones((n, len(self.binary_views(labels, np.full((n, len(self.classes)), 0.5)))), dtype=bool)
 
     def errors(self, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-        """0/1 per image: the decision is wrong (what selective prediction's risk counts)."""
+        """0/1 per image: the decision is wrong (what selective prediction's risk counts); multi-label gives the
+        share of findings wrong."""
         return (self.decide(probs) != np.asarray(labels)).astype(int)
 
     def confidence(self, probs: np.ndarray) -> np.ndarray:

@@ -12,9 +12,10 @@ be scored on validation keeps 0.5, and says so. Grad-CAM explains one finding's 
 Trust, per finding: one temperature per finding (fitted on that finding's labelled validation images; 1.0
 where validation holds only one answer), operating points, calibration and subgroup gaps on each finding's
 binary view (masked labels left out), and split conformal sets per finding ({absent}, {present}, or both:
-uncertain). An image's confidence is its least sure finding's, measured from that finding's threshold; it is
-wrong when any labelled finding is decided wrong, and referred to a clinician when its confidence is below
-the abstention threshold.
+uncertain). An image's confidence is its least sure finding's, measured from that finding's threshold; its
+error is the share of its labelled findings decided wrong (Hamming loss: at per-finding Youden thresholds
+nearly every image has some finding wrong, so "any finding wrong" would rank nothing); it is referred to a
+clinician when its confidence is below the abstention threshold.
 """
 
 from __future__ import annotations
@@ -176,9 +177,11 @@ class MultiLabelTask(Task):
         return 0.5 + 0.5 * self.margins(probs).min(1)
 
     def errors(self, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-        """1 where any labelled finding is decided wrong at its threshold."""
+        """Per image, the share of its labelled findings decided wrong at their thresholds (0 when none is
+        labelled): selective prediction's risk becomes the Hamming loss among the answered images."""
         y = np.asarray(labels)
-        return ((self.decide(probs) != y) & (y >= 0)).any(1).astype(int)
+        wrong = ((self.decide(probs) != y) & (y >= 0)).sum(1)
+        return wrong / np.maximum((y >= 0).sum(1), 1)
 
     def tta_spread(self, views: np.ndarray, probs: np.ndarray) -> np.ndarray:
         """The largest spread of a finding's probability over the TTA views."""
