@@ -1,7 +1,10 @@
-"""Trust for clinical use on the embedded PneumoniaMNIST default and on RetinaMNIST: temperature scaling's
-effect on test ECE, 90% split-conformal coverage and set size on test, the AURC of max-probability against
+"""Trust for clinical use on the embedded PneumoniaMNIST default, on RetinaMNIST (ordinal) and on the NIH
+ChestX-ray14 1000-image set (multi-label, 14 findings): temperature scaling's effect on test ECE, 90% split-conformal coverage and set size on test, the AURC of max-probability against
 the TTA-based scores, TTA's effect on AUC and ECE, a robustness table (6 corruptions x 3 severities) and a
 subgroup demo.
+
+For the multi-label set every number is per finding (one temperature, one conformal set and one operating
+point per finding) and the summary is their mean; the pooled ECE is over every labelled (image, finding).
 
 Each data set gets one `medsight train --data X` run (the plan decides the rest; `--run NAME=FOLDER` reuses
 a finished run folder instead). Everything is read from the run's metrics.json (the trust section every run
@@ -17,8 +20,8 @@ Targets (issue "Trust for clinical use"): temperature scaling lowers test ECE on
 reach 87-93% empirical coverage on test; the best uncertainty score's AURC is below max-probability's (or the
 README says it is not); >= 5 corruptions x 3 severities.
 
-    python benchmarks/trust.py                      # both data sets -> benchmarks/results/trust.json
-    python benchmarks/trust.py --run pneumoniamnist=runs/cxr --run retinamnist=runs/retina
+    python benchmarks/trust.py                      # the three data sets -> benchmarks/results/trust.json
+    python benchmarks/trust.py --run pneumoniamnist=runs/cxr --run retinamnist=runs/retina --run chest14=runs/nih
     python benchmarks/trust.py --quick              # smoke test: 1 epoch, 10% of the labels, 32 px
 """
 
@@ -36,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _results import save_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-DATASETS = {"pneumoniamnist": ROOT / "data" / "pneumoniamnist.npz", "retinamnist": ROOT / "data" / "retinamnist.npz"}
+DATASETS = {"pneumoniamnist": ROOT / "data" / "pneumoniamnist.npz", "retinamnist": ROOT / "data" / "retinamnist.npz",
+            "chest14": ROOT / "data" / "nih_cxr14_1000.npz"}
 RUNS = Path(__file__).parent / "runs" / "trust"
 QUICK = ["train.epochs=1", "data.train_fraction=0.1", "data.image_size=32", "train.sharpness_batches=0",
          "explain.faithfulness_images=0"]
@@ -67,11 +71,13 @@ def subgroup_demo(run: Path, seed: int = 0) -> dict:
     task = task_from_checkpoint(load_checkpoint(run / "best.pt"))
     with np.load(run / "predictions.npz", allow_pickle=False) as z:
         labels, probs = z["test_labels"], z["test_probs"]
-    sites = np.where(np.random.default_rng(seed).random(len(labels)) < 0.5, "site A", "site B").tolist()
+    sites = np.where(np.random.default_rng(seed).random(len(labels)) < 0.5, "site A", "site B")
     views = task.decision.get("operating_points", {}).get("views", {})
+    labelled = task.view_labelled(labels)  # a finding's masked labels leave images out of its view
     out = {}
-    for name, y, s in task.binary_views(labels, probs):
-        r = subgroup_metrics(y, s, views.get(name, {}).get("threshold"), sites, n_boot=1000, seed=seed)
+    for v, (name, y, s) in enumerate(task.binary_views(labels, probs)):
+        r = subgroup_metrics(y, s, views.get(name, {}).get("threshold"), sites[labelled[:, v]].tolist(), n_boot=1000,
+                             seed=seed)
         out[name] = {"groups": {g: {k: (_r(v) if isinstance(v, float) else v) for k, v in row.items()
                                     if k in ("n", "n_positive", "auc", "sensitivity")} for g, row in r["groups"].items()},
                      "gaps": r["gaps"]}
@@ -82,9 +88,14 @@ def summarize(run: Path, robustness: dict) -> dict:
     m = json.loads((run / "metrics.json").read_text())
     tr = m["trust"]
     cal, conf, sel, tta = tr["calibration"], tr["conformal"], tr["selective"], tr["tta"]
+    t = cal["temperature"]
+    per_finding = {"conformal_per_finding": {n: _r(c["coverage"]) for n, c in conf["per_finding"].items()},
+                   "conformal_all_findings_covered": _r(conf["all_findings_covered"]),
+                   "ece_per_finding": {n: [_r(v["ece_before"]), _r(v["ece_after"])] for n, v in cal["per_view"].items()}
+                   } if "per_finding" in conf else {}
     return {
         "run": str(run), "test_auc": _r(m["test"].get("auc")), "test_accuracy": _r(m["test"].get("accuracy")),
-        "temperature": _r(cal["temperature"]), "ece_before": _r(cal["ece_before"]), "ece_after": _r(cal["ece_after"]),
+        "temperature": [_r(x) for x in t] if isinstance(t, list) else _r(t), "ece_before": _r(cal["ece_before"]), "ece_after": _r(cal["ece_after"]),
         "ece_lowered": cal["ece_after"] < cal["ece_before"],
         "conformal_target": conf["target_coverage"], "conformal_coverage": _r(conf["coverage"]),
         "conformal_within_3_points": abs(conf["coverage"] - conf["target_coverage"]) <= 0.03,
@@ -97,13 +108,14 @@ def summarize(run: Path, robustness: dict) -> dict:
                        "mean_drop": _r(robustness["mean_drop"]),
                        "table": {c: [_r(x[robustness["metric"]]) for x in rows]
                                  for c, rows in robustness["corruptions"].items()}},
+        **per_finding,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", action="append", default=[], metavar="NAME=FOLDER",
-                    help="reuse a finished run folder for a data set (pneumoniamnist, retinamnist)")
+                    help="reuse a finished run folder for a data set (pneumoniamnist, retinamnist, chest14)")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny runs; proves the harness, not the numbers")
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     args = ap.parse_args(argv)

@@ -11,13 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from medsight.checkpoint import load_model
 from medsight.config import CamMethod, choices, config_from_dict
-from medsight.data import (DataError, ImageDataset, ImageReadError, label_policy, load_data, load_eval_data,
-                           make_loader, read_image)
+from medsight.data import (DataError, ImageDataset, ImageReadError, label_counts, label_policy, load_data,
+                           load_eval_data, make_loader, read_image)
 from medsight.evaluation.robustness import robustness
 from medsight.evaluation.trust import decision_probs, measure
 from medsight.evaluation.sharpness import fixed_batches, sharpness
@@ -100,7 +99,7 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path | None = None, d
         result["figures"] = figures + result["trust"].pop("figures")
         write_text_atomic(json.dumps(result, indent=2), out_path / "metrics.json")
         summary = {"source": source, "classes": task.classes,
-                   "counts": {"external": np.bincount(labels, minlength=len(task.classes)).tolist()},
+                   "counts": {"external": label_counts(labels, len(task.classes))}, "images": {"external": len(labels)},
                    "patients": {"external": len(set(split.groups)) if split.groups else None},
                    "notes": [f"external validation of {checkpoint}: the rules fitted on the model's own validation "
                              f"data, measured on this data"]}
@@ -134,7 +133,7 @@ def robustness_check(checkpoint: str | Path, data: str | None = None, out: str |
                             f"(a folder, CSV or .npz with the classes {', '.join(task.classes)})") from None
         split, source = bundle.splits["test"], bundle.source
     else:
-        split, source = load_eval_data(data, task.classes)
+        split, source = _eval_data(ckpt, data, task.classes, task.kind)
     result = robustness(model, task, split, eval_transform(ckpt), dev, corruptions=list(corruptions or []) or None,
                         batch_size=batch_size, seed=seed)
     result["data"] = source

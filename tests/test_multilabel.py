@@ -354,6 +354,79 @@ def test_tiny_run_predicts_explains_exports_and_evaluates(ml_runs, tmp_path, nih
     manifest = _write_manifest(nih_copy, _nih_rows())
     res = evaluate(run / "best.pt", str(manifest), device="cpu")
     assert res["task"] == "multilabel" and res["test"]["n"] == sum(r["split"] == "test" for r in _nih_rows())
+    # the ONNX check above compares calibrated probabilities: the per-finding temperatures are really there
+    assert len(set(pred.task.temperature)) > 1
+
+
+def test_tiny_run_fits_one_temperature_per_finding_and_the_trust_rules(ml_runs):
+    from medsight.inference import Predictor
+
+    root, (run, _), arrays = ml_runs
+    decision = torch.load(run / "best.pt", map_location="cpu", weights_only=True)["task"]["decision"]
+    temps, vy = decision["temperature"], arrays["val_labels"]
+    one_answer = [n for k, n in enumerate(NIH_FINDINGS) if len(np.unique(vy[:, k])) < 2]
+    assert len(temps) == 14 and all(t > 0 for t in temps) and decision["temperature_not_fitted"] == one_answer
+    assert all(temps[NIH_FINDINGS.index(n)] == 1.0 for n in one_answer)
+    assert set(decision["conformal"]["per_finding"]) == set(NIH_FINDINGS) and "abstain_below" in decision
+    assert set(decision["operating_points"]["views"]) <= set(NIH_FINDINGS)
+    # probabilities are sigmoid(logit / T) finding by finding
+    pred = Predictor(run / "best.pt", "cpu")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = pred.model(x)
+    np.testing.assert_allclose(pred.task.probabilities(logits).numpy(),
+                               torch.sigmoid(logits / torch.tensor(temps)).numpy(), atol=1e-6)
+    trust = json.loads((run / "metrics.json").read_text())["trust"]
+    per_view = trust["calibration"]["per_view"]
+    assert list(per_view) == list(NIH_FINDINGS) and [v["temperature"] for v in per_view.values()] == temps
+    c = trust["conformal"]
+    assert set(c["per_finding"]) == set(NIH_FINDINGS) and 1 <= c["mean_set_size"] <= 2
+    assert c["all_findings_covered"] <= min(m["coverage"] for m in c["per_finding"].values() if m["n"])
+    assert set(trust["selective"]["aurc"]) == {"max probability", "TTA mean probability", "TTA agreement (−std)"}
+    card = (run / "model_card.md").read_text()
+    for words in ("one temperature per finding", "positive images per finding", "mean AUC over scoreable findings",
+                  "Split conformal (lac) per finding", "| Effusion |", "Refer to a clinician"):
+        assert words in card
+    assert "<h2>Model card</h2>" in (run / "report.html").read_text()
+
+
+def test_predict_refers_the_least_sure_images_to_a_clinician(ml_runs):
+    from medsight.api import predict
+    from medsight.tasks import task_from_checkpoint
+
+    _, (run, _), _ = ml_runs
+    task = task_from_checkpoint(torch.load(run / "best.pt", map_location="cpu", weights_only=True))
+    images = sorted((NIH_DIR / "images").iterdir())[:6]
+    for rec in predict(run / "best.pt", images, device="cpu"):
+        p = np.array([rec["probabilities"][c] for c in NIH_FINDINGS])
+        t = np.array([rec["thresholds"][c] for c in NIH_FINDINGS])
+        margin = np.where(p >= t, (p - t) / (1 - t), (t - p) / t)  # by hand: the least sure finding decides
+        assert rec["confidence"] == pytest.approx(0.5 + 0.5 * margin.min())
+        assert rec["least_certain_finding"] == NIH_FINDINGS[int(np.argmin(margin))]
+        assert rec["refer_to_clinician"] == (rec["confidence"] < task.decision["abstain_below"])
+        assert set(rec["uncertain_findings"]) <= set(NIH_FINDINGS)
+
+
+def test_external_validation_on_the_nih_manifest_counts_findings_and_subgroups(ml_runs, nih_copy, tmp_path):
+    from medsight.api import evaluate
+
+    _, (run, _), _ = ml_runs
+    rows = [{**r, "Patient Gender": "FM"[int(r["Patient ID"]) % 2]} for r in _nih_rows()]
+    manifest = _write_manifest(nih_copy, rows)
+    res = evaluate(run / "best.pt", str(manifest), out=tmp_path / "ext", device="cpu")
+    test_rows = [r for r in rows if r["split"] == "test"]
+    m = json.loads((tmp_path / "ext" / "metrics.json").read_text())
+    assert m["task"] == "multilabel" and m["trust"]["n"] == len(test_rows)
+    sub = m["trust"]["subgroups"]["columns"]["Patient Gender"]
+    assert set(sub) == set(NIH_FINDINGS)
+    for k, name in enumerate(NIH_FINDINGS):
+        groups = sub[name]["groups"]
+        assert sum(g["n"] for g in groups.values()) == len(test_rows)
+        assert sum(g["n_positive"] for g in groups.values()) == sum(name in r["Finding Labels"] for r in test_rows)
+    card = (tmp_path / "ext" / "model_card.md").read_text()
+    effusion = sum("Effusion" in r["Finding Labels"].split("|") for r in test_rows)
+    assert f"| external | {len(test_rows)} |" in card and f"Effusion {effusion}" in card
+    assert "**Patient Gender**, Effusion" in card and res["trust"]["conformal"]["per_finding"]
 
 
 def test_tiny_runs_ensemble_per_finding(ml_runs, tmp_path):

@@ -146,6 +146,73 @@ def test_class_conditional_conformal_covers_every_class():
     assert min(per_class["coverage_per_class"].values()) > 0.86
 
 
+# ------------------------------------------------------------------------------------------- multi-label
+
+def _multilabel_outputs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Three findings' true logits and labels drawn from their sigmoids; finding 1 masked (-1) on a tenth."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 2, (n, 3))
+    y = (rng.random((n, 3)) < 1 / (1 + np.exp(-z))).astype(np.int64)
+    y[rng.random(n) < 0.1, 1] = -1
+    return z, y
+
+
+def test_multilabel_temperature_is_fitted_per_finding_and_masked_labels_stay_out():
+    from medsight.tasks import MultiLabelTask
+
+    z, y = _multilabel_outputs(4000, seed=5)
+    task = MultiLabelTask(["a", "b", "c"])
+    task.fit_temperature(z * np.array([3.0, 1.0, 0.5]), y)  # over-, well- and under-confident findings
+    t = task.temperature
+    assert 2.6 < t[0] < 3.4 and 0.85 < t[1] < 1.15 and 0.4 < t[2] < 0.6
+    y_all_neg = y.copy()
+    y_all_neg[:, 2] = 0
+    task.fit_temperature(z, y_all_neg)
+    assert task.temperature[2] == 1.0 and task.decision["temperature_not_fitted"] == ["c"]
+    views = task.binary_views(y, 1 / (1 + np.exp(-z)))
+    assert [v[0] for v in views] == ["a", "b", "c"] and len(views[1][1]) == (y[:, 1] >= 0).sum() < len(y)
+    assert (task.view_labelled(y).sum(0) == [len(v[1]) for v in views]).all()
+
+
+def test_multilabel_confidence_errors_and_referral_by_hand():
+    from medsight.tasks import MultiLabelTask
+
+    task = MultiLabelTask(["a", "b"], decision={"thresholds": [0.2, 0.5], "abstain_below": 0.7})
+    p = np.array([[0.6, 0.9], [0.1, 0.55], [0.25, 0.05]])
+    # margins from the thresholds: a (0.6-0.2)/0.8=0.5, b 0.8; a 0.5, b 0.1; a 0.0625, b 0.9
+    np.testing.assert_allclose(task.confidence(p), [0.75, 0.55, 0.53125])
+    y = np.array([[1, 1], [0, 1], [-1, 1]])  # image 2: a right, b right; image 3: a masked, b decided absent
+    assert task.errors(y, p).tolist() == [0, 0, 1]
+    assert task.errors(np.array([[0, 0]]), p[:1]).tolist() == [1]  # both findings wrong
+    assert task.errors(np.array([[1, 0]]), p[:1]).tolist() == [0.5]  # one of two: the Hamming loss
+    rec = task.answer(p[1])
+    assert rec["refer_to_clinician"] and rec["least_certain_finding"] == "b" and rec["findings"] == ["b"]
+    assert not task.answer(p[0])["refer_to_clinician"]
+
+
+def test_multilabel_trust_fits_on_validation_and_covers_each_finding():
+    from medsight.evaluation.trust import fit_on_validation, measure
+    from medsight.tasks import MultiLabelTask
+
+    z, y = _multilabel_outputs(6000, seed=6)
+    task = MultiLabelTask(["a", "b", "c"])
+    ev = Config().eval.model_copy(update={"bootstrap": 0})
+    fit_on_validation(task, ev, z[:3000] * 2, y[:3000])
+    assert len(task.temperature) == 3 and "thresholds" in task.decision  # the decision rule keeps the temperature
+    sex = ["FM"[i % 2] for i in range(3000)]
+    res = measure(task, ev, z[3000:] * 2, y[3000:], meta={"sex": sex})
+    c = res["conformal"]
+    for name, m in c["per_finding"].items():
+        assert abs(m["coverage"] - 0.9) < 0.03, name
+        assert m["n"] == (y[3000:, "abc".index(name)] >= 0).sum()
+    assert c["all_findings_covered"] < min(m["coverage"] for m in c["per_finding"].values())
+    assert res["calibration"]["ece_after"] < res["calibration"]["ece_before"]
+    assert set(res["operating_points"]["views"]) == {"a", "b", "c"}
+    b = res["subgroups"]["columns"]["sex"]["b"]["groups"]  # masked labels left out, groups still aligned
+    assert b["F"]["n"] + b["M"]["n"] == (y[3000:, 1] >= 0).sum()
+    assert b["F"]["n_positive"] == ((y[3000:, 1] == 1) & (np.array(sex) == "F")).sum()
+
+
 # ---------------------------------------------------------------------------------------------- subgroups
 
 def test_subgroup_gap_is_flagged_when_one_group_is_under_diagnosed():

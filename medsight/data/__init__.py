@@ -4,9 +4,9 @@ augmentation (transforms.py), and the Dataset/DataLoader that skips unreadable f
 from medsight.data.dataset import ImageDataset, make_loader
 from medsight.data.imageio import IMAGE_EXTS, ImageReadError, ImageTooLargeError, read_image, read_image_bytes
 from medsight.data.sources import (DEFAULT_CLASSES, ROTATION_CLASSES, SPLITS, DataBundle, DataError, SplitData,
-                                   label_policy, load_data, load_eval_data, rotation_pretext)
+                                   label_counts, label_policy, load_data, load_eval_data, rotation_pretext)
 from medsight.data.transforms import Clahe, array_to_tensor, make_transform, to_three_channels
 
 __all__ = ["ImageDataset", "make_loader", "IMAGE_EXTS", "ImageReadError", "ImageTooLargeError", "read_image", "read_image_bytes",
-           "DEFAULT_CLASSES", "ROTATION_CLASSES", "SPLITS", "DataBundle", "DataError", "SplitData", "label_policy", "load_data",
+           "DEFAULT_CLASSES", "ROTATION_CLASSES", "SPLITS", "DataBundle", "DataError", "SplitData", "label_counts", "label_policy", "load_data",
            "load_eval_data", "rotation_pretext", "Clahe", "array_to_tensor", "make_transform", "to_three_channels"]

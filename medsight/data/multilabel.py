@@ -160,8 +160,10 @@ def _image_index(folder: Path) -> dict[str, str]:
 
 
 def read_nih_manifest(path: Path, rows: list[dict[str, str]], lines: list[int]
-                      ) -> tuple[np.ndarray, list[str], list[str], list[str] | None, list[str] | None, list[str]]:
-    """``(raw labels, classes, paths, patients, splits, notes)`` of an NIH-style manifest.
+                      ) -> tuple[np.ndarray, list[str], list[str], list[str] | None, list[str] | None, list[str],
+                                 dict[str, list[str]] | None]:
+    """``(raw labels, classes, paths, patients, splits, notes, meta)`` of an NIH-style manifest; ``meta`` holds
+    the manifest's other columns per kept row (NIH's own has Patient Age, Patient Gender, View Position).
 
     Findings are NIH's 14 in ChestMNIST order, then any other finding the manifest names (kept as a new
     finding and said). Rows whose image file is missing are skipped and named; none found is an error.
@@ -169,7 +171,7 @@ def read_nih_manifest(path: Path, rows: list[dict[str, str]], lines: list[int]
     notes: list[str] = []
     files = _image_index(path.parent)
     per_row: list[list[str]] = []
-    paths, patients, splits, missing = [], [], [], []
+    paths, patients, splits, missing, kept = [], [], [], [], []
     has_patient, has_split = "Patient ID" in rows[0], "split" in rows[0]
     seen: dict[str, int] = {}
     for r, line in zip(rows, lines):
@@ -192,6 +194,7 @@ def read_nih_manifest(path: Path, rows: list[dict[str, str]], lines: list[int]
             continue
         per_row.append([f for f in findings if f != NO_FINDING])
         paths.append(files[name])
+        kept.append(r)
         if has_patient:
             pid = (r.get("Patient ID") or "").strip()
             if not pid:
@@ -231,7 +234,9 @@ def read_nih_manifest(path: Path, rows: list[dict[str, str]], lines: list[int]
         raw[i, [index[f] for f in fs]] = 1
     notes.append(f"read as an NIH ChestX-ray14 manifest: {len(classes)} findings from 'Finding Labels' "
                  f"('{NO_FINDING}' = none){', patients from Patient ID' if has_patient else ''}")
-    return raw, classes, paths, patients if has_patient else None, splits if has_split else None, notes
+    other = [f for f in rows[0] if f and f not in ("Image Index", "Finding Labels", "Patient ID", "split")]
+    meta = {f: [(r.get(f) or "").strip() for r in kept] for f in other}  # subgroup analysis reads these
+    return raw, classes, paths, patients if has_patient else None, splits if has_split else None, notes, meta or None
 
 
 # ------------------------------------------------------------------------------------- CheXpert style

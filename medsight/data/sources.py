@@ -34,7 +34,8 @@ from medsight.data.multilabel import (MultiLabelDataError, apply_label_policy, d
 if TYPE_CHECKING:
     from medsight.config import DataConfig
 
-__all__ = ["DataError", "SplitData", "DataBundle", "load_data", "load_eval_data", "label_policy", "DEFAULT_CLASSES",
+__all__ = ["DataError", "SplitData", "DataBundle", "load_data", "load_eval_data", "label_policy", "label_counts",
+           "DEFAULT_CLASSES",
            "ROTATION_CLASSES", "rotation_pretext", "SPLITS"]
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,14 @@ class SplitData:
         return self.paths[i] if self.paths is not None else f"#{i}"
 
 
+def label_counts(labels: np.ndarray, k: int) -> list[int]:
+    """Images per class of (N,) labels, or positive images per finding of (N, K) multi-label labels."""
+    y = np.asarray(labels)
+    if y.ndim == 2:
+        return (y == 1).sum(0).astype(int).tolist()
+    return np.bincount(y.astype(np.int64), minlength=k).tolist()
+
+
 @dataclass
 class DataBundle:
     classes: list[str]
@@ -90,14 +99,13 @@ class DataBundle:
 
     def counts(self) -> dict[str, list[int]]:
         """Images per class, or for multi-label data positive images per finding."""
-        k = len(self.classes)
-        if self.multilabel:
-            return {name: (s.labels == 1).sum(0).astype(int).tolist() for name, s in self.splits.items()}
-        return {name: np.bincount(s.labels, minlength=k).tolist() for name, s in self.splits.items()}
+        return {name: label_counts(s.labels, len(self.classes)) for name, s in self.splits.items()}
 
     def summary(self) -> dict[str, Any]:
-        """Provenance for a model card: source, classes, images per split and class, patients where known."""
+        """Provenance for a model card: source, classes, images per split and class (positives per finding for
+        multi-label data), patients where known."""
         return {"source": self.source, "classes": list(self.classes), "counts": self.counts(),
+                "images": {name: len(s) for name, s in self.splits.items()},
                 "patients": {name: len(set(s.groups)) if s.groups else None for name, s in self.splits.items()},
                 "notes": list(self.notes)}
 
@@ -354,9 +362,9 @@ def _from_multilabel_csv(path: Path, notes: list[str], *, allow_outside_paths: b
         raise DataError(f"CSV manifest {path} has no rows")
     try:
         if is_nih_manifest(table.fields) and not label_columns:
-            raw, classes, paths, groups, split_names, more = read_nih_manifest(path, table.rows, table.lines)
+            raw, classes, paths, groups, split_names, more, meta = read_nih_manifest(path, table.rows, table.lines)
             notes += more
-            data = SplitData(labels=raw, paths=paths, groups=groups)
+            data = SplitData(labels=raw, paths=paths, groups=groups, meta=meta)
             return _split_by_column(data, split_names, path), classes
         base = Path(os.path.normpath(path.parent.absolute()))
         pcol = _finding_path_column(table, base, path_column)
@@ -902,7 +910,8 @@ def load_eval_data(path: str, classes: list[str], prefer: Sequence[str] = ("test
         if multilabel:  # one column per finding: reorder the columns
             cols = np.empty_like(data.labels)
             cols[:, remap] = data.labels
-            return SplitData(labels=cols, paths=data.paths, images=data.images, groups=data.groups), source
+            return SplitData(labels=cols, paths=data.paths, images=data.images, groups=data.groups,
+                             meta=data.meta), source
         log.info("%s: classes matched to the model's by name (%s)", source,
                  ", ".join(f"{c}->{classes[remap[i]]}" for i, c in enumerate(data_classes)))
         return SplitData(labels=remap[data.labels], paths=data.paths, images=data.images, groups=data.groups,

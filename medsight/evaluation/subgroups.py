@@ -19,8 +19,9 @@ from medsight.metrics import fast_auc
 __all__ = ["detect_columns", "group_labels", "subgroup_metrics", "SUBGROUP_HINTS"]
 
 #: Column names (lower case, any separator) taken as subgroup metadata when ``eval.subgroups`` is not given.
-SUBGROUP_HINTS = ("sex", "gender", "age", "patient_age", "site", "hospital", "centre", "center", "institution",
-                  "scanner", "manufacturer", "device", "view", "view_position", "position", "race", "ethnicity")
+SUBGROUP_HINTS = ("sex", "gender", "patient_sex", "patient_gender", "age", "patient_age", "site", "hospital", "centre",
+                  "center", "institution", "scanner", "manufacturer", "device", "view", "view_position", "position",
+                  "race", "ethnicity")
 
 #: Age bins in years (lower edges); an age column is binned, every other column used as written.
 AGE_EDGES = (0, 18, 40, 60, 80)

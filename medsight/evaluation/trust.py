@@ -20,8 +20,7 @@ import numpy as np
 import torch
 
 from medsight.evaluation.subgroups import detect_columns, group_labels, subgroup_metrics
-from medsight.metrics.calibration import binary_ece, reliability_bins
-from medsight.metrics.conformal import fit_conformal, prediction_sets, set_metrics
+from medsight.metrics.calibration import binary_ece
 from medsight.metrics.operating_points import choose_threshold, describe_target, operating_point
 from medsight.metrics.selective import abstention_threshold, risk_coverage
 from medsight.reporting.plots import plot_reliability, plot_risk_coverage
@@ -74,8 +73,8 @@ def fit_on_validation(task: Task, ev: EvalConfig, val_logits: np.ndarray, val_la
             reached = operating_point(y, score, t, n_boot=0)
             views[name] = {"threshold": t, "val": {k: reached[k] for k in ("sensitivity", "specificity", "ppv", "npv")}}
     task.decision["operating_points"] = {"target": target, "views": views}
-    task.decision["conformal"] = fit_conformal(labels, probs, ev.conformal_coverage, ev.conformal_score,
-                                               ev.conformal_class_conditional)
+    task.decision["conformal"] = task.fit_conformal(labels, probs, ev.conformal_coverage, ev.conformal_score,
+                                                    ev.conformal_class_conditional)
     below = abstention_threshold(task.confidence(probs), ev.abstain_fraction)
     if below is not None:
         task.decision["abstain_below"] = below
@@ -84,13 +83,14 @@ def fit_on_validation(task: Task, ev: EvalConfig, val_logits: np.ndarray, val_la
 
 
 def _calibration(task: Task, labels: np.ndarray, raw: np.ndarray, cal: np.ndarray) -> dict[str, Any]:
-    def top(p: np.ndarray) -> dict[str, Any]:
-        return reliability_bins(task.confidence(p), 1 - task.errors(labels, p))
-
+    t = task.temperature
     per_view = {name: {"ece_before": binary_ece(y, s), "ece_after": binary_ece(y2, s2)}
                 for (name, y, s), (_, y2, s2) in zip(task.binary_views(labels, raw), task.binary_views(labels, cal))}
-    before, after = top(raw), top(cal)
-    return {"temperature": task.temperature, "fitted": task.temperature is not None,
+    if isinstance(t, list) and len(t) == len(per_view):  # one temperature per output, and one view per output
+        for v, tk in zip(per_view.values(), t):
+            v["temperature"] = tk
+    before, after = task.reliability(labels, raw), task.reliability(labels, cal)
+    return {"temperature": t, "fitted": t is not None,
             "ece_before": before["ece"], "ece_after": after["ece"], "per_view": per_view,
             "reliability": {"before": before, "after": after}}
 
@@ -100,11 +100,8 @@ def _selective(task: Task, labels: np.ndarray, logits: np.ndarray, probs: np.nda
     scores = {"max probability": task.confidence(probs)}
     if logits.ndim == 3:  # TTA views: the mean's confidence, and agreement (minus the spread of the decided output)
         views = np.stack([_probs(task, v) for v in logits])
-        mean = views.mean(0)
-        decided = task.decide(probs)
-        spread = views[:, np.arange(len(decided)), decided].std(0)
-        scores["TTA mean probability"] = task.confidence(mean)
-        scores["TTA agreement (−std)"] = -spread
+        scores["TTA mean probability"] = task.confidence(views.mean(0))
+        scores["TTA agreement (−std)"] = -task.tta_spread(views, probs)
     curves = {name: risk_coverage(errors, s) for name, s in scores.items()}
     best = min(curves, key=lambda n: curves[n]["aurc"])
     out: dict[str, Any] = {"curves": curves, "best": best, "aurc": {n: c["aurc"] for n, c in curves.items()},
@@ -140,11 +137,13 @@ def _subgroups(task: Task, labels: np.ndarray, probs: np.ndarray, meta: dict[str
         out["missing"] = missing
         out["note"] = f"eval.subgroups names column(s) {', '.join(missing)} that the data lacks; it has {', '.join(meta)}"
     views = (task.decision.get("operating_points") or {}).get("views", {})
+    labelled = task.view_labelled(labels)  # a view may leave images out (a finding's masked labels)
     for col in (c for c in wanted if c in meta):
-        groups = group_labels(col, meta[col])
-        out["columns"][col] = {name: subgroup_metrics(y, s, views.get(name, {}).get("threshold"), groups,
-                                                      min_size=ev.subgroup_min_size, n_boot=n_boot, seed=seed)
-                               for name, y, s in task.binary_views(labels, probs)}
+        groups = np.asarray(group_labels(col, meta[col]), dtype=object)
+        out["columns"][col] = {name: subgroup_metrics(y, s, views.get(name, {}).get("threshold"),
+                                                      groups[labelled[:, v]].tolist(), min_size=ev.subgroup_min_size,
+                                                      n_boot=n_boot, seed=seed)
+                               for v, (name, y, s) in enumerate(task.binary_views(labels, probs))}
     return out
 
 
@@ -163,18 +162,17 @@ def measure(task: Task, ev: EvalConfig, logits: np.ndarray, labels: np.ndarray, 
                               "selective": _selective(task, labels, logits, probs)}
     conformal = task.decision.get("conformal")
     if conformal:
-        sets = prediction_sets(probs, conformal)
         result["conformal"] = {"method": conformal["method"], "target_coverage": conformal["coverage"],
                                "class_conditional": conformal["class_conditional"], "qhat": conformal["qhat"],
-                               **set_metrics(labels, sets), "caveat": CONFORMAL_CAVEAT}
+                               **task.conformal_metrics(labels, probs, conformal), "caveat": CONFORMAL_CAVEAT}
     if logits.ndim == 3:
         tta = np.mean([_probs(task, v) for v in logits], axis=0)
         m0, m1 = task.epoch_metrics(labels, cal), task.epoch_metrics(labels, tta)
         result["tta"] = {"used_for_decisions": bool(task.decision.get("tta")), "views": int(logits.shape[0]),
                          "auc_without": m0.get("auc"), "auc_with": m1.get("auc"),
                          "accuracy_without": m0.get("accuracy"), "accuracy_with": m1.get("accuracy"),
-                         "ece_without": reliability_bins(task.confidence(cal), 1 - task.errors(labels, cal))["ece"],
-                         "ece_with": reliability_bins(task.confidence(tta), 1 - task.errors(labels, tta))["ece"]}
+                         "ece_without": task.reliability(labels, cal)["ece"],
+                         "ece_with": task.reliability(labels, tta)["ece"]}
     result["subgroups"] = _subgroups(task, labels, probs, meta, ev, n_boot, seed)
     if out is not None:
         rel, rc = f"{prefix}reliability.png", f"{prefix}risk_coverage.png"

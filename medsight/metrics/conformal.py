@@ -11,6 +11,11 @@ prediction sets, Romano et al. 2020, the non-randomized form): the probability m
 as probable as the true one. ``class_conditional`` computes q̂ per true class (Mondrian conformal), which
 gives the coverage per class at the cost of larger sets for rare classes.
 
+For a binary view (one finding of a multi-label task) the classes are "absent" and "present": the set is
+{absent}, {present}, or both — "uncertain at this coverage" (:func:`fit_binary_conformal`,
+:func:`binary_set_metrics`). Each finding's coverage holds on its own; that every finding of an image is
+covered at once is not guaranteed, and is reported beside it.
+
 Written here because the method is a quantile and a comparison; the libraries for it (MAPIE, crepes) wrap
 scikit-learn estimators, not probabilities from a network.
 """
@@ -22,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["conformal_scores", "conformal_quantile", "prediction_sets", "set_metrics", "fit_conformal"]
+__all__ = ["conformal_scores", "conformal_quantile", "prediction_sets", "set_metrics", "fit_conformal",
+           "fit_binary_conformal", "binary_sets", "binary_set_metrics"]
 
 
 def conformal_scores(probs: np.ndarray, method: str = "lac") -> np.ndarray:
@@ -87,3 +93,27 @@ def set_metrics(labels: np.ndarray, sets: np.ndarray) -> dict[str, Any]:
     return {"coverage": float(hit.mean()) if len(y) else None, "mean_set_size": float(size.mean()) if len(y) else None,
             "singleton_rate": float((size == 1).mean()) if len(y) else None, "empty_rate": float((size == 0).mean())
             if len(y) else None, "coverage_per_class": per_class, "n": int(len(y))}
+
+
+def _two_class(score: np.ndarray) -> np.ndarray:
+    s = np.asarray(score, dtype=np.float64)
+    return np.stack([1 - s, s], 1)
+
+
+def fit_binary_conformal(y_true: np.ndarray, score: np.ndarray, coverage: float, method: str = "lac",
+                         class_conditional: bool = False) -> dict[str, Any]:
+    """:func:`fit_conformal` for one binary view: ``y_true`` 0/1, ``score`` the probability of 1."""
+    return fit_conformal(np.asarray(y_true, dtype=np.int64), _two_class(score), coverage, method, class_conditional)
+
+
+def binary_sets(score: np.ndarray, conformal: dict[str, Any]) -> np.ndarray:
+    """(N, 2) membership of "absent" and "present" in each image's set for one binary view."""
+    return prediction_sets(_two_class(score), conformal)
+
+
+def binary_set_metrics(y_true: np.ndarray, score: np.ndarray, conformal: dict[str, Any]) -> dict[str, Any]:
+    """:func:`set_metrics` of one binary view, plus ``uncertain_rate``: the share of sets holding both answers."""
+    sets = binary_sets(score, conformal)
+    m = set_metrics(np.asarray(y_true, dtype=np.int64), sets)
+    m["uncertain_rate"] = float(sets.all(1).mean()) if len(sets) else None
+    return m

@@ -78,10 +78,12 @@ def _ci(ci: Any) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
 
 
-def _data_section(data: dict[str, Any]) -> Section:
-    rows = [[split, sum(c), ", ".join(f"{k} {n}" for k, n in zip(data["classes"], c)),
+def _data_section(data: dict[str, Any], kind: str) -> Section:
+    images = data.get("images", {})
+    rows = [[split, images.get(split, sum(c)), ", ".join(f"{k} {n}" for k, n in zip(data["classes"], c)),
              _f(data.get("patients", {}).get(split))] for split, c in data["counts"].items()]
-    parts: list[str | Table] = [f"Source: `{data['source']}`.", (["split", "images", "per class", "patients"], rows)]
+    per = "positive images per finding" if kind == "multilabel" else "per class"
+    parts: list[str | Table] = [f"Source: `{data['source']}`.", (["split", "images", per, "patients"], rows)]
     parts += [f"Note: {n}" for n in data.get("notes", [])]
     if not any(data.get("patients", {}).values()):
         parts.append("Patients: not known (the data carries no patient identifiers); images of one patient may "
@@ -91,22 +93,41 @@ def _data_section(data: dict[str, Any]) -> Section:
 
 def _metrics_section(test: dict[str, Any], kind: str) -> Section:
     ci = test.get("ci95", {})
-    rows = [[k, _f(test.get(k)), _ci(ci.get(k))] for k in ("accuracy", "balanced_accuracy", "auc", "qwk", "ece")
-            if k in test]
-    return f"Metrics on test ({kind.replace('_', '-')})", [(["metric", "value", "95% CI"], rows)]
+    names = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auc": "AUC", "qwk": "QWK",
+             "micro_auc": "micro AUC", "map": "mAP", "exact_match": "exact-match accuracy",
+             "hamming_accuracy": "Hamming accuracy", "ece": "ECE"}
+    if kind == "multilabel":
+        names.update(auc="mean AUC over scoreable findings", ece="mean ECE over findings", accuracy="exact-match accuracy")
+        names.pop("exact_match")
+    rows = [[label, _f(test.get(k)), _ci(ci.get(k))] for k, label in names.items() if k in test]
+    parts: list[str | Table] = [(["metric", "value", "95% CI"], rows)]
+    if test.get("findings"):
+        parts.append((["finding", "positives / labelled", "AUC", "95% CI", "AP", "threshold", "sensitivity",
+                       "specificity"],
+                      [[c, f"{f['positives']} / {f['n']}", _f(f["auc"]), _ci((f.get("ci95") or {}).get("auc")),
+                        _f(f["ap"]), _f(f["threshold"]), _f(f["sensitivity"]), _f(f["specificity"])]
+                       for c, f in test["findings"].items()]))
+    if test.get("unscoreable"):
+        parts.append("Not scoreable on test: " + "; ".join(f"{c} ({w})" for c, w in test["unscoreable"].items()) + ".")
+    return f"Metrics on test ({kind.replace('_', '-')})", parts
 
 
 def _trust_sections(trust: dict[str, Any]) -> list[Section]:
     out: list[Section] = []
     cal = trust["calibration"]
     t = cal.get("temperature")
-    rows = [[name, _f(v["ece_before"]), _f(v["ece_after"])] for name, v in cal["per_view"].items()]
+    per_t = isinstance(t, list)
+    rows = [[name] + ([_f(v.get("temperature"))] if per_t else []) + [_f(v["ece_before"]), _f(v["ece_after"])]
+            for name, v in cal["per_view"].items()]
     out.append(("Calibration", [
-        f"Temperature scaling fitted on validation: T = {_f(t) if not isinstance(t, list) else ', '.join(map(_f, t))}"
-        if cal["fitted"] else "No temperature fitted (the task's head keeps raw probabilities, or eval.calibrate "
-                               "is off).",
-        f"Top-label ECE before {_f(cal['ece_before'])}, after {_f(cal['ece_after'])}.",
-        (["class / finding", "ECE before", "ECE after"], rows)]))
+        (f"Temperature scaling fitted on validation: T = {_f(t)}" if not per_t else
+         "Temperature scaling fitted on validation, one temperature per finding (T in the table; 1.000 where "
+         "validation holds one answer only).") if cal["fitted"] else
+        "No temperature fitted (the task's head keeps raw probabilities, or eval.calibrate is off).",
+        (f"ECE of every labelled (image, finding) probability pooled: before {_f(cal['ece_before'])}, after "
+         f"{_f(cal['ece_after'])}." if per_t else
+         f"Top-label ECE before {_f(cal['ece_before'])}, after {_f(cal['ece_after'])}."),
+        (["class / finding"] + (["T"] if per_t else []) + ["ECE before", "ECE after"], rows)]))
     op = trust["operating_points"]
     rows = []
     for name, v in op["views"].items():
@@ -126,12 +147,7 @@ def _trust_sections(trust: dict[str, Any]) -> list[Section]:
                      f"among the answered {_f(a['risk_answered'])} (all: {_f(sel['risk'])}).")
     out.append(("Knowing when not to answer", parts))
     if "conformal" in trust:
-        c = trust["conformal"]
-        out.append(("Conformal prediction sets", [
-            f"Split conformal ({c['method']}{', class-conditional' if c['class_conditional'] else ''}) for "
-            f"{c['target_coverage']:.0%} coverage: empirical coverage {_f(c['coverage'])}, mean set size "
-            f"{_f(c['mean_set_size'], 2)}, single-class sets {_f(c['singleton_rate'])}.",
-            c["caveat"]]))
+        out.append(_conformal_section(trust["conformal"]))
     if "tta" in trust:
         tt = trust["tta"]
         out.append(("Test-time augmentation", [
@@ -140,6 +156,22 @@ def _trust_sections(trust: dict[str, Any]) -> list[Section]:
             f"{'yes' if tt['used_for_decisions'] else 'no'}."]))
     out.append(_subgroup_section(trust.get("subgroups", {})))
     return out
+
+
+def _conformal_section(c: dict[str, Any]) -> Section:
+    how = f"Split conformal ({c['method']}{', class-conditional' if c['class_conditional'] else ''})"
+    if "per_finding" not in c:
+        return "Conformal prediction sets", [
+            f"{how} for {c['target_coverage']:.0%} coverage: empirical coverage {_f(c['coverage'])}, mean set size "
+            f"{_f(c['mean_set_size'], 2)}, single-class sets {_f(c['singleton_rate'])}.", c["caveat"]]
+    rows = [[name, m["n"], _f(m["coverage"]), _f(m["mean_set_size"], 2), _f(m["uncertain_rate"])]
+            for name, m in c["per_finding"].items()]
+    return "Conformal prediction sets", [
+        f"{how} per finding, for {c['target_coverage']:.0%} coverage of each finding: a finding's set is "
+        f"{{absent}}, {{present}}, or both (uncertain). Mean coverage over findings {_f(c['coverage'])}, mean set "
+        f"size {_f(c['mean_set_size'], 2)}, uncertain {_f(c['uncertain_rate'])}; images with every labelled "
+        f"finding covered at once {_f(c['all_findings_covered'])} (not guaranteed).",
+        (["finding", "labelled images", "coverage", "mean set size", "uncertain"], rows), c["caveat"]]
 
 
 def _subgroup_section(sub: dict[str, Any]) -> Section:
@@ -185,7 +217,7 @@ def model_card_sections(metrics: dict[str, Any], config: dict[str, Any], data: d
             f"Task: {metrics.get('task', 'n/a')}; classes: {', '.join(metrics.get('classes', []))}."]),
     ]
     if data:
-        sections.append(_data_section(data))
+        sections.append(_data_section(data, str(metrics.get("task", ""))))
     sections.append(("Model and training settings", [(["setting", "value"], [
         ["model", model.get("name")], ["input size", d.get("image_size")],
         ["optimizer", f"{optim.get('name')} lr {optim.get('lr')}" + (f" rho {optim.get('rho')}" if 'sam' in

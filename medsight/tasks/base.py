@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from medsight.metrics.calibration import fit_temperature
+from medsight.metrics.calibration import fit_temperature, reliability_bins
+from medsight.metrics.conformal import fit_conformal, prediction_sets, set_metrics
 
 if TYPE_CHECKING:
     from medsight.config import Config
@@ -143,14 +144,40 @@ class Task(ABC):
         classes = self.classes[1:] if len(self.classes) == 2 else self.classes
         return [(c, (y == self.classes.index(c)).astype(int), p[:, self.classes.index(c)]) for c in classes]
 
+    def view_labelled(self, labels: np.ndarray) -> np.ndarray:
+        """(N, V) bool: which images each of :meth:`binary_views` keeps (all of them, unless labels are masked),
+        so that per-image data such as subgroups lines up with a view's arrays."""
+        n = len(np.asarray(labels))
+        return np.ones((n, len(self.binary_views(labels, np.full((n, len(self.classes)), 0.5)))), dtype=bool)
+
     def errors(self, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
-        """0/1 per image: the decision is wrong (what selective prediction's risk counts)."""
+        """0/1 per image: the decision is wrong (what selective prediction's risk counts); multi-label gives the
+        share of findings wrong."""
         return (self.decide(probs) != np.asarray(labels)).astype(int)
 
     def confidence(self, probs: np.ndarray) -> np.ndarray:
         """How sure the model is per image (higher = surer): the probability of the most probable class.
         The abstention rule refers images below a threshold of it."""
         return np.asarray(probs, dtype=np.float64).max(1)
+
+    def reliability(self, labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+        """The reliability diagram's bins and ECE of the whole output: top-label confidence against being right.
+        Multi-label pools every labelled (image, finding) probability instead."""
+        return reliability_bins(self.confidence(probs), 1 - self.errors(labels, probs))
+
+    def tta_spread(self, views: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """Per image, how much TTA views (V, N, K) disagree: the spread of the decided output's probability."""
+        decided = self.decide(probs)
+        return views[:, np.arange(len(decided)), decided].std(0)
+
+    def fit_conformal(self, labels: np.ndarray, probs: np.ndarray, coverage: float, method: str = "lac",
+                      class_conditional: bool = False) -> dict[str, Any]:
+        """Split conformal prediction sets of classes, calibrated on validation (see :mod:`medsight.metrics.conformal`)."""
+        return fit_conformal(labels, probs, coverage, method, class_conditional)
+
+    def conformal_metrics(self, labels: np.ndarray, probs: np.ndarray, conformal: dict[str, Any]) -> dict[str, Any]:
+        """Empirical coverage, mean set size and single-answer rate of the fitted sets on ``labels``."""
+        return set_metrics(labels, prediction_sets(probs, conformal))
 
     def answer(self, probs: np.ndarray) -> dict[str, Any]:
         """:meth:`record` plus, when an abstention threshold was fitted, whether to refer to a clinician."""

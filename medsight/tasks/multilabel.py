@@ -8,6 +8,14 @@ policy): masked labels are left out of the loss and of that finding's metrics.
 The decision: a finding is present when its probability reaches its own threshold, chosen on validation
 data (Youden's J, or the highest threshold reaching ``train.target_sensitivity``); a finding that cannot
 be scored on validation keeps 0.5, and says so. Grad-CAM explains one finding's logit at a time.
+
+Trust, per finding: one temperature per finding (fitted on that finding's labelled validation images; 1.0
+where validation holds only one answer), operating points, calibration and subgroup gaps on each finding's
+binary view (masked labels left out), and split conformal sets per finding ({absent}, {present}, or both:
+uncertain). An image's confidence is its least sure finding's, measured from that finding's threshold; its
+error is the share of its labelled findings decided wrong (Hamming loss: at per-finding Youden thresholds
+nearly every image has some finding wrong, so "any finding wrong" would rank nothing); it is referred to a
+clinician when its confidence is below the abstention threshold.
 """
 
 from __future__ import annotations
@@ -21,8 +29,10 @@ from torch import nn
 
 from medsight.losses import AsymmetricLoss, BinaryFocal, MaskedBCE, positive_weights
 from medsight.metrics import checklist, finding_thresholds, multilabel_epoch_metrics, multilabel_metrics
+from medsight.metrics.calibration import fit_temperature, reliability_bins
+from medsight.metrics.conformal import binary_set_metrics, binary_sets, fit_binary_conformal
 from medsight.reporting.plots import plot_roc_grid
-from medsight.tasks.base import GalleryGroup, Task
+from medsight.tasks.base import BinaryView, GalleryGroup, Task
 from medsight.tasks.single_label import TaskConfigError
 
 if TYPE_CHECKING:
@@ -33,6 +43,15 @@ __all__ = ["MultiLabelTask"]
 
 def _f(v: Any) -> str:
     return "n/a" if v is None else f"{v:.4f}"
+
+
+def _bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def _mean(values: list[float | None]) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else None
 
 
 class MultiLabelTask(Task):
@@ -93,10 +112,11 @@ class MultiLabelTask(Task):
 
     # ------------------------------------------------------------------------------------ decision
     def fit_decision(self, val_labels: np.ndarray, val_probs: np.ndarray) -> None:
+        """Per-finding thresholds; the rest of the decision (temperatures, trust rules) is kept."""
         t, why = finding_thresholds(np.asarray(val_labels), np.asarray(val_probs), self.options["threshold_rule"],
                                     float(self.options["target_sensitivity"]))
-        self.decision = {"thresholds": t, "rule": self.options["threshold_rule"],
-                         "not_fitted": {c: w for c, w in zip(self.classes, why) if w is not None}}
+        self.decision.update({"thresholds": t, "rule": self.options["threshold_rule"],
+                              "not_fitted": {c: w for c, w in zip(self.classes, why) if w is not None}})
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
         return (np.asarray(probs) >= np.asarray(self.thresholds)[None, :]).astype(np.int64)
@@ -113,6 +133,97 @@ class MultiLabelTask(Task):
     def per_image_correct(self, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
         labels = np.asarray(labels)
         return ((self.decide(probs) == labels) | (labels < 0)).all(1)
+
+    # --------------------------------------------------------------------------------- calibration
+    def fit_temperature(self, val_logits: np.ndarray, val_labels: np.ndarray) -> None:
+        """One temperature per finding (Guo et al. 2017 on each sigmoid), on its labelled validation images; a
+        finding whose validation labels hold one answer only keeps 1.0 (its NLL would push T to the bound)."""
+        self.decision.pop("temperature", None)
+        z, y = np.asarray(val_logits, dtype=np.float64), np.asarray(val_labels)
+        temps, skipped = [], []
+        for k, name in enumerate(self.classes):
+            keep = y[:, k] >= 0
+            if len(np.unique(y[keep, k])) < 2:
+                temps.append(1.0)
+                skipped.append(name)
+            else:
+                temps.append(fit_temperature(z[keep, k], y[keep, k].astype(np.float64), _bce))
+        self.decision["temperature"] = temps
+        self.decision["temperature_not_fitted"] = skipped
+
+    def reliability(self, labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+        """Every labelled (image, finding) probability against whether the finding is present."""
+        y, p = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+        keep = y >= 0
+        return reliability_bins(p[keep], y[keep])
+
+    # ---------------------------------------------------------------------------------------- trust
+    def binary_views(self, labels: np.ndarray, probs: np.ndarray) -> list[BinaryView]:
+        """One view per finding, its masked labels left out."""
+        y, p = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+        return [(c, y[y[:, k] >= 0, k].astype(int), p[y[:, k] >= 0, k]) for k, c in enumerate(self.classes)]
+
+    def view_labelled(self, labels: np.ndarray) -> np.ndarray:
+        return np.asarray(labels) >= 0
+
+    def margins(self, probs: np.ndarray) -> np.ndarray:
+        """(N, K) how far each probability is from its finding's threshold, as a share of the way to 0 or 1."""
+        p = np.asarray(probs, dtype=np.float64)
+        t = np.asarray(self.thresholds, dtype=np.float64)[None, :]
+        return np.where(p >= t, (p - t) / np.maximum(1 - t, 1e-12), (t - p) / np.maximum(t, 1e-12))
+
+    def confidence(self, probs: np.ndarray) -> np.ndarray:
+        """The least sure finding's confidence, 0.5 + margin / 2: max(p, 1 − p) when its threshold is 0.5."""
+        return 0.5 + 0.5 * self.margins(probs).min(1)
+
+    def errors(self, labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """Per image, the share of its labelled findings decided wrong at their thresholds (0 when none is
+        labelled): selective prediction's risk becomes the Hamming loss among the answered images."""
+        y = np.asarray(labels)
+        wrong = ((self.decide(probs) != y) & (y >= 0)).sum(1)
+        return wrong / np.maximum((y >= 0).sum(1), 1)
+
+    def tta_spread(self, views: np.ndarray, probs: np.ndarray) -> np.ndarray:
+        """The largest spread of a finding's probability over the TTA views."""
+        return views.std(0).max(1)
+
+    def fit_conformal(self, labels: np.ndarray, probs: np.ndarray, coverage: float, method: str = "lac",
+                      class_conditional: bool = False) -> dict[str, Any]:
+        """Split conformal sets per finding ({absent}, {present} or both), each calibrated on its own labelled
+        validation images; ``class_conditional`` calibrates positives and negatives apart (rare findings)."""
+        per = {name: fit_binary_conformal(y, s, coverage, method, class_conditional)
+               for name, y, s in self.binary_views(labels, probs)}
+        return {"method": method, "coverage": float(coverage), "class_conditional": bool(class_conditional),
+                "per_finding": per, "qhat": {n: c["qhat"] for n, c in per.items()}, "n_calibration": int(len(labels))}
+
+    def conformal_metrics(self, labels: np.ndarray, probs: np.ndarray, conformal: dict[str, Any]) -> dict[str, Any]:
+        """Per finding: coverage, mean set size (1 or 2 answers), uncertain share; their means over findings; and
+        how many images have every labelled finding covered at once (not guaranteed: reported, not targeted)."""
+        y, p = np.asarray(labels), np.asarray(probs, dtype=np.float64)
+        per, all_covered = {}, np.ones(len(y), dtype=bool)
+        for k, name in enumerate(self.classes):
+            keep = y[:, k] >= 0
+            per[name] = binary_set_metrics(y[keep, k], p[keep, k], conformal["per_finding"][name])
+            sets = binary_sets(p[:, k], conformal["per_finding"][name])
+            all_covered &= ~keep | sets[np.arange(len(y)), np.clip(y[:, k], 0, 1).astype(int)]
+        keys = ("coverage", "mean_set_size", "singleton_rate", "empty_rate", "uncertain_rate")
+        return {**{k: _mean([m[k] for m in per.values()]) for k in keys},
+                "all_findings_covered": float(all_covered.mean()) if len(y) else None,
+                "coverage_per_class": {n: m["coverage"] for n, m in per.items()},
+                "per_finding": {n: {k: m[k] for k in (*keys, "n")} for n, m in per.items()}, "n": int(len(y))}
+
+    def answer(self, probs: np.ndarray) -> dict[str, Any]:
+        """:meth:`record`, and with the trust rules fitted: whether to refer to a clinician (and the least sure
+        finding, which decided it), and the findings whose conformal set holds both answers."""
+        rec = super().answer(probs)
+        p = np.asarray(probs, dtype=np.float64)
+        if "refer_to_clinician" in rec:
+            rec["least_certain_finding"] = self.classes[int(np.argmin(self.margins(p[None])[0]))]
+        per = (self.decision.get("conformal") or {}).get("per_finding")
+        if per:
+            rec["uncertain_findings"] = [c for k, c in enumerate(self.classes)
+                                         if c in per and bool(binary_sets(p[[k]], per[c])[0].all())]
+        return rec
 
     # ------------------------------------------------------------------------------------- metrics
     def metrics(self, labels: np.ndarray, probs: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
