@@ -57,7 +57,7 @@ def fit_on_validation(task: Task, ev: EvalConfig, val_logits: np.ndarray, val_la
     validation logits ((N, K), or (V, N, K) with TTA views); returns the validation probabilities used."""
     plain = val_logits[0] if val_logits.ndim == 3 else val_logits
     labels = np.asarray(val_labels, dtype=np.int64)
-    for key in ("temperature", "tta", "operating_points", "conformal", "abstain_below"):
+    for key in ("temperature", "temperature_not_fitted", "tta", "operating_points", "conformal", "abstain_below"):
         task.decision.pop(key, None)
     if ev.calibrate:
         task.fit_temperature(plain, labels)
