@@ -53,7 +53,8 @@ def test_run_folder_contract(trained_run):
     else:
         assert e["border_score_mean"] is None and not e["border_warning"]
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5  # curves, confusion, ROC, gallery, faithfulness
+    # curves, confusion, ROC, gallery, faithfulness, reliability, risk-coverage
+    assert html.count("data:image/png;base64,") == 7
     faith = m["faithfulness"]["methods"]
     assert set(faith) == {"gradcam", "gradcam++", "hirescam", "layercam", "eigencam", "random"}
     assert all(0 <= v["deletion_auc"] <= 1 and 0 <= v["insertion_auc"] <= 1 for v in faith.values())
