@@ -54,6 +54,7 @@ class SplitData:
     images: np.ndarray | None = None
     groups: list[str] | None = None
     quarter_turns: np.ndarray | None = None  # rotation pretext: turn image i by 90° x this before its transform
+    prepared: dict[str, Any] | None = None  # images from a prepared cache: the preprocessing they went through
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -65,6 +66,7 @@ class SplitData:
             images=self.images[idx] if self.images is not None else None,
             groups=[self.groups[i] for i in idx] if self.groups is not None else None,
             quarter_turns=self.quarter_turns[idx] if self.quarter_turns is not None else None,
+            prepared=self.prepared,
         )
 
     def describe(self, i: int) -> str:
@@ -621,13 +623,20 @@ def _read_source(path_str: str, *, allow_outside_paths: bool = False, path_colum
                  label_column: str | None = None) -> tuple[dict[str, SplitData], list[str], str, list[str]]:
     """``(splits, classes, source, notes)`` of the data at ``path_str`` (the embedded default when empty).
 
-    A folder is read as a published layout it matches (Tiny ImageNet, Kaggle/EyePACS or APTOS retinopathy),
-    else as class folders; a .csv as a published grading CSV, else as a manifest; an .npz as arrays.
+    A folder is read as a prepared cache (``medsight.data.cache``), a published layout it matches (Tiny
+    ImageNet, Kaggle/EyePACS or APTOS retinopathy), else as class folders; a .csv as a published grading CSV,
+    else as a manifest; an .npz as arrays.
     """
     path = Path(path_str).expanduser() if path_str else DEFAULT_DATA
     notes: list[str] = []
     if not path.exists():
         raise DataError(f"data path not found: {path}")
+    if path.is_dir():
+        from medsight.data.cache import is_cache, open_cache  # the cache module reads sources: imported here
+
+        if is_cache(path):
+            splits, classes, _, notes, _ = open_cache(path)
+            return splits, classes, str(path), notes
     csv_path = path if path.suffix.lower() == ".csv" and path.is_file() else None
     if path.is_dir():
         csv_path = next((path / g.csv for g in GRADED_LAYOUTS if _graded_layout(path / g.csv) is not None), None)
@@ -662,9 +671,15 @@ def load_data(cfg: DataConfig) -> DataBundle:
     """Read the data named by ``cfg.path`` (the embedded default when empty) into train/val/test.
 
     CSV manifests read ``cfg.allow_outside_paths`` (paths outside the manifest's folder), ``cfg.path_column``
-    and ``cfg.label_column`` (column names) where the config has them.
+    and ``cfg.label_column`` (column names) where the config has them. With ``cfg.cache``, the images come
+    from that prepared cache of the source (prepared first when new; see ``medsight.data.cache``).
     """
-    splits, classes, source, notes = _read_source(cfg.path, **_reader_options(cfg))
+    if getattr(cfg, "cache", None):
+        from medsight.data.cache import cache_splits
+
+        splits, classes, source, notes = cache_splits(cfg)
+    else:
+        splits, classes, source, notes = _read_source(cfg.path, **_reader_options(cfg))
     splits = _complete_splits(splits, cfg, notes)
     if cfg.train_fraction < 1:
         n_before = len(splits["train"])
@@ -724,7 +739,8 @@ def load_eval_data(path: str, classes: list[str], prefer: Sequence[str] = ("test
         remap = np.array([model_index[c.strip().lower()] for c in data_classes], dtype=np.int64)
         log.info("%s: classes matched to the model's by name (%s)", source,
                  ", ".join(f"{c}->{classes[remap[i]]}" for i, c in enumerate(data_classes)))
-        return SplitData(labels=remap[data.labels], paths=data.paths, images=data.images, groups=data.groups), source
+        return SplitData(labels=remap[data.labels], paths=data.paths, images=data.images, groups=data.groups,
+                         prepared=data.prepared), source
     if all(c == str(i) for i, c in enumerate(data_classes)):
         log.warning("%s carries no class names; matching its labels 0..%d to the model's classes by position (%s)",
                     source, len(classes) - 1, ", ".join(classes))
