@@ -22,7 +22,7 @@ from medsight.config import DataConfig
 from medsight.data import ImageDataset, load_data
 from medsight.data import cache as cache_mod
 from medsight.data.cache import CacheError, Rows, open_cache, prepare_cache
-from medsight.data.sources import DataError, SplitData, _read_source
+from medsight.data.sources import DataError, _read_source
 from medsight.data.transforms import make_transform
 
 SIZE = 24
@@ -113,11 +113,11 @@ def test_unreadable_and_missing_files_are_listed_and_left_out(source, tmp_path):
     (source.parent / "img4.png").unlink()
     m = prepare_cache(cfg_of(source), tmp_path / "cache")
     skipped = json.loads((tmp_path / "cache" / "skipped.json").read_text())
-    assert [Path(s["file"]).name for s in skipped] == ["img3.jpg", "img4.png"]
-    assert "not a readable image" in skipped[0]["reason"] and "not found" in skipped[1]["reason"]
-    assert len(m["skipped"]) == 2
-    splits, *_ = open_cache(tmp_path / "cache")
-    assert len(splits["all"]) == N - 2
+    assert [Path(s["file"]).name for s in skipped] == ["img3.jpg"]
+    assert "not a readable image" in skipped[0]["reason"] and len(m["skipped"]) == 1
+    assert any("img4.png (row 6)" in n for n in m["notes"])  # the manifest's reader lists the missing file
+    splits, _, _, notes, _ = open_cache(tmp_path / "cache")
+    assert len(splits["all"]) == N - 2 and notes == m["notes"]
     assert not {"img3.jpg", "img4.png"} & {Path(p).name for p in splits["all"].paths}
 
 
