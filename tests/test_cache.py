@@ -251,3 +251,23 @@ def test_two_ddp_ranks_read_one_cache_that_rank_0_prepares(source, tmp_path):
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1 and r0["sum"] > 0 and len(r0["paths"]) > 0
     assert json.loads((cache / "manifest.json").read_text())["complete"] is True
+
+
+@pytest.mark.slow  # a whole run with its report: over 30 s on a busy two-core machine
+def test_a_run_trains_on_the_cache_and_evaluate_reads_the_cache_folder(source, tmp_path):
+    from conftest import tiny_overrides
+
+    from medsight.api import evaluate
+    from medsight.config import Config, apply_overrides
+    from medsight.engine import train
+
+    cache = tmp_path / "cache"
+    cfg = apply_overrides(Config(), tiny_overrides(tmp_path / "run", source) + [f"data.cache={cache}",
+                                                                                 "train.sharpness_batches=1"])
+    train(cfg, progress=False)
+    assert json.loads((cache / "manifest.json").read_text())["preprocessing"]["size"] == 32
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 1
+    result = evaluate(tmp_path / "run" / "best.pt", str(cache))
+    assert result["data"] == str(cache) and 0.0 <= result["test"]["accuracy"] <= 1.0
+    assert result["skipped_files"] == []

@@ -140,6 +140,7 @@ def _fingerprint(source: str, splits: dict[str, SplitData], options: dict[str, A
                  ) -> tuple[dict[str, Any], dict[str, tuple[list[int], list[int]]]]:
     """The source's fingerprint (a hash of every file's name, size and modification time; for in-memory
     arrays, of the source file's bytes) and the per-split file stats behind it."""
+    source = os.path.abspath(source)  # the same source named from another working folder is the same source
     h = hashlib.sha256(json.dumps({"source": source, "options": options}, sort_keys=True).encode())
     stats: dict[str, tuple[list[int], list[int]]] = {}
     for name in sorted(splits):
@@ -149,7 +150,7 @@ def _fingerprint(source: str, splits: dict[str, SplitData], options: dict[str, A
         if s.paths is None:
             continue
         stats[name] = _file_stats(s.paths)
-        h.update("\0".join(s.paths).encode())
+        h.update("\0".join(os.path.abspath(p) for p in s.paths).encode())
         h.update(np.asarray(stats[name], dtype=np.int64).tobytes())
     src = Path(source)
     if src.is_file():
