@@ -189,6 +189,21 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from medsight.config import load_config
+    from medsight.data.cache import prepare_cache
+
+    sets = [f"data.path={json.dumps(args.data)}"] + ([f"data.image_size={args.size}"] if args.size else [])
+    cfg = load_config(args.config, sets + list(args.set or []))
+    m = prepare_cache(cfg.data, args.out, workers=args.workers, channels=args.channels)
+    rows = sum(p["rows"] for p in m["progress"].values())
+    pre = m["preprocessing"]
+    print(f"prepared cache {args.out}: {rows - len(m['skipped'])} of {rows} images at {pre['size']} px "
+          f"({pre['resize']}, preset {pre['preset']}, {pre['channels']} channel(s)), splits {', '.join(m['splits'])}"
+          + (f"; {len(m['skipped'])} unreadable file(s) listed in skipped.json" if m["skipped"] else ""))
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from medsight.inference import export_onnx
 
@@ -297,6 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config option")
     pl.add_argument("--json", action="store_true", help="the plan as JSON")
     pl.set_defaults(func=_cmd_plan)
+
+    pr = sub.add_parser("prepare", help="decode and resize every image once into a memory-mapped cache "
+                                        "(train with --set data.cache=DIR)")
+    pr.add_argument("--data", required=True, help="folder, CSV or .npz")
+    pr.add_argument("--size", type=int, help="input size in pixels (default: data.image_size of the config)")
+    pr.add_argument("--out", required=True, help="the cache folder (new, empty, or a cache to update)")
+    pr.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: one per core)")
+    pr.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1: store grey images (a third of the disk)")
+    pr.add_argument("--config", help="YAML config: data.resize, data.preset, data.graham, reader options")
+    pr.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config option")
+    pr.set_defaults(func=_cmd_prepare)
 
     e = sub.add_parser("evaluate", help="evaluate a checkpoint on another data set")
     e.add_argument("checkpoint")

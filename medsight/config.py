@@ -125,6 +125,7 @@ class DataConfig(_Section):
     path_column: Text | None = None  # CSV manifests: the image path column (None: found automatically)
     label_column: Text | None = None  # CSV manifests: the label column (None: found automatically)
     allow_outside_paths: bool = False  # CSV manifests: allow image paths outside the manifest's folder
+    cache: Text | None = None  # a prepared cache folder of this source (medsight prepare; made when new)
     task: TaskKind = "auto"  # auto: read from the data (single_label for one class per image)
     class_names: list[Text] | None = None  # display names in label order; default: from the data
     num_classes: Annotated[int, Field(ge=2)] | None = None  # expected class count (sizes a synthetic dry run)

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from medsight.data.imageio import ImageReadError, read_image
-from medsight.data.sources import SplitData
+from medsight.data.sources import DataError, SplitData
 from medsight.data.transforms import array_to_tensor, to_three_channels, view_settings
 
 __all__ = ["ImageDataset", "make_loader", "label_tensor"]
@@ -31,13 +31,25 @@ class ImageDataset(Dataset):
     """Samples of one split as (tensor, label); an unreadable file yields ``(None, path)`` instead.
 
     Files are decoded at a reduced size that keeps at least twice the transform's input size on each side
-    (``reduce=False``: at full size; see ``medsight.data.imageio``).
+    (``reduce=False``: at full size; see ``medsight.data.imageio``). Images of a prepared cache already went
+    through the transform's geometric step: the rest of it is applied, after checking that the cache's
+    preprocessing is the transform's.
     """
 
     def __init__(self, data: SplitData, transform: v2.Compose, reduce: bool = True) -> None:
         self.data = data
         self.transform = transform
         self.reduce_to = _decode_size(transform) if reduce else None
+        self._apply = transform
+        if data.prepared is not None:
+            view = view_settings(transform)
+            diffs = [f"{k}: cache {data.prepared.get(k)!r}, transform {v!r}" for k, v in view.items()
+                     if data.prepared.get(k) != v]
+            if diffs:
+                raise DataError(f"these images were prepared with other preprocessing than the model uses "
+                                f"({'; '.join(diffs)}); prepare a cache with the model's settings")
+            rest = transform.transforms[1:]
+            self._apply = v2.Compose(rest) if rest else v2.Identity()
 
     def __len__(self) -> int:
         return len(self.data)
@@ -61,7 +73,7 @@ class ImageDataset(Dataset):
             log.warning("skipping unreadable image %s: %s", self.data.describe(i), exc)
             return None, self.data.describe(i)
         y = self.data.labels[i]
-        return self.transform(img), (y if self.data.labels.ndim == 2 else int(y))  # multi-label: a row of K
+        return self._apply(img), (y if self.data.labels.ndim == 2 else int(y))  # multi-label: a row of K
 
 
 def _collate(batch: list[tuple[torch.Tensor | None, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medsight.config import DEFAULT_DATA
-from medsight.data.grades import order_grades
 from medsight.data.imageio import IMAGE_EXTS
 from medsight.data.multilabel import (MultiLabelDataError, apply_label_policy, describe_choice, finding_columns,
                                       is_nih_manifest, multilabel_split, patient_from_path, read_finding_columns,
                                       read_nih_manifest)
+from medsight.data.splits import stratified_group_fold
 
 if TYPE_CHECKING:
     from medsight.config import DataConfig
 
-__all__ = ["DataError", "SplitData", "DataBundle", "load_data", "load_eval_data", "label_policy", "label_counts",
+__all__ = ["DataError", "SplitData", "DataBundle", "label_policy", "label_counts",
            "DEFAULT_CLASSES",
            "ROTATION_CLASSES", "rotation_pretext", "SPLITS"]
 
@@ -59,6 +59,7 @@ class SplitData:
     groups: list[str] | None = None
     quarter_turns: np.ndarray | None = None  # rotation pretext: turn image i by 90° x this before its transform
     meta: dict[str, list[str]] | None = None  # CSV manifests: the other columns (sex, age, site, ...) per image
+    prepared: dict[str, Any] | None = None  # images from a prepared cache: the preprocessing they went through
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -71,6 +72,7 @@ class SplitData:
             groups=[self.groups[i] for i in idx] if self.groups is not None else None,
             quarter_turns=self.quarter_turns[idx] if self.quarter_turns is not None else None,
             meta={k: [v[i] for i in idx] for k, v in self.meta.items()} if self.meta else None,
+            prepared=self.prepared,
         )
 
     def describe(self, i: int) -> str:
@@ -231,7 +233,9 @@ def _choose_columns(table: _Csv, base: Path, path_column: str | None, label_colu
 
 
 def _inside(path: str, folder: str) -> bool:
-    return os.path.commonpath([path, folder]) == folder
+    """Whether normalized absolute ``path`` lies in normalized absolute ``folder`` (a prefix test: per row
+    of a 250,000-row manifest, ``os.path.commonpath`` took seconds)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _canonical_labels(labels: list[str], source: Path) -> list[str]:
@@ -296,6 +300,16 @@ def _from_csv(path: Path, notes: list[str], *, allow_outside_paths: bool = False
     if dropped:
         msg = (f"dropped {len(dropped)} duplicate row(s) of {path.name} naming an image an earlier row names "
                f"(rows {_listed([str(d) for d in dropped])})")
+        log.warning("%s: %s", path, msg)
+        notes.append(msg)
+    missing = [i for i in keep if not os.path.isfile(paths[i])]
+    if missing:
+        gone = set(missing)
+        keep = [i for i in keep if i not in gone]
+        if not keep:
+            raise DataError(f"CSV manifest {path}: none of its {len(paths)} image files exists (e.g. {paths[missing[0]]})")
+        msg = (f"{len(missing)} image file(s) named in {path.name} do not exist and were left out: "
+               f"{_listed([f'{table.rows[i][pcol].strip()} (row {table.lines[i]})' for i in missing])}")
         log.warning("%s: %s", path, msg)
         notes.append(msg)
     codes, classes = _labels_from_names([labels[i] for i in keep])
@@ -699,7 +713,7 @@ def _from_npz(path: Path, notes: list[str]) -> tuple[dict[str, SplitData], list[
 
 def _stratified_split(data: SplitData, fraction: float, seed: int) -> tuple[SplitData, SplitData]:
     """Hold out ``fraction`` of ``data``, stratified by label; grouped by patient when groups are known."""
-    from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+    from sklearn.model_selection import train_test_split
 
     if data.labels.ndim == 2:  # several findings per image: iterative stratification, patients whole
         if data.groups is not None and len(set(data.groups)) < 2:
@@ -713,9 +727,8 @@ def _stratified_split(data: SplitData, fraction: float, seed: int) -> tuple[Spli
         n_groups = len(set(data.groups))
         if n_groups < n_splits:
             raise DataError(f"only {n_groups} patients: too few for a patient-level split of {fraction:.0%}")
-        sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        keep, held = next(sgkf.split(idx, data.labels, groups=data.groups))
-        return data.subset(keep), data.subset(held)
+        held = stratified_group_fold(data.labels, data.groups, n_splits, seed) == 0  # StratifiedGroupKFold's
+        return data.subset(idx[~held]), data.subset(idx[held])
     if counts[counts > 0].min() < 2:
         raise DataError("a class has fewer than 2 images: too few to split into train/val/test")
     n_held = max(len(counts), math.ceil(fraction * len(idx)))
@@ -830,95 +843,3 @@ def label_policy(cfg: DataConfig) -> dict[str, Any]:
     return {"uncertain": getattr(cfg, "uncertain", "ignore"), "blank": getattr(cfg, "blank", "ignore"),
             "uncertain_per_finding": getattr(cfg, "uncertain_per_finding", None)}
 
-
-def load_data(cfg: DataConfig) -> DataBundle:
-    """Read the data named by ``cfg.path`` (the embedded default when empty) into train/val/test.
-
-    CSV manifests read ``cfg.allow_outside_paths`` (paths outside the manifest's folder), ``cfg.path_column``
-    and ``cfg.label_column`` (column names) where the config has them.
-    """
-    splits, classes, source, notes = _read_source(cfg.path, **_reader_options(cfg))
-    splits = _complete_splits(splits, cfg, notes)
-    if cfg.train_fraction < 1:
-        n_before = len(splits["train"])
-        _, splits["train"] = _stratified_split(splits["train"], cfg.train_fraction, cfg.split_seed)
-        notes.append(f"kept {len(splits['train'])} of {n_before} training images (data.train_fraction "
-                     f"{cfg.train_fraction:g}, stratified, seed {cfg.split_seed})")
-    if cfg.pretext == "rotation":
-        notes.append("rotation pretext: labels ignored; the model predicts each image's quarter turns "
-                     "(training split in all four turns)")
-        return DataBundle(classes=list(ROTATION_CLASSES), splits=rotation_pretext(splits, cfg.split_seed),
-                          source=source, notes=notes)
-    if getattr(cfg, "grade_order", None):  # ordinal data whose class names do not sort in grade order
-        splits, classes = order_grades(splits, classes, cfg.grade_order)
-    if cfg.num_classes is not None and cfg.num_classes != len(classes):
-        raise DataError(f"data.num_classes is {cfg.num_classes} but {cfg.path or 'the data'} has {len(classes)} "
-                        f"classes ({', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''})")
-    if cfg.class_names:
-        if len(cfg.class_names) != len(classes):
-            raise DataError(f"data.class_names has {len(cfg.class_names)} names but the data has "
-                            f"{len(classes)} classes ({', '.join(classes)})")
-        classes = list(cfg.class_names)
-    if len(classes) < 2:
-        raise DataError(f"{source}: need at least 2 classes, found {len(classes)}")
-    bundle = DataBundle(classes=classes, splits=splits, source=source, notes=notes)
-    for name, c in bundle.counts().items():
-        empty = [classes[i] for i, n in enumerate(c) if n == 0]
-        if bundle.multilabel and empty:  # kept: trained on its negatives, reported as unscoreable
-            msg = f"finding(s) {', '.join(empty)} have no positive {name} images"
-            msg += ": trained on negatives only" if name == "train" else ": not scoreable on this split"
-            log.warning("%s: %s", source, msg)
-            notes.append(msg)
-        elif name == "train" and empty:
-            raise DataError(f"{source}: class(es) {', '.join(empty)} have no training images")
-    return bundle
-
-
-def load_eval_data(path: str, classes: list[str], prefer: Sequence[str] = ("test", "all"), *, multilabel: bool = False,
-                   allow_outside_paths: bool = False, path_column: str | None = None,
-                   label_column: str | None = None, label_policy: dict[str, Any] | None = None
-                   ) -> tuple[SplitData, str]:
-    """Images of ``path`` for a trained model: the first split of ``prefer`` that the data has (by default
-    the test split, else every image), with labels matched to the model's ``classes`` by name.
-
-    Names that match in another order are re-mapped; data without names of its own (``0``, ``1``, ...)
-    is matched by position, with a warning; names that differ are refused. ``multilabel``: the model
-    expects one column per finding (columns are matched by name the same way). ``label_policy``: the
-    multi-label ``uncertain``/``blank``/``uncertain_per_finding`` policies; the other keyword options are
-    the CSV reader's (see ``load_data``).
-    """
-    splits, data_classes, source, notes = _read_source(path, allow_outside_paths=allow_outside_paths,
-                                                       path_column=path_column, label_column=label_column,
-                                                       **(label_policy or {}))
-    for note in notes:
-        log.info("%s: %s", source, note)
-    data = next((splits[s] for s in prefer if splits.get(s)), None)
-    if data is None:
-        wanted = " or ".join("unsplit" if s == "all" else s for s in prefer)
-        raise DataError(f"{source} has no {wanted} images to use")
-    if (data.labels.ndim == 2) != multilabel:
-        raise DataError(f"{source} has {'several findings' if data.labels.ndim == 2 else 'one class'} per image but "
-                        f"the model was trained on {'several findings' if multilabel else 'one class'} per image")
-    if len(data_classes) != len(classes):
-        raise DataError(f"{source} has {len(data_classes)} classes ({', '.join(data_classes)}) but the model "
-                        f"was trained on {len(classes)} ({', '.join(classes)})")
-    if list(data_classes) == list(classes):
-        return data, source
-    model_index = {c.strip().lower(): i for i, c in enumerate(classes)}
-    if sorted(model_index) == sorted(c.strip().lower() for c in data_classes):
-        remap = np.array([model_index[c.strip().lower()] for c in data_classes], dtype=np.int64)
-        if multilabel:  # one column per finding: reorder the columns
-            cols = np.empty_like(data.labels)
-            cols[:, remap] = data.labels
-            return SplitData(labels=cols, paths=data.paths, images=data.images, groups=data.groups,
-                             meta=data.meta), source
-        log.info("%s: classes matched to the model's by name (%s)", source,
-                 ", ".join(f"{c}->{classes[remap[i]]}" for i, c in enumerate(data_classes)))
-        return SplitData(labels=remap[data.labels], paths=data.paths, images=data.images, groups=data.groups,
-                         meta=data.meta), source
-    if all(c == str(i) for i, c in enumerate(data_classes)):
-        log.warning("%s carries no class names; matching its labels 0..%d to the model's classes by position (%s)",
-                    source, len(classes) - 1, ", ".join(classes))
-        return data, source
-    raise DataError(f"{source} has classes {', '.join(data_classes)} but the model knows {', '.join(classes)}; "
-                    f"rename the folders or labels to the model's class names")

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from medsight.config import DataConfig
 
 __all__ = ["make_transform", "Clahe", "to_three_channels", "array_to_tensor", "AUTO_AUGMENT_POLICIES", "AspectResize",
-           "FundusView", "find_field_of_view", "graham_normalize", "display_view", "view_settings", "FovNotFoundWarning"]
+           "FundusView", "find_field_of_view", "graham_normalize", "display_view", "view_settings", "FovNotFoundWarning",
+           "geometric_step"]
 
 #: data.auto_augment name -> torchvision policy (the names are config.AutoAugment's)
 AUTO_AUGMENT_POLICIES: dict[str, type[torch.nn.Module]] = {
@@ -155,8 +156,9 @@ class FundusView(torch.nn.Module):
         return f"size={self.size}, fallback={self.fallback.policy}, graham={self.graham}"
 
 
-def _geometry(image_size: int, cfg: DataConfig | None) -> Any:
-    """The first, geometric step: the old plain resize for ``squash`` (so measured runs are unchanged)."""
+def geometric_step(image_size: int, cfg: DataConfig | None) -> Any:
+    """The first, deterministic step of :func:`make_transform` (what a prepared cache stores): the old plain
+    resize for ``squash`` (so measured runs are unchanged), an :class:`AspectResize` or a :class:`FundusView`."""
     preset = getattr(cfg, "preset", "none") if cfg is not None else "none"
     policy = getattr(cfg, "resize", "squash") if cfg is not None else "squash"
     if preset == "fundus":
@@ -167,14 +169,16 @@ def _geometry(image_size: int, cfg: DataConfig | None) -> Any:
 
 
 def view_settings(transform: v2.Compose) -> dict[str, Any]:
-    """The geometry of a transform built by :func:`make_transform`: ``size``, ``resize`` and ``preset``."""
+    """The geometry of a transform built by :func:`make_transform`: ``size``, ``resize``, ``preset`` and
+    ``graham``."""
     first = transform.transforms[0]
     if isinstance(first, FundusView):
-        return {"size": first.size, "resize": first.fallback.policy, "preset": "fundus"}
+        return {"size": first.size, "resize": first.fallback.policy, "preset": "fundus", "graham": first.graham}
     if isinstance(first, AspectResize):
-        return {"size": first.size, "resize": first.policy, "preset": "none"}
+        return {"size": first.size, "resize": first.policy, "preset": "none", "graham": False}
     size = first.size
-    return {"size": int(size[0] if isinstance(size, (list, tuple)) else size), "resize": "squash", "preset": "none"}
+    return {"size": int(size[0] if isinstance(size, (list, tuple)) else size), "resize": "squash", "preset": "none",
+            "graham": False}
 
 
 def display_view(img: torch.Tensor, image_size: int, resize: str = "squash", preset: str = "none",
@@ -201,7 +205,7 @@ def display_view(img: torch.Tensor, image_size: int, resize: str = "squash", pre
 def make_transform(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool,
                    cfg: DataConfig | None = None) -> v2.Compose:
     """Float [C,H,W] in [0,1] -> 3-channel, fitted to the square input, (augmented), normalized tensor."""
-    steps: list[Any] = [_geometry(image_size, cfg)]
+    steps: list[Any] = [geometric_step(image_size, cfg)]
     if cfg is not None and cfg.clahe:  # preprocessing, not augmentation: applied at inference too
         steps.append(Clahe(cfg.clahe_clip))
     if train and cfg is not None:

@@ -55,11 +55,16 @@ def _header_size(path: str) -> tuple[int, int, int] | None:
 
 
 def _sizes(split: SplitData) -> list[tuple[int, int, int]]:
-    if split.images is not None:
+    """Image sizes of (a sample of) ``split``: a prepared cache's from its source files where they are at hand
+    (the cache holds them resized already)."""
+    found: list[tuple[int, int, int]] = []
+    if split.paths is not None and (split.images is None or split.prepared is not None):
+        idx = np.linspace(0, len(split) - 1, min(len(split), SAMPLE)).round().astype(int)
+        found = [s for i in sorted(set(idx.tolist())) if (s := _header_size(split.paths[i])) is not None]
+    if not found and split.images is not None:
         shape = split.images.shape
         return [(shape[1], shape[2], shape[3] if len(shape) == 4 else 1)] * min(len(split), SAMPLE)
-    idx = np.linspace(0, len(split) - 1, min(len(split), SAMPLE)).round().astype(int)
-    return [s for i in sorted(set(idx.tolist())) if (s := _header_size(split.paths[i])) is not None]
+    return found
 
 
 def fingerprint(bundle: DataBundle, task_kind: str) -> Fingerprint:

@@ -1,0 +1,501 @@
+"""A prepared cache: every image decoded, framed and resized once, into memory-mapped uint8 arrays.
+
+``prepare_cache`` reads a source (any format ``load_data`` reads), decodes each image for the input size
+(``read_image(..., reduce_to=2 * size)``), applies the run's deterministic geometric step (``data.resize``
+squash / pad / crop, or the fundus preset with optional Graham normalization) and writes the result as
+one ``<split>_images.npy`` per source split, shape (N, S, S, C), uint8. Random augmentation stays at
+training time, on the cached images. Beside the arrays: labels, patient IDs and file names
+(``<split>_labels.npy``, ``<split>_meta.json``), ``manifest.json`` (format, class names, the source's
+fingerprint, the preprocessing key, progress) and ``skipped.json`` (files that could not be read, and why).
+
+Why memory-mapped arrays and not tar shards: training reads images in random order, which a ``.npy``
+serves by offset (``np.load(mmap_mode="r")``: no decode, no copy until a row is touched); DataLoader
+workers share the operating system's page cache instead of each holding a copy; one file per split is
+easy to check and to move. Shards (WebDataset) pay off when data streams from an object store or to many
+nodes without a shared file system, neither of which medsight's runs need.
+
+A cache is tied to its source and preprocessing: opening it for a run whose source changed (files added,
+removed, resized or touched) or whose preprocessing differs is refused with the reason (``prepare`` rebuilds
+it, saying why). Preparing is resumable (rows are written in chunks; the manifest records the chunks done,
+and a re-run continues) and runs chunks on parallel worker processes. A full disk removes the partial
+output and says so.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+
+from medsight.data.dataset import ImageDataset
+from medsight.data.imageio import ImageReadError
+from medsight.data.sources import DataError, SplitData, _read_source, _reader_options
+from medsight.data.transforms import FovNotFoundWarning, geometric_step
+from medsight.utils.files import write_text_atomic
+
+if TYPE_CHECKING:
+    from medsight.config import DataConfig
+
+__all__ = ["CacheError", "Preprocessing", "Rows", "prepare_cache", "open_cache", "is_cache", "cache_splits",
+           "CACHE_FORMAT", "CACHE_VERSION"]
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "medsight-prepared-cache"
+CACHE_VERSION = 1
+MANIFEST = "manifest.json"
+SKIPPED = "skipped.json"
+#: Rows per chunk: the unit of parallel work and of resuming.
+CHUNK = 256
+
+
+class CacheError(DataError):
+    """A cache that cannot be used for this run: not a cache, built differently, stale or incomplete."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the cached images went through: the key a run's data config must match."""
+
+    size: int
+    resize: str = "squash"
+    preset: str = "none"
+    graham: bool = False
+    channels: int = 3
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, channels: int = 3) -> Preprocessing:
+        return cls(size=int(cfg.image_size), resize=cfg.resize, preset=cfg.preset, graham=bool(cfg.graham),
+                   channels=int(channels))
+
+    def differences(self, other: dict[str, Any]) -> list[str]:
+        """``key: cache X, run Y`` for each setting that differs (channels: a choice of the cache, not compared)."""
+        return [f"{k}: cache {other.get(k)!r}, run {v!r}" for k, v in asdict(self).items()
+                if k != "channels" and other.get(k) != v]
+
+
+class Rows:
+    """Rows ``index`` of an array (a memory map), selected without copying: ``rows[i]`` reads one row,
+    ``rows[idx]`` is another view. ``SplitData.subset`` keeps a cached split on disk this way."""
+
+    def __init__(self, base: np.ndarray, index: np.ndarray) -> None:
+        self.base, self.index = base, np.asarray(index, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: Any) -> Any:
+        if np.ndim(i) == 0:
+            return np.array(self.base[int(self.index[i])])  # one row, read into memory (writable)
+        return Rows(self.base, self.index[i])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.base.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.index), *self.base.shape[1:])
+
+
+# ------------------------------------------------------------------------------------------ fingerprint
+
+def _file_stats(paths: list[str]) -> tuple[list[int], list[int]]:
+    """(size, mtime_ns) per file; -1 for a file that is missing."""
+    sizes, mtimes = [], []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            sizes.append(-1)
+            mtimes.append(-1)
+            continue
+        sizes.append(st.st_size)
+        mtimes.append(st.st_mtime_ns)
+    return sizes, mtimes
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fingerprint(source: str, splits: dict[str, SplitData], options: dict[str, Any]
+                 ) -> tuple[dict[str, Any], dict[str, tuple[list[int], list[int]]]]:
+    """The source's fingerprint (a hash of every file's name, size and modification time; for in-memory
+    arrays, of the source file's bytes) and the per-split file stats behind it."""
+    source = os.path.abspath(source)  # the same source named from another working folder is the same source
+    h = hashlib.sha256(json.dumps({"source": source, "options": options}, sort_keys=True).encode())
+    stats: dict[str, tuple[list[int], list[int]]] = {}
+    for name in sorted(splits):
+        s = splits[name]
+        h.update(name.encode())
+        h.update(s.labels.astype(np.int64).tobytes())
+        if s.paths is None:
+            continue
+        stats[name] = _file_stats(s.paths)
+        h.update("\0".join(os.path.abspath(p) for p in s.paths).encode())
+        h.update(np.asarray(stats[name], dtype=np.int64).tobytes())
+    src = Path(source)
+    if src.is_file():
+        if src.suffix.lower() == ".npz":
+            h.update(_sha256_file(src).encode())
+        else:
+            st = src.stat()
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return {"path": source, "options": options, "sha256": h.hexdigest()}, stats
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+def _npy_header(path: Path, shape: tuple[int, ...]) -> int:
+    """Create ``path`` as a .npy of uint8 ``shape`` (a sparse file: rows are written later); its header size."""
+    with path.open("wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        offset = fh.tell()
+        fh.truncate(offset + int(np.prod(shape)))
+    return offset
+
+
+def _write_rows(path: Path, offset: int, data: bytes) -> None:
+    """Write ``data`` at ``offset`` of ``path`` with ordinary file writes, so that a full disk is an
+    ``OSError`` here (writing through a memory map would end the process with SIGBUS instead)."""
+    with path.open("r+b") as fh:
+        fh.seek(offset)
+        fh.write(data)
+
+
+def _to_uint8(img: torch.Tensor, channels: int) -> np.ndarray:
+    if channels == 1 and img.shape[0] == 3:  # ITU-R 601 luma, as Pillow's "L"
+        img = (0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]).unsqueeze(0)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def prepared_image(img: torch.Tensor, geometry: Callable[[torch.Tensor], torch.Tensor], channels: int) -> np.ndarray:
+    """One decoded float [C, H, W] image in [0, 1] through the geometric step, as uint8 (S, S, channels)."""
+    return _to_uint8(geometry(img), channels)
+
+
+_STATE: dict[str, Any] = {}
+
+
+def _init_worker(state: dict[str, Any]) -> None:
+    torch.set_num_threads(1)  # one process per core
+    _STATE.clear()
+    _STATE.update(state)
+
+
+def _prepare_chunk(split: str, chunk: int) -> tuple[str, int, list[dict[str, Any]]]:
+    """Decode, frame and write rows of one chunk; the files that could not be read, with the reason."""
+    s: SplitData = _STATE["splits"][split]
+    geometry, channels = _STATE["geometry"], _STATE["channels"]
+    ds = ImageDataset(s, v2.Compose([geometry]))
+    start, stop = chunk * CHUNK, min(len(s), (chunk + 1) * CHUNK)
+    out = np.zeros((stop - start, *_STATE["row_shape"]), dtype=np.uint8)
+    skipped = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FovNotFoundWarning)  # counted by the caller's log, not per image
+        for k, i in enumerate(range(start, stop)):
+            try:
+                out[k] = prepared_image(ds.load(i), geometry, channels)
+            except ImageReadError as exc:
+                skipped.append({"split": split, "row": i, "file": s.describe(i), "reason": str(exc)})
+    row_bytes = int(np.prod(_STATE["row_shape"]))
+    _write_rows(_STATE["files"][split], _STATE["offsets"][split] + start * row_bytes, out.tobytes())
+    return split, chunk, skipped
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    p = folder / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except (OSError, ValueError):
+        raise CacheError(f"{p} is not readable JSON: not a medsight cache, or a damaged one; prepare it again "
+                         f"into an empty folder") from None
+    if not isinstance(m, dict) or m.get("format") != CACHE_FORMAT:
+        raise CacheError(f"{folder} is not a medsight prepared cache ({MANIFEST} has no format "
+                         f"'{CACHE_FORMAT}')")
+    if m.get("version") != CACHE_VERSION:
+        raise CacheError(f"{folder} is a version {m.get('version')} cache; this medsight reads version "
+                         f"{CACHE_VERSION}: prepare it again")
+    return m
+
+
+def is_cache(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a medsight cache's manifest."""
+    p = Path(folder) / MANIFEST
+    if not p.is_file():
+        return False
+    try:
+        return json.loads(p.read_text()).get("format") == CACHE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    write_text_atomic(json.dumps(manifest, indent=1), folder / MANIFEST)
+
+
+def _stale_reason(manifest: dict[str, Any], source: dict[str, Any], pre: Preprocessing) -> str | None:
+    """Why a cache does not fit this source and preprocessing (None: it fits)."""
+    diffs = pre.differences(manifest.get("preprocessing", {}))
+    if diffs:
+        return "it was prepared with other preprocessing (" + "; ".join(diffs) + ")"
+    if manifest.get("source", {}).get("path") != source["path"]:
+        return f"it was prepared from {manifest.get('source', {}).get('path')}, not {source['path']}"
+    if manifest.get("source", {}).get("options") != source["options"]:
+        return f"it was read with other reader options ({manifest['source'].get('options')})"
+    if manifest.get("source", {}).get("sha256") != source["sha256"]:
+        return (f"the source {source['path']} changed since it was prepared (files added, removed, or with "
+                f"another size or modification time)")
+    return None
+
+
+def _changed_files(folder: Path, manifest: dict[str, Any], splits: dict[str, SplitData],
+                   stats: dict[str, tuple[list[int], list[int]]]) -> list[str]:
+    """Up to five files whose name, size or modification time differ from the cache's record."""
+    changed: list[str] = []
+    for name, s in splits.items():
+        meta_path = folder / f"{name}_meta.json"
+        if s.paths is None or not meta_path.is_file():
+            continue
+        meta = json.loads(meta_path.read_text())
+        old = dict(zip(meta["paths"], zip(meta["sizes"], meta["mtimes"])))
+        now = dict(zip(s.paths, zip(*stats[name])))
+        changed += sorted(p for p in set(old) | set(now) if old.get(p) != now.get(p))
+    return changed[:5]
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+
+def _remove_output(folder: Path, names: list[str]) -> None:
+    for n in names:
+        (folder / n).unlink(missing_ok=True)
+
+
+def _start(folder: Path, manifest: dict[str, Any], splits: dict[str, SplitData],
+           stats: dict[str, tuple[list[int], list[int]]], row_shape: tuple[int, ...]) -> None:
+    """Fresh files for every split: labels, names, patient IDs, file stats, and empty image arrays."""
+    need = sum(len(s) for s in splits.values()) * int(np.prod(row_shape))
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise CacheError(f"the cache needs {need / 1e9:.2f} GB but {folder} has {free / 1e9:.2f} GB free; "
+                         f"free space or choose another --out")
+    for name, s in splits.items():
+        _npy_header(folder / f"{name}_images.npy", (len(s), *row_shape))
+        np.save(folder / f"{name}_labels.npy", s.labels.astype(np.int64))
+        sizes, mtimes = stats.get(name, ([], []))
+        meta = {"paths": s.paths, "groups": s.groups, "sizes": sizes, "mtimes": mtimes}
+        write_text_atomic(json.dumps(meta), folder / f"{name}_meta.json")
+    manifest["progress"] = {name: {"rows": len(s), "chunks": -(-len(s) // CHUNK), "done": []}
+                            for name, s in splits.items()}
+    manifest["skipped"] = []
+    _write_manifest(folder, manifest)
+
+
+def _run_chunks(folder: Path, manifest: dict[str, Any], state: dict[str, Any], workers: int) -> None:
+    """Every chunk not yet done, in this process or on ``workers`` processes; progress saved per chunk."""
+    todo = [(name, c) for name, p in manifest["progress"].items() for c in range(p["chunks"])
+            if c not in set(p["done"])]
+    if not todo:
+        return
+
+    def record(result: tuple[str, int, list[dict[str, Any]]]) -> None:
+        name, chunk, skipped = result
+        manifest["progress"][name]["done"].append(chunk)
+        manifest["skipped"] += skipped
+        _write_manifest(folder, manifest)
+
+    if workers <= 1:
+        saved = dict(_STATE)
+        _STATE.update(state)
+        try:
+            for name, c in todo:
+                record(_prepare_chunk(name, c))
+        finally:
+            _STATE.clear()
+            _STATE.update(saved)
+        return
+    with cf.ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(state,)) as pool:
+        futures = [pool.submit(_prepare_chunk, name, c) for name, c in todo]
+        try:
+            for f in cf.as_completed(futures):
+                record(f.result())
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def _finish(folder: Path, manifest: dict[str, Any]) -> None:
+    """The rows that decoded (``<split>_rows.npy``), skipped.json, and the manifest marked complete."""
+    bad: dict[str, set[int]] = {}
+    for s in manifest["skipped"]:
+        bad.setdefault(s["split"], set()).add(int(s["row"]))
+    for name, p in manifest["progress"].items():
+        rows = np.array([i for i in range(p["rows"]) if i not in bad.get(name, set())], dtype=np.int64)
+        np.save(folder / f"{name}_rows.npy", rows)
+    skipped = sorted(manifest["skipped"], key=lambda s: (s["split"], s["row"]))
+    write_text_atomic(json.dumps(skipped, indent=1), folder / SKIPPED)
+    manifest["complete"] = True
+    _write_manifest(folder, manifest)
+
+
+def _check_folder(folder: Path) -> dict[str, Any] | None:
+    if folder.exists() and not folder.is_dir():
+        raise CacheError(f"{folder} is a file, not a folder for a cache")
+    manifest = _read_manifest(folder) if folder.is_dir() else None
+    if manifest is None and folder.is_dir() and any(folder.iterdir()):
+        raise CacheError(f"{folder} is not a medsight prepared cache (no {MANIFEST}) and not empty; give a new "
+                         f"or empty folder")
+    return manifest
+
+
+def prepare_cache(cfg: DataConfig, out: str | Path, *, workers: int = 0, channels: int = 3,
+                  rebuild: bool = True) -> dict[str, Any]:
+    """Prepare (or finish, or check) the cache of ``cfg``'s source and preprocessing in ``out``.
+
+    Args:
+        cfg: the data config: ``path`` and the reader options name the source; ``image_size``, ``resize``,
+            ``preset`` and ``graham`` the preprocessing.
+        out: the cache folder (new, empty, or a cache of this source).
+        workers: worker processes (0 or 1: this process).
+        channels: 3, or 1 to store one grey channel (RGB converted with ITU-R 601 weights; a third of the disk).
+        rebuild: a cache of another source or preprocessing is rebuilt (with a log line saying why);
+            ``False`` refuses it with the reason instead.
+
+    Returns:
+        The manifest.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    folder = Path(out).expanduser()
+    manifest = _check_folder(folder)
+    options = _reader_options(cfg)
+    splits, classes, source, notes = _read_source(cfg.path, **options)
+    if Path(source).resolve() == folder.resolve():
+        raise CacheError(f"{folder} is the source itself; give another folder for the cache")
+    src, stats = _fingerprint(source, splits, options)
+    pre = Preprocessing.from_config(cfg, channels)
+    if manifest is not None:
+        reason = _stale_reason(manifest, src, pre)
+        if reason is None and manifest.get("preprocessing", {}).get("channels") != channels:
+            reason = f"it holds {manifest['preprocessing'].get('channels')} channel(s), not {channels}"
+        if reason is None and manifest.get("complete"):
+            log.info("%s: the prepared cache is up to date", folder)
+            return manifest
+        if reason is not None:
+            changed = _changed_files(folder, manifest, splits, stats)
+            reason += f" (e.g. {', '.join(changed)})" if changed else ""
+            if not rebuild:
+                raise CacheError(f"{folder} cannot be used: {reason}")
+            log.warning("%s: rebuilding the prepared cache: %s", folder, reason)
+            _remove_output(folder, [p.name for p in folder.iterdir()])
+            manifest = None
+    folder.mkdir(parents=True, exist_ok=True)
+    row_shape = (pre.size, pre.size, channels)
+    if manifest is None:
+        manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "source": src, "preprocessing": asdict(pre),
+                    "classes": list(classes), "splits": sorted(splits), "notes": notes, "complete": False}
+        _start(folder, manifest, splits, stats, row_shape)
+    else:
+        done = sum(len(p["done"]) for p in manifest["progress"].values())
+        total = sum(p["chunks"] for p in manifest["progress"].values())
+        log.info("%s: continuing an interrupted preparation (%d of %d chunks done)", folder, done, total)
+    state = {"splits": splits, "geometry": geometric_step(pre.size, cfg), "channels": channels,
+             "row_shape": row_shape, "files": {n: folder / f"{n}_images.npy" for n in splits},
+             "offsets": {n: _header_size(folder / f"{n}_images.npy") for n in splits}}
+    try:
+        _run_chunks(folder, manifest, state, workers)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        _remove_output(folder, [p.name for p in folder.iterdir()])
+        raise CacheError(f"the disk holding {folder} is full ({exc.strerror or exc}); the partial cache was "
+                         f"removed. Free space or choose another --out") from None
+    _finish(folder, manifest)
+    if manifest["skipped"]:
+        log.warning("%s: %d file(s) could not be read and were left out (listed in %s)", folder,
+                    len(manifest["skipped"]), folder / SKIPPED)
+    return manifest
+
+
+def _header_size(path: Path) -> int:
+    """Where the rows of a .npy start (its header's size, as numpy's memory map reads it)."""
+    return int(np.load(path, mmap_mode="r").offset)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def open_cache(folder: str | Path) -> tuple[dict[str, SplitData], list[str], str, list[str], dict[str, Any]]:
+    """``(splits, classes, source, notes, manifest)`` of a complete cache; images stay on disk
+    (memory-mapped rows, see :class:`Rows`) and carry the cache's preprocessing."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise CacheError(f"prepared cache not found: {folder}")
+    manifest = _read_manifest(folder)
+    if manifest is None:
+        raise CacheError(f"{folder} is not a medsight prepared cache (no {MANIFEST}); make one with "
+                         f"medsight prepare --data SOURCE --size S --out {folder}")
+    if not manifest.get("complete"):
+        p = manifest.get("progress", {})
+        done, total = sum(len(v["done"]) for v in p.values()), sum(v["chunks"] for v in p.values())
+        raise CacheError(f"{folder} was interrupted while being prepared ({done} of {total} chunks); run "
+                         f"medsight prepare again to finish it")
+    splits = {}
+    for name in manifest["splits"]:
+        try:
+            images = np.load(folder / f"{name}_images.npy", mmap_mode="r")
+            rows = np.load(folder / f"{name}_rows.npy")
+            labels = np.load(folder / f"{name}_labels.npy")
+            meta = json.loads((folder / f"{name}_meta.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"{folder}: the '{name}' split is missing or damaged ({exc}); prepare it again") from None
+        paths, groups = meta.get("paths"), meta.get("groups")
+        splits[name] = SplitData(labels=labels[rows], images=Rows(images, rows),
+                                 paths=[paths[i] for i in rows] if paths is not None else None,
+                                 groups=[groups[i] for i in rows] if groups is not None else None,
+                                 prepared=dict(manifest["preprocessing"]))
+    return splits, list(manifest["classes"]), manifest["source"]["path"], list(manifest.get("notes", [])), manifest
+
+
+def cache_splits(cfg: DataConfig) -> tuple[dict[str, SplitData], list[str], str, list[str]]:
+    """The source splits of ``cfg`` read from its cache ``cfg.cache``: prepared first when the folder is new
+    or empty or was interrupted; refused with the reason when it holds another source or preprocessing.
+
+    Under ``torch.distributed``, rank 0 prepares while the other ranks wait, then every rank opens it.
+    """
+    folder = Path(cfg.cache).expanduser()
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if dist else 0
+    if rank == 0:  # prepares a new or interrupted cache; checks a complete one against the source
+        manifest = _check_folder(folder)
+        prepare_cache(cfg, folder, channels=int((manifest or {}).get("preprocessing", {}).get("channels", 3)),
+                      rebuild=False)
+    if dist:
+        torch.distributed.barrier()
+    splits, classes, source, notes, manifest = open_cache(folder)
+    diffs = Preprocessing.from_config(cfg).differences(manifest["preprocessing"])
+    if diffs:
+        raise CacheError(f"{folder} cannot be used: it was prepared with other preprocessing ({'; '.join(diffs)})")
+    return splits, classes, source, notes

@@ -1,0 +1,273 @@
+"""The prepared cache (medsight prepare / data.cache): same images as the direct path, invalidation, resume,
+parallel workers, bad input, and two DDP ranks reading one cache."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+from medsight.config import DataConfig
+from medsight.data import ImageDataset, load_data
+from medsight.data import cache as cache_mod
+from medsight.data.cache import CacheError, Rows, open_cache, prepare_cache
+from medsight.data.sources import DataError, _read_source
+from medsight.data.transforms import make_transform
+
+SIZE = 24
+N = 24  # images: 12 patients, enough for patient-level splits
+
+
+def write_source(root: Path, n: int = N, seed: int = 0) -> Path:
+    """A CSV manifest over non-square RGB JPEGs, 8-bit grey PNGs and 16-bit PNGs, two patients per class."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        h, w = int(rng.integers(30, 70)), int(rng.integers(30, 70))
+        base = rng.random((h // 4 + 2, w // 4 + 2))
+        smooth = np.asarray(Image.fromarray((base * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR))
+        if i % 3 == 0:
+            name = f"img{i}.jpg"
+            Image.fromarray(np.stack([smooth, 255 - smooth, smooth // 2], -1)).save(root / name, quality=95)
+        elif i % 3 == 1:
+            name = f"img{i}.png"
+            Image.fromarray(smooth).save(root / name)
+        else:
+            name = f"img{i}.png"
+            Image.fromarray(smooth.astype(np.uint16) * 16).save(root / name)
+        rows.append({"path": name, "label": "a" if i % 2 else "b", "patient_id": f"p{i // 2}"})
+    with (root / "labels.csv").open("w", newline="") as fh:
+        w_ = csv.DictWriter(fh, ["path", "label", "patient_id"])
+        w_.writeheader()
+        w_.writerows(rows)
+    return root / "labels.csv"
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    return write_source(tmp_path / "src")
+
+
+def cfg_of(path: Path, **kw) -> DataConfig:
+    return DataConfig(path=str(path), image_size=SIZE, **kw)
+
+
+def eval_tf(cfg: DataConfig):
+    return make_transform(cfg.image_size, [0.0] * 3, [1.0] * 3, train=False, cfg=cfg)
+
+
+@pytest.mark.parametrize("resize", ["squash", "pad", "crop"])
+def test_cached_images_equal_the_direct_path_within_uint8_rounding(source, tmp_path, resize):
+    cfg = cfg_of(source, resize=resize)
+    prepare_cache(cfg, tmp_path / "cache")
+    splits, classes, _, _, manifest = open_cache(tmp_path / "cache")
+    direct, direct_classes, _, _ = _read_source(str(source))
+    assert classes == direct_classes and manifest["preprocessing"]["resize"] == resize
+    cached, plain = ImageDataset(splits["all"], eval_tf(cfg)), ImageDataset(direct["all"], eval_tf(cfg))
+    assert len(cached) == len(plain) == N
+    assert isinstance(splits["all"].images, Rows)  # on disk, not read into memory
+    assert splits["all"].groups == direct["all"].groups and splits["all"].paths == direct["all"].paths
+    for i in range(len(plain)):
+        (a, ya), (b, yb) = cached[i], plain[i]
+        assert ya == yb and a.shape == b.shape == (3, SIZE, SIZE)
+        assert float((a - b).abs().max()) <= 0.5 / 255 + 1e-6
+
+
+def test_fundus_preset_and_one_channel_cache_match_the_direct_path(source, tmp_path):
+    cfg = cfg_of(source, preset="fundus", graham=True)
+    prepare_cache(cfg, tmp_path / "cache", channels=1)
+    splits, *_ = open_cache(tmp_path / "cache")
+    assert splits["all"].images.shape == (N, SIZE, SIZE, 1)
+    direct, *_ = _read_source(str(source))
+    plain = ImageDataset(direct["all"], eval_tf(cfg))
+    cached = ImageDataset(splits["all"], eval_tf(cfg))
+    for i in (1, 2):  # grey files: one channel loses nothing
+        assert float((cached[i][0] - plain[i][0]).abs().max()) <= 0.5 / 255 + 1e-6
+
+
+def test_parallel_workers_write_the_same_cache_as_one_process(source, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_mod, "CHUNK", 6)  # four chunks over two processes
+    cfg = cfg_of(source)
+    prepare_cache(cfg, tmp_path / "one", workers=0)
+    prepare_cache(cfg, tmp_path / "two", workers=2)
+    one = np.load(tmp_path / "one" / "all_images.npy")
+    two = np.load(tmp_path / "two" / "all_images.npy")
+    assert one.shape == (N, SIZE, SIZE, 3) and one.std() > 0
+    np.testing.assert_array_equal(one, two)
+
+
+def test_unreadable_and_missing_files_are_listed_and_left_out(source, tmp_path):
+    (source.parent / "img3.jpg").write_bytes(b"not a jpeg")
+    (source.parent / "img4.png").unlink()
+    m = prepare_cache(cfg_of(source), tmp_path / "cache")
+    skipped = json.loads((tmp_path / "cache" / "skipped.json").read_text())
+    assert [Path(s["file"]).name for s in skipped] == ["img3.jpg"]
+    assert "not a readable image" in skipped[0]["reason"] and len(m["skipped"]) == 1
+    assert any("img4.png (row 6)" in n for n in m["notes"])  # the manifest's reader lists the missing file
+    splits, _, _, notes, _ = open_cache(tmp_path / "cache")
+    assert len(splits["all"]) == N - 2 and notes == m["notes"]
+    assert not {"img3.jpg", "img4.png"} & {Path(p).name for p in splits["all"].paths}
+
+
+def test_other_preprocessing_is_refused_with_the_reason_or_rebuilt_saying_why(source, tmp_path, caplog):
+    prepare_cache(cfg_of(source), tmp_path / "cache")
+    with pytest.raises(CacheError, match=r"size: cache 24, run 32"):
+        prepare_cache(DataConfig(path=str(source), image_size=32), tmp_path / "cache", rebuild=False)
+    with pytest.raises(CacheError, match=r"resize: cache 'squash', run 'pad'"):
+        load_data(cfg_of(source, resize="pad", cache=str(tmp_path / "cache")))
+    with caplog.at_level(logging.WARNING, logger="medsight.data.cache"):
+        prepare_cache(DataConfig(path=str(source), image_size=32), tmp_path / "cache")
+    assert "rebuilding the prepared cache" in caplog.text and "size: cache 24, run 32" in caplog.text
+    assert np.load(tmp_path / "cache" / "all_images.npy", mmap_mode="r").shape[1] == 32
+
+
+def test_a_changed_source_file_makes_the_cache_stale_and_is_named(source, tmp_path):
+    cfg = cfg_of(source, cache=str(tmp_path / "cache"))
+    load_data(cfg)  # prepares the new cache
+    assert (tmp_path / "cache" / "manifest.json").is_file()
+    changed = source.parent / "img5.png"
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(changed)
+    os.utime(changed, ns=(1, 1))
+    with pytest.raises(CacheError, match=r"changed since it was prepared.*img5\.png"):
+        load_data(cfg)
+
+
+def test_the_model_transform_must_match_the_cache(source, tmp_path):
+    prepare_cache(cfg_of(source), tmp_path / "cache")
+    splits, *_ = open_cache(tmp_path / "cache")
+    other = DataConfig(path=str(source), image_size=32)
+    with pytest.raises(DataError, match="size: cache 24, transform 32"):
+        ImageDataset(splits["all"], eval_tf(other))
+
+
+def test_a_folder_that_is_not_a_cache_is_refused(source, tmp_path):
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="not a medsight prepared cache"):
+        prepare_cache(cfg_of(source), stray)
+    assert (stray / "notes.txt").read_text() == "mine"  # nothing of the user's is touched
+    (stray / "manifest.json").write_text('{"format": "something else"}')
+    with pytest.raises(CacheError, match="not a medsight prepared cache"):
+        open_cache(stray)
+    with pytest.raises(CacheError, match="not found"):
+        open_cache(tmp_path / "nowhere")
+
+
+def test_an_interrupted_preparation_is_refused_then_resumed(source, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(cache_mod, "CHUNK", 6)
+    real, calls = cache_mod._prepare_chunk, []
+
+    def interrupted(split, chunk):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(chunk)
+        return real(split, chunk)
+
+    monkeypatch.setattr(cache_mod, "_prepare_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_cache(cfg_of(source), tmp_path / "cache")
+    with pytest.raises(CacheError, match=r"interrupted while being prepared \(2 of 4 chunks\)"):
+        open_cache(tmp_path / "cache")
+    calls.clear()
+    monkeypatch.setattr(cache_mod, "_prepare_chunk", lambda s, c: (calls.append(c), real(s, c))[1])
+    with caplog.at_level(logging.INFO, logger="medsight.data.cache"):
+        prepare_cache(cfg_of(source), tmp_path / "cache")
+    assert "continuing an interrupted preparation (2 of 4 chunks done)" in caplog.text
+    assert sorted(calls) == [2, 3]  # only what was missing
+    prepare_cache(cfg_of(source), tmp_path / "fresh")
+    np.testing.assert_array_equal(np.load(tmp_path / "cache" / "all_images.npy"),
+                                  np.load(tmp_path / "fresh" / "all_images.npy"))
+
+
+def test_a_full_disk_removes_the_partial_cache_with_a_clear_message(source, tmp_path, monkeypatch):
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_mod, "_write_rows", full)
+    with pytest.raises(CacheError, match="disk holding .* is full .*partial cache was removed"):
+        prepare_cache(cfg_of(source), tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_training_data_from_the_cache_splits_by_patient_without_reading_images_into_memory(source, tmp_path):
+    bundle = load_data(cfg_of(source, cache=str(tmp_path / "cache"), train_fraction=0.5))
+    direct = load_data(cfg_of(source, train_fraction=0.5))
+    for name in ("train", "val", "test"):
+        assert isinstance(bundle.splits[name].images, Rows)
+        assert bundle.splits[name].paths == direct.splits[name].paths  # the same split as without a cache
+        np.testing.assert_array_equal(bundle.splits[name].labels, direct.splits[name].labels)
+    x, y = ImageDataset(bundle.splits["train"], make_transform(SIZE, [0.5] * 3, [0.5] * 3, True,
+                                                               cfg_of(source)))[0]
+    assert x.shape == (3, SIZE, SIZE) and torch.isfinite(x).all()
+
+
+def test_the_cli_prepares_and_a_cache_folder_reads_as_data(source, tmp_path, capsys):
+    from medsight.cli import main
+
+    assert main(["prepare", "--data", str(source), "--size", str(SIZE), "--out", str(tmp_path / "c"),
+                 "--workers", "0", "--set", "data.resize=pad"]) == 0
+    assert f"{N} of {N} images at 24 px (pad" in capsys.readouterr().out
+    bundle = load_data(DataConfig(path=str(tmp_path / "c"), image_size=SIZE, resize="pad"))
+    assert sum(len(s) for s in bundle.splits.values()) == N
+
+
+# ---------------------------------------------------------------------------------------- two processes
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_reads_cache(rank: int, port: int, src: str, cache: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        bundle = load_data(DataConfig(path=src, image_size=SIZE, cache=cache))
+        train = bundle.splits["train"]
+        total = sum(int(np.asarray(train.images[i], dtype=np.int64).sum()) for i in range(len(train)))
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"paths": train.paths, "sum": total}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ddp_ranks_read_one_cache_that_rank_0_prepares(source, tmp_path):
+    cache = tmp_path / "cache"
+    mp.start_processes(_rank_reads_cache, args=(_free_port(), str(source), str(cache), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1 and r0["sum"] > 0 and len(r0["paths"]) > 0
+    assert json.loads((cache / "manifest.json").read_text())["complete"] is True
+
+
+@pytest.mark.slow  # a whole run with its report: over 30 s on a busy two-core machine
+def test_a_run_trains_on_the_cache_and_evaluate_reads_the_cache_folder(source, tmp_path):
+    from conftest import tiny_overrides
+
+    from medsight.api import evaluate
+    from medsight.config import Config, apply_overrides
+    from medsight.engine import train
+
+    cache = tmp_path / "cache"
+    cfg = apply_overrides(Config(), tiny_overrides(tmp_path / "run", source) + [f"data.cache={cache}",
+                                                                                 "train.sharpness_batches=1"])
+    train(cfg, progress=False)
+    assert json.loads((cache / "manifest.json").read_text())["preprocessing"]["size"] == 32
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 1
+    result = evaluate(tmp_path / "run" / "best.pt", str(cache))
+    assert result["data"] == str(cache) and 0.0 <= result["test"]["accuracy"] <= 1.0
+    assert result["skipped_files"] == []
