@@ -25,7 +25,7 @@ from medsight.metrics.conformal import fit_conformal, prediction_sets, set_metri
 if TYPE_CHECKING:
     from medsight.config import Config
 
-__all__ = ["Task", "GalleryGroup", "Temperature", "BinaryView"]
+__all__ = ["Task", "GalleryGroup", "correct_and_wrong_groups", "Temperature", "BinaryView"]
 
 #: (name, y_true_binary, score): one yes/no question a task's probabilities answer (a class against the rest,
 #: the referable grades, a finding), for operating points, per-finding calibration and subgroup gaps.
@@ -44,6 +44,19 @@ class Temperature(nn.Module):
 
 #: (title, indices of images to show, output index explained for each of them)
 GalleryGroup = tuple[str, list[int], list[int]]
+
+
+def correct_and_wrong_groups(classes: list[str], labels: np.ndarray, pred: np.ndarray, per_group: int,
+                             rng: np.random.Generator, wrong: str, title: str = "{name}") -> list[GalleryGroup]:
+    """Per class, up to ``per_group`` test images decided right and decided wrong (each explained for the
+    decided class): the gallery of one-decision-per-image tasks."""
+    groups: list[GalleryGroup] = []
+    for c, name in enumerate(classes):
+        for kind, mask in (("correct", (labels == c) & (pred == c)), (wrong, (labels == c) & (pred != c))):
+            idx = np.flatnonzero(mask)
+            pick = [int(i) for i in rng.choice(idx, size=min(per_group, len(idx)), replace=False)] if len(idx) else []
+            groups.append((f"{title.format(name=name)}: {kind}", pick, [int(pred[i]) for i in pick]))
+    return groups
 
 
 class Task(ABC):

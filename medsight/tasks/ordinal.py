@@ -34,7 +34,7 @@ from medsight.losses.ordinal import corn_probabilities, regression_probabilities
 from medsight.metrics import (apply_cutpoints, auc_score, fit_cutpoints, ordinal_checklist, ordinal_metrics,
                               refer_threshold, weighted_kappa)
 from medsight.reporting.plots import plot_confusion, plot_roc
-from medsight.tasks.base import GalleryGroup, Task
+from medsight.tasks.base import GalleryGroup, Task, correct_and_wrong_groups
 from medsight.tasks.single_label import TaskConfigError
 
 if TYPE_CHECKING:
@@ -294,14 +294,8 @@ class OrdinalTask(Task):
 
     def gallery_groups(self, labels: np.ndarray, probs: np.ndarray, per_group: int,
                        rng: np.random.Generator) -> list[GalleryGroup]:
-        pred = self.decide(probs)
-        groups: list[GalleryGroup] = []
-        for c, name in enumerate(self.classes):
-            for kind, mask in (("correct", (labels == c) & (pred == c)), ("misgraded", (labels == c) & (pred != c))):
-                idx = np.flatnonzero(mask)
-                pick = [int(i) for i in rng.choice(idx, size=min(per_group, len(idx)), replace=False)] if len(idx) else []
-                groups.append((f"grade {name}: {kind}", pick, [int(pred[i]) for i in pick]))
-        return groups
+        return correct_and_wrong_groups(self.classes, labels, self.decide(probs), per_group, rng, "misgraded",
+                                        "grade {name}")
 
     # ----------------------------------------------------------------------------------- inference
     def record(self, probs: np.ndarray) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from torch import nn
 from medsight.losses import ClassificationLoss, class_weights
 from medsight.metrics import auc_score, best_threshold, checklist, classification_metrics
 from medsight.reporting.plots import plot_confusion, plot_roc
-from medsight.tasks.base import GalleryGroup, Task
+from medsight.tasks.base import GalleryGroup, Task, correct_and_wrong_groups
 
 if TYPE_CHECKING:
     from medsight.config import Config
@@ -110,14 +110,8 @@ class SingleLabelTask(Task):
 
     def gallery_groups(self, labels: np.ndarray, probs: np.ndarray, per_group: int,
                        rng: np.random.Generator) -> list[GalleryGroup]:
-        pred = self.decide(probs)
-        groups: list[GalleryGroup] = []
-        for c, name in enumerate(self.classes):
-            for kind, mask in (("correct", (labels == c) & (pred == c)), ("misclassified", (labels == c) & (pred != c))):
-                idx = np.flatnonzero(mask)
-                pick = [int(i) for i in rng.choice(idx, size=min(per_group, len(idx)), replace=False)] if len(idx) else []
-                groups.append((f"{name}: {kind}", pick, [int(pred[i]) for i in pick]))
-        return groups
+        return correct_and_wrong_groups(self.classes, labels, self.decide(probs), per_group, rng, "misclassified",
+                                        "{name}")
 
     def record(self, probs: np.ndarray) -> dict[str, Any]:
         label = int(self.decide(probs[None])[0])
