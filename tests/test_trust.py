@@ -295,7 +295,7 @@ def test_predict_applies_the_temperature_and_refers_unsure_images(tiny_run, tmp_
 
     from medsight.api import predict
     from medsight.inference import Predictor
-    from tests.conftest import blob_image
+    from conftest import blob_image
 
     pred = Predictor(tiny_run / "best.pt", "cpu")
     img = torch.from_numpy(blob_image(1, np.random.default_rng(0))).float()[None] / 255
@@ -322,7 +322,7 @@ def test_onnx_graph_divides_the_logits_by_the_temperature(tiny_run, tmp_path):
 
 
 def _manifest_with_sex(root, n_per_class=16):
-    from tests.conftest import write_class_folders
+    from conftest import write_class_folders
 
     write_class_folders(root / "images", n_per_class=n_per_class, seed=7)
     rows = [["path", "label", "sex", "site"]]
