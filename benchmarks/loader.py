@@ -228,6 +228,8 @@ def main() -> int:
     p.add_argument("--loader-workers", type=int, help="DataLoader workers (default: 0 on CPU, cores-1 up to 8 on a GPU)")
     p.add_argument("--manifest-rows", type=int, default=250_000)
     p.add_argument("--quick", action="store_true", help="smoke test: small files, few steps, a 5,000-row manifest")
+    p.add_argument("--loop-only", action="store_true",
+                   help="only the training loop against the step (on a GPU: writes loader_gpu.json)")
     args = p.parse_args()
     scale = 0.2 if args.quick else 1.0
     if args.quick:
@@ -245,6 +247,13 @@ def main() -> int:
                                            "*_default_augmentation: medsight's default (resize, flip, normalize)",
                               "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}",
                               "kinds": {}}
+    if args.loop_only:
+        torch.set_num_threads(os.cpu_count() or 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            row = {"machine": result["machine"], "transform": "training (resize, flip, rotate 10°, normalize)",
+                   "loop_vs_step": loop_against_step(Path(tmp), cfg, args, device)}
+        save_result(f"loader_{'gpu' if device.type == 'cuda' else 'cpu'}_loop.json", row)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         for kind in SIZES:
             paths = write_files(Path(tmp), kind, args.files, scale)

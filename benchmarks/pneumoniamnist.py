@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -66,7 +67,8 @@ def quick_data(tmp: Path, n_train: int = 160, n_eval: int = 48) -> Path:
 def run_one(name: str, seed: int, out: Path, quick: bool, data: Path | None) -> dict:
     sets = CONFIGS[name] + [f"train.seed={seed}", f"data.split_seed={seed}", f"out={out}", "explain.gallery_per_class=2"]
     if torch.cuda.is_available():
-        sets += ["train.precision=bf16", "data.num_workers=4"]
+        workers = max(4, min(12, (os.cpu_count() or 1) - 2))  # 28 px images upscaled in the workers
+        sets += ["train.precision=bf16", f"data.num_workers={workers}"]
     if quick:
         sets += ["train.epochs=1", "data.image_size=32", "train.batch_size=32", "schedule.warmup_epochs=0",
                  "schedule.milestones=[1]", "train.sharpness_batches=1", "explain.faithfulness_images=0",

@@ -66,3 +66,21 @@ def test_looksam_target_is_judged_on_mean_gains_and_never_passes_without_a_sam_g
     assert no_gain["target_looksam_keeps_90pct_of_sam_gain"]["test_auc"]["looksam_keeps_90pct"] is None
     partial = optimizers.summarize(runs({"adamw": [0.9, 0.9], "sam-adamw": [0.9]}))  # seed 1 of SAM unfinished
     assert partial["seeds_complete"] == [] and "means" not in partial
+
+
+def test_loader_loop_against_step_alternates_rounds_on_a_prepared_cache(tmp_path):
+    import argparse
+
+    import torch
+
+    import loader
+    from medsight.config import DataConfig
+
+    args = argparse.Namespace(batch=4, steps=2, rounds=3, size=32, loader_workers=0, cpu_model="resnet18",
+                              gpu_model="coatnet_0_rw_224")
+    r = loader.loop_against_step(tmp_path, DataConfig(image_size=32, hflip=True, rotate_degrees=10), args,
+                                 torch.device("cpu"))
+    assert r["model"] == "resnet18" and r["precision"] == "fp32" and r["rounds"] == 3
+    assert len(r["step_rounds"]) == len(r["loop_rounds"]) == 3
+    assert r["loop_over_step"] == pytest.approx(r["loop_on_cache_images_per_s"] / r["step_only_images_per_s"], abs=2e-3)
+    assert (tmp_path / "loop_cache").is_dir()
