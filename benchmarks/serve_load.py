@@ -4,8 +4,10 @@
     python benchmarks/serve_load.py RUN/best.pt [--requests 500] [--concurrency 50] [--modes sequential batched onnx]
     python benchmarks/serve_load.py RUN/best.pt --quick      # a smoke test: 60 requests, 10 clients
 
-Each mode starts the server as a user would (its own process, 127.0.0.1, REST API only). Every answer is
-checked against the answer the server without batching gives to the same image sent alone. Writes
+Each mode starts the server as a user would (its own process, 127.0.0.1, REST API only); the servers stay up
+side by side and the modes take turns (A B C A B C ..., ``--repeats`` rounds): each figure is the median of
+the rounds with its range, and the speed-up is the median of each round's ratio. Every answer is checked
+against the answer the server without batching gives to the same image sent alone. Writes
 benchmarks/results/serve_load.json.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import io
 import os
 import platform
@@ -129,6 +132,19 @@ def summarize(wall: float, answers: list[tuple[float, int, Any]], alone: list[di
             "labels_match_pytorch_sequential": labels_torch, "max_abs_prob_diff_vs_pytorch_sequential": diff_torch}
 
 
+def median_row(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's rounds as one row: medians (with the throughput's range and every round's figure), answers
+    checked in every round."""
+    tp = [r["throughput_req_per_s"] for r in rounds]
+    med = lambda k: round(float(np.median([r[k] for r in rounds])), 1)  # noqa: E731
+    return {"all_ok": all(r["all_ok"] for r in rounds), "statuses": sorted({s for r in rounds for s in r["statuses"]}),
+            "throughput_req_per_s": med("throughput_req_per_s"), "throughput_range": [min(tp), max(tp)],
+            "throughput_rounds": tp, "latency_ms_p50": med("latency_ms_p50"), "latency_ms_p95": med("latency_ms_p95"),
+            **{k: all(r[k] for r in rounds) for k in ("labels_match_alone", "labels_match_pytorch_sequential")},
+            **{k: max(r[k] for r in rounds) for k in ("max_abs_prob_diff_vs_alone",
+                                                      "max_abs_prob_diff_vs_pytorch_sequential")}}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")
@@ -137,41 +153,47 @@ def main() -> int:
     p.add_argument("--images", type=int, default=50, help="distinct images, sent in turn")
     p.add_argument("--size", type=int, default=224, help="side of the PNG uploads")
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    p.add_argument("--quick", action="store_true", help="smoke test: 60 requests from 10 clients")
+    p.add_argument("--repeats", type=int, default=5, help="rounds of the modes in turn (the median is reported)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 60 requests from 10 clients, 2 rounds")
     p.add_argument("--new-client-per-request", action="store_true",
                    help="the earlier benchmark's client: a new httpx.Client (tens of milliseconds of client CPU to "
                         "build its TLS context) for every request; on 2 cores that cost is measured along with the server")
     p.add_argument("--out", help="results file name under benchmarks/results (default serve_load[_quick].json)")
     args = p.parse_args()
     if args.quick:
-        args.requests, args.concurrency, args.images = 60, 10, 10
+        args.requests, args.concurrency, args.images, args.repeats = 60, 10, 10, 2
     images = payloads(args.images, args.size)
     result: dict[str, Any] = {"requests": args.requests, "concurrency": args.concurrency,
                               "client": "a new httpx.Client per request" if args.new_client_per_request
                               else "one httpx.Client (connection) per concurrent client",
                               "image": f"{args.size}x{args.size} 8-bit PNG, {args.images} distinct",
-                              "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "modes": {}}
-    with tempfile.TemporaryDirectory() as tmp:
+                              "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+                              "repeats": args.repeats, "modes": {}}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         models = {"sequential": args.checkpoint, "batched": args.checkpoint}
         if "onnx" in args.modes:
             from medsight.inference import export_onnx
 
             models["onnx"] = str(Path(tmp) / "model.onnx")
             export_onnx(args.checkpoint, models["onnx"])
-        pytorch: list[dict[str, float]] = []
-        for mode in ["sequential", *[m for m in args.modes if m != "sequential"]]:
-            with Server(models[mode], MODES[mode]) as server:
-                alone = sequential_answers(server.url, images)  # each image on its own: a batch of one
-                pytorch = pytorch or alone  # the first server is PyTorch without batching: today's answers
-                if mode in args.modes:
-                    result["modes"][mode] = {"settings": httpx.get(f"{server.url}/health").json()["batching"],
-                                             **summarize(*load(server.url, images, args.requests, args.concurrency,
-                                                              args.new_client_per_request),
-                                                         alone, pytorch)}
-    base = result["modes"].get("sequential", {}).get("throughput_req_per_s")
-    for mode, r in result["modes"].items():
-        if base and mode != "sequential":
-            r["speedup_vs_sequential"] = round(r["throughput_req_per_s"] / base, 2)
+        order = ["sequential", *[m for m in args.modes if m != "sequential"]]
+        servers = {m: stack.enter_context(Server(models[m], MODES[m])) for m in order}
+        alone = {m: sequential_answers(servers[m].url, images) for m in order}  # each image alone: a batch of one
+        pytorch = alone["sequential"]  # PyTorch without batching: today's answers
+        rounds: dict[str, list[dict[str, Any]]] = {m: [] for m in args.modes}
+        for _ in range(args.repeats):
+            for mode in args.modes:
+                rounds[mode].append(summarize(*load(servers[mode].url, images, args.requests, args.concurrency,
+                                                    args.new_client_per_request), alone[mode], pytorch))
+        for mode in args.modes:
+            result["modes"][mode] = {"settings": httpx.get(f"{servers[mode].url}/health").json()["batching"],
+                                     **median_row(rounds[mode])}
+    for mode in args.modes:
+        if "sequential" in rounds and mode != "sequential":
+            ratios = [a["throughput_req_per_s"] / b["throughput_req_per_s"]
+                      for a, b in zip(rounds[mode], rounds["sequential"])]
+            result["modes"][mode]["speedup_vs_sequential"] = round(float(np.median(ratios)), 2)
+            result["modes"][mode]["speedup_range"] = [round(min(ratios), 2), round(max(ratios), 2)]
     result["targets"] = ("batched: >= 4x sequential and >= 110 requests/s with p95 <= 500 ms; every answer as the "
                          "same server gives for the image alone (|dp| <= 1e-5, same label)")
     save_result(args.out or ("serve_load_quick.json" if args.quick else "serve_load.json"), result)

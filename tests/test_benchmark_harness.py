@@ -84,3 +84,30 @@ def test_loader_loop_against_step_alternates_rounds_on_a_prepared_cache(tmp_path
     assert len(r["step_rounds"]) == len(r["loop_rounds"]) == 3
     assert r["loop_over_step"] == pytest.approx(r["loop_on_cache_images_per_s"] / r["step_only_images_per_s"], abs=2e-3)
     assert (tmp_path / "loop_cache").is_dir()
+
+
+def test_trust_exchangeable_check_covers_when_calibration_and_test_are_exchangeable(tiny_run):
+    import trust
+
+    r = trust.exchangeable_check(tiny_run, splits=40)
+    assert r["splits"] == 40 and r["target_coverage"] == 0.9
+    # split conformal's guarantee: mean coverage >= 90% over random exchangeable halves (up to the splits' noise)
+    assert 0.85 <= r["conformal_coverage"]["mean"] <= 1.0
+    for k in ("ece_validation_temperature", "ece_test_half_temperature"):
+        assert 0 <= r[k]["mean"] <= 1 and r[k]["sd"] >= 0
+    assert 0 <= r["ece_lowered_share"] <= 1
+
+
+def test_serve_load_rounds_become_medians_with_their_range():
+    import serve_load
+
+    def rnd(tp, p95, ok=True, diff=1e-7):
+        return {"all_ok": ok, "statuses": [200], "throughput_req_per_s": tp, "latency_ms_p50": p95 / 2,
+                "latency_ms_p95": p95, "labels_match_alone": ok, "labels_match_pytorch_sequential": True,
+                "max_abs_prob_diff_vs_alone": diff, "max_abs_prob_diff_vs_pytorch_sequential": diff}
+
+    row = serve_load.median_row([rnd(100, 300), rnd(140, 250), rnd(120, 900, ok=False, diff=3e-7)])
+    assert row["throughput_req_per_s"] == 120 and row["throughput_range"] == [100, 140]
+    assert row["latency_ms_p95"] == 300 and row["throughput_rounds"] == [100, 140, 120]
+    assert row["all_ok"] is False and row["labels_match_alone"] is False  # one bad round spoils the mode
+    assert row["max_abs_prob_diff_vs_alone"] == 3e-7

@@ -24,6 +24,7 @@ from medsight.data import cache as cache_mod
 from medsight.data.cache import CacheError, Rows, open_cache, prepare_cache
 from medsight.data.sources import DataError, _read_source
 from medsight.data.transforms import make_transform
+from torchvision.transforms import v2
 
 SIZE = 24
 N = 24  # images: 12 patients, enough for patient-level splits
@@ -271,3 +272,38 @@ def test_a_run_trains_on_the_cache_and_evaluate_reads_the_cache_folder(source, t
     result = evaluate(tmp_path / "run" / "best.pt", str(cache))
     assert result["data"] == str(cache) and 0.0 <= result["test"]["accuracy"] <= 1.0
     assert result["skipped_files"] == []
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_training_augmentation_on_the_cache_runs_on_uint8_and_matches_the_float_path(source, tmp_path, channels):
+    cfg = cfg_of(source, hflip=True, rotate_degrees=15)
+    prepare_cache(cfg, tmp_path / "cache", channels=channels)
+    split = open_cache(tmp_path / "cache")[0]["all"]
+    tf = make_transform(SIZE, [0.5] * 3, [0.25] * 3, train=True, cfg=cfg)
+    fast = ImageDataset(split, tf)
+    assert fast._uint8_steps is not None  # flip and rotation run on the 8-bit image
+    assert [type(t).__name__ for t in fast._uint8_steps.transforms] == ["RandomHorizontalFlip", "RandomAffine"]
+    float_path = v2.Compose(tf.transforms[1:])  # the same steps on the float image, as before
+    agree = []
+    for i in range(len(fast)):
+        torch.manual_seed(i)
+        a, _ = fast[i]
+        torch.manual_seed(i)
+        b = float_path(fast.load(i))
+        assert a.shape == b.shape == (3, SIZE, SIZE) and a.dtype == torch.float32
+        agree.append(float(((a - b).abs() <= 1e-5).float().mean()))
+    # the same random draws give the same picture; nearest-neighbour sampling may round a pixel the other way
+    assert min(agree) >= 0.98
+    torch.manual_seed(0)
+    outs = {tuple(fast[0][0].flatten()[:50].tolist()) for _ in range(6)}
+    assert len(outs) > 1  # augmentation is random, not skipped
+
+
+def test_eval_transform_on_the_cache_has_no_uint8_steps(source, tmp_path):
+    cfg = cfg_of(source, clahe=True, hflip=True)
+    prepare_cache(cfg, tmp_path / "cache")
+    split = open_cache(tmp_path / "cache")[0]["all"]
+    assert ImageDataset(split, eval_tf(cfg))._uint8_steps is None
+    # CLAHE comes before the flip: nothing may be moved ahead of it
+    train_tf = make_transform(SIZE, [0.0] * 3, [1.0] * 3, train=True, cfg=cfg)
+    assert ImageDataset(split, train_tf)._uint8_steps is None

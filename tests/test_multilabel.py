@@ -369,13 +369,18 @@ def test_tiny_run_fits_one_temperature_per_finding_and_the_trust_rules(ml_runs):
     assert all(temps[NIH_FINDINGS.index(n)] == 1.0 for n in one_answer)
     assert set(decision["conformal"]["per_finding"]) == set(NIH_FINDINGS) and "abstain_below" in decision
     assert set(decision["operating_points"]["views"]) <= set(NIH_FINDINGS)
-    # probabilities are sigmoid(logit / T) finding by finding
+    # probabilities are sigmoid((logit - log w) / T) finding by finding, w the training loss's positive weights
+    from medsight.losses import positive_weights
+
+    offset = decision["loss_logit_offset"]
+    np.testing.assert_allclose(offset, positive_weights(arrays["train_labels"]).log().numpy(), rtol=1e-5)
+    assert max(offset) > 1  # rare findings: a shift a temperature alone could not undo
     pred = Predictor(run / "best.pt", "cpu")
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = pred.model(x)
     np.testing.assert_allclose(pred.task.probabilities(logits).numpy(),
-                               torch.sigmoid(logits / torch.tensor(temps)).numpy(), atol=1e-6)
+                               torch.sigmoid((logits - torch.tensor(offset)) / torch.tensor(temps)).numpy(), atol=1e-6)
     trust = json.loads((run / "metrics.json").read_text())["trust"]
     per_view = trust["calibration"]["per_view"]
     assert list(per_view) == list(NIH_FINDINGS) and [v["temperature"] for v in per_view.values()] == temps

@@ -174,6 +174,37 @@ def test_multilabel_temperature_is_fitted_per_finding_and_masked_labels_stay_out
     assert (task.view_labelled(y).sum(0) == [len(v[1]) for v in views]).all()
 
 
+def test_multilabel_calibration_undoes_the_positive_weights_shift():
+    from medsight.config import Config, apply_overrides
+    from medsight.metrics.calibration import binary_ece
+    from medsight.tasks import MultiLabelTask
+    from medsight.tasks.base import Temperature
+
+    rng = np.random.default_rng(3)
+    n = 6000
+    z = rng.normal(-3, 1.5, (n, 2))  # rare findings (about 8% positive)
+    y = (rng.random((n, 2)) < 1 / (1 + np.exp(-z))).astype(np.int64)
+    cfg = apply_overrides(Config(), ["train.class_weights=true", "train.loss=ce"])
+    task = MultiLabelTask(["a", "b"])
+    task.make_loss(cfg, y[: n // 2])
+    w = (y[: n // 2] == 0).sum(0) / (y[: n // 2] == 1).sum(0)
+    np.testing.assert_allclose(task.decision["loss_logit_offset"], np.log(w), rtol=1e-5)
+    shifted = z + np.log(w)[None, :]  # what weighted BCE's minimizer outputs: logit(p) + log w
+    task.fit_temperature(shifted[: n // 2], y[: n // 2])
+    assert all(0.85 < t < 1.15 for t in task.temperature)  # the offset, not the temperature, does the work
+    p_cal = task.probabilities(torch.as_tensor(shifted[n // 2:])).numpy()
+    p_raw = 1 / (1 + np.exp(-shifted[n // 2:]))
+    for k in range(2):
+        assert binary_ece(y[n // 2:, k], p_raw[:, k]) > 0.2  # inflated by the weights
+        assert binary_ece(y[n // 2:, k], p_cal[:, k]) < 0.03
+    mod = task.calibration_module()  # the ONNX graph's step: the same subtraction and division
+    assert isinstance(mod, Temperature)
+    np.testing.assert_allclose(torch.sigmoid(mod(torch.as_tensor(shifted[:5], dtype=torch.float32))).numpy(),
+                               task.probabilities(torch.as_tensor(shifted[:5])).numpy(), atol=1e-5)
+    task.make_loss(apply_overrides(Config(), ["train.class_weights=false"]), y)
+    assert task.decision["loss_logit_offset"] is None  # unweighted training: nothing to undo
+
+
 def test_multilabel_confidence_errors_and_referral_by_hand():
     from medsight.tasks import MultiLabelTask
 

@@ -33,14 +33,16 @@ BinaryView = tuple[str, np.ndarray, np.ndarray]
 
 
 class Temperature(nn.Module):
-    """Divides logits by fitted temperatures (one, or one per output): the calibration step of an ONNX graph."""
+    """Divides logits by fitted temperatures (one, or one per output), after subtracting a per-output offset
+    when one is given: the calibration step of an ONNX graph."""
 
-    def __init__(self, temperature: float | list[float]) -> None:
+    def __init__(self, temperature: float | list[float], offset: list[float] | None = None) -> None:
         super().__init__()
         self.register_buffer("t", torch.as_tensor(temperature, dtype=torch.float32))
+        self.register_buffer("b", torch.as_tensor(offset if offset is not None else 0.0, dtype=torch.float32))
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits / self.t
+        return (logits - self.b) / self.t
 
 #: (title, indices of images to show, output index explained for each of them)
 GalleryGroup = tuple[str, list[int], list[int]]

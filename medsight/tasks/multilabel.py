@@ -10,7 +10,10 @@ data (Youden's J, or the highest threshold reaching ``train.target_sensitivity``
 be scored on validation keeps 0.5, and says so. Grad-CAM explains one finding's logit at a time.
 
 Trust, per finding: one temperature per finding (fitted on that finding's labelled validation images; 1.0
-where validation holds only one answer), operating points, calibration and subgroup gaps on each finding's
+where validation holds only one answer) — after undoing the positive weights' shift when the model was
+trained with them: BCE with ``pos_weight`` w is minimized by logit(p) + log w, not logit(p) (the prior
+correction of King & Zeng 2001; logit adjustment, Menon et al. 2021), so a temperature alone cannot bring a
+rare finding's inflated probabilities down and log w is subtracted first. Then operating points, calibration and subgroup gaps on each finding's
 binary view (masked labels left out), and split conformal sets per finding ({absent}, {present}, or both:
 uncertain). An image's confidence is its least sure finding's, measured from that finding's threshold; its
 error is the share of its labelled findings decided wrong (Hamming loss: at per-finding Youden thresholds
@@ -32,7 +35,7 @@ from medsight.metrics import checklist, finding_thresholds, multilabel_epoch_met
 from medsight.metrics.calibration import fit_temperature, reliability_bins
 from medsight.metrics.conformal import binary_set_metrics, binary_sets, fit_binary_conformal
 from medsight.reporting.plots import plot_roc_grid
-from medsight.tasks.base import BinaryView, GalleryGroup, Task
+from medsight.tasks.base import BinaryView, GalleryGroup, Task, Temperature
 from medsight.tasks.single_label import TaskConfigError
 
 if TYPE_CHECKING:
@@ -100,7 +103,10 @@ class MultiLabelTask(Task):
                                           "of positives (e.g. [0.25])")
                 alpha = float(t.focal_alpha[0])
             return BinaryFocal(t.focal_gamma, alpha, label_smoothing=smoothing)
-        return MaskedBCE(positive_weights(labels) if t.class_weights else None, label_smoothing=smoothing)
+        weights = positive_weights(labels) if t.class_weights else None
+        # the shift those weights put into the logits, undone by calibration (fit_temperature, calibrate)
+        self.decision["loss_logit_offset"] = None if weights is None else weights.log().tolist()
+        return MaskedBCE(weights, label_smoothing=smoothing)
 
     def eval_loss(self) -> nn.Module:
         return MaskedBCE()
@@ -140,6 +146,7 @@ class MultiLabelTask(Task):
         finding whose validation labels hold one answer only keeps 1.0 (its NLL would push T to the bound)."""
         self.decision.pop("temperature", None)
         z, y = np.asarray(val_logits, dtype=np.float64), np.asarray(val_labels)
+        z = z - self._offset(z.shape[1])[None, :]
         temps, skipped = [], []
         for k, name in enumerate(self.classes):
             keep = y[:, k] >= 0
@@ -150,6 +157,24 @@ class MultiLabelTask(Task):
                 temps.append(fit_temperature(z[keep, k], y[keep, k].astype(np.float64), _bce))
         self.decision["temperature"] = temps
         self.decision["temperature_not_fitted"] = skipped
+
+    def _offset(self, k: int) -> np.ndarray:
+        """Per finding, the logit shift of the training loss's positive weights (zeros without them)."""
+        b = self.decision.get("loss_logit_offset")
+        return np.zeros(k) if b is None else np.asarray(b, dtype=np.float64)
+
+    def calibrate(self, logits: torch.Tensor) -> torch.Tensor:
+        """(logits − the positive weights' shift) / the per-finding temperatures; unchanged when uncalibrated."""
+        t = self.temperature
+        if t is None:
+            return logits
+        b = torch.as_tensor(self._offset(logits.shape[-1]), dtype=logits.dtype, device=logits.device)
+        return (logits - b) / torch.as_tensor(t, dtype=logits.dtype, device=logits.device)
+
+    def calibration_module(self) -> nn.Module:
+        if self.temperature is None:
+            return nn.Identity()
+        return Temperature(self.temperature, self._offset(len(self.classes)).tolist())
 
     def reliability(self, labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
         """Every labelled (image, finding) probability against whether the finding is present."""
