@@ -389,7 +389,9 @@ def test_tiny_run_fits_one_temperature_per_finding_and_the_trust_rules(ml_runs):
     assert c["all_findings_covered"] <= min(m["coverage"] for m in c["per_finding"].values() if m["n"])
     assert set(trust["selective"]["aurc"]) == {"max probability", "TTA mean probability", "TTA agreement (−std)"}
     card = (run / "model_card.md").read_text()
-    for words in ("one temperature per finding", "positive images per finding", "mean AUC over scoreable findings",
+    assert trust["calibration"]["logit_offset"] == offset
+    for words in ("one temperature per finding", "after subtracting log w", "positive images per finding",
+                  "mean AUC over scoreable findings",
                   "Split conformal (lac) per finding", "| Effusion |", "Refer to a clinician"):
         assert words in card
     assert "<h2>Model card</h2>" in (run / "report.html").read_text()

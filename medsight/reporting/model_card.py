@@ -122,7 +122,9 @@ def _trust_sections(trust: dict[str, Any]) -> list[Section]:
     out.append(("Calibration", [
         (f"Temperature scaling fitted on validation: T = {_f(t)}" if not per_t else
          "Temperature scaling fitted on validation, one temperature per finding (T in the table; 1.000 where "
-         "validation holds one answer only).") if cal["fitted"] else
+         "validation holds one answer only)" + (", after subtracting log w from each finding's logit, the shift "
+                                                "that training with positive weights w puts there." if
+                                                cal.get("logit_offset") else ".")) if cal["fitted"] else
         "No temperature fitted (the task's head keeps raw probabilities, or eval.calibrate is off).",
         (f"ECE of every labelled (image, finding) probability pooled: before {_f(cal['ece_before'])}, after "
          f"{_f(cal['ece_after'])}." if per_t else
