@@ -6,7 +6,9 @@ against its step-only images/s; and reading, validating and splitting a 250,000-
     python benchmarks/loader.py [--files 6] [--size 224] [--device auto]
     python benchmarks/loader.py --quick          # a smoke test: small files, few steps, a 5,000-row manifest
 
-Decoding runs in one process on one thread (``torch.set_num_threads(1)``): images/s per core. The loop
+Decoding runs in one process on one thread (``torch.set_num_threads(1)``): images/s per core; today's path
+and the reduced decode take turns for ``--decode-rounds`` rounds (as do the cache with the training
+augmentation and with the default one), and each figure is the median with its range. The loop
 against the step: a small model (resnet18 on CPU; coatnet_0_rw_224 in bf16 on a GPU), the same batches,
 loop (DataLoader over the cache + step) and step alone (one batch already in memory) alternated, the
 median of ``--repeats`` rounds. The manifest is timed in a fresh process (its peak memory is that
@@ -82,6 +84,23 @@ def images_per_s(ds: ImageDataset, repeats: int, min_seconds: float = 0.0) -> fl
             n += 1
         passes += 1
     return n / (time.perf_counter() - t0)
+
+
+def alternate(datasets: list[ImageDataset], rounds: int, passes: int, min_seconds: float = 0.0) -> list[list[float]]:
+    """Images/s of each data set, taking turns (A B A B ...) for ``rounds`` rounds: one list per data set."""
+    out: list[list[float]] = [[] for _ in datasets]
+    for _ in range(rounds):
+        for k, ds in enumerate(datasets):
+            out[k].append(images_per_s(ds, passes, min_seconds))
+    return out
+
+
+def med(values: list[float], digits: int) -> float:
+    return round(float(np.median(values)), digits)
+
+
+def spread(values: list[float], digits: int) -> list[float]:
+    return [round(min(values), digits), round(max(values), digits)]
 
 
 def write_manifest(folder: Path, paths: list[str]) -> Path:
@@ -218,7 +237,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--files", type=int, default=6, help="files per kind")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="passes over the files per round of a decode figure")
+    p.add_argument("--decode-rounds", type=int, default=5,
+                   help="rounds in which the decode (and cache) variants take turns; the median is reported")
     p.add_argument("--device", default="auto", help="the training loop's device (auto: cuda when available)")
     p.add_argument("--cpu-model", default="resnet18")
     p.add_argument("--gpu-model", default="coatnet_0_rw_224")
@@ -233,7 +254,7 @@ def main() -> int:
     args = p.parse_args()
     scale = 0.2 if args.quick else 1.0
     if args.quick:
-        args.files, args.repeats, args.batch, args.steps, args.rounds = 2, 1, 4, 2, 2
+        args.files, args.repeats, args.batch, args.steps, args.rounds, args.decode_rounds = 2, 1, 4, 2, 2, 2
         args.manifest_rows = min(args.manifest_rows, 5000)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -258,19 +279,24 @@ def main() -> int:
         for kind in SIZES:
             paths = write_files(Path(tmp), kind, args.files, scale)
             split = SplitData(labels=np.zeros(len(paths), dtype=np.int64), paths=paths)
-            today = images_per_s(ImageDataset(split, tf, reduce=False), args.repeats)
-            reduced = images_per_s(ImageDataset(split, tf), args.repeats)
+            ds_today, ds_reduced = ImageDataset(split, tf, reduce=False), ImageDataset(split, tf)
+            today, reduced = alternate([ds_today, ds_reduced], args.decode_rounds, args.repeats)
             cached, prepare_speed = cache_of(paths, Path(tmp) / f"cache_{kind}", cfg)
-            secs = 0.5 if args.quick else 3.0
-            from_cache = images_per_s(ImageDataset(cached, tf), args.repeats, min_seconds=secs)
-            flip_only = images_per_s(ImageDataset(cached, tf_default), args.repeats, min_seconds=secs)
+            secs = 0.2 if args.quick else 1.0
+            from_cache, flip_only = alternate([ImageDataset(cached, tf), ImageDataset(cached, tf_default)],
+                                              args.decode_rounds, args.repeats, min_seconds=secs)
             w, h = (round(v * scale) for v in SIZES[kind])
-            result["kinds"][kind] = {"source": f"{w}x{h}", "today_images_per_s": round(today, 2),
-                                     "reduced_decode_images_per_s": round(reduced, 2),
-                                     "speedup": round(reduced / today, 1),
+            speedups = [r / t for r, t in zip(reduced, today)]
+            result["kinds"][kind] = {"source": f"{w}x{h}", "today_images_per_s": med(today, 2),
+                                     "reduced_decode_images_per_s": med(reduced, 2),
+                                     "speedup": med(speedups, 1), "speedup_range": spread(speedups, 1),
+                                     "today_rounds": [round(v, 2) for v in today],
+                                     "reduced_rounds": [round(v, 2) for v in reduced],
                                      "prepare_images_per_s": round(prepare_speed, 2),
-                                     "cache_images_per_s": round(from_cache, 1),
-                                     "cache_images_per_s_default_augmentation": round(flip_only, 1)}
+                                     "cache_images_per_s": med(from_cache, 1),
+                                     "cache_images_per_s_range": spread(from_cache, 1),
+                                     "cache_images_per_s_default_augmentation": med(flip_only, 1),
+                                     "cache_images_per_s_default_augmentation_range": spread(flip_only, 1)}
         torch.set_num_threads(os.cpu_count() or 1)  # the step uses the machine
         result["loop_vs_step"] = loop_against_step(Path(tmp), cfg, args, device)
         result["manifest"] = manifest_timing(Path(tmp) / "manifest", args.manifest_rows)
