@@ -19,6 +19,19 @@ def save_result(name: str, data: Any, echo: bool = True) -> Path:
     return out
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count of rounds or repeats: a median needs one)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def mean_sd(values: list[float]) -> dict[str, float]:
     """Mean and sample standard deviation (0 for a single value), rounded for the results files."""
     return {"mean": round(statistics.fmean(values), 4),

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from _results import save_result
+from _results import positive_int, save_result
 from medsight.config import DataConfig
 from medsight.data import ImageDataset
 from medsight.data.sources import SplitData
@@ -235,17 +235,17 @@ def manifest_timing(folder: Path, rows: int) -> dict[str, Any]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--files", type=int, default=6, help="files per kind")
+    p.add_argument("--files", type=positive_int, default=6, help="files per kind")
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=1, help="passes over the files per round of a decode figure")
-    p.add_argument("--decode-rounds", type=int, default=5,
+    p.add_argument("--repeats", type=positive_int, default=1, help="passes over the files per round of a decode figure")
+    p.add_argument("--decode-rounds", type=positive_int, default=5,
                    help="rounds in which the decode (and cache) variants take turns; the median is reported")
     p.add_argument("--device", default="auto", help="the training loop's device (auto: cuda when available)")
     p.add_argument("--cpu-model", default="resnet18")
     p.add_argument("--gpu-model", default="coatnet_0_rw_224")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=24, help="training steps per round")
-    p.add_argument("--rounds", type=int, default=5, help="alternating loop/step rounds (the median is reported)")
+    p.add_argument("--steps", type=positive_int, default=24, help="training steps per round")
+    p.add_argument("--rounds", type=positive_int, default=5, help="alternating loop/step rounds (the median is reported)")
     p.add_argument("--loader-workers", type=int, help="DataLoader workers (default: 0 on CPU, cores-1 up to 8 on a GPU)")
     p.add_argument("--manifest-rows", type=int, default=250_000)
     p.add_argument("--quick", action="store_true", help="smoke test: small files, few steps, a 5,000-row manifest")

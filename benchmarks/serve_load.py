@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from _results import save_result
+from _results import positive_int, save_result
 
 #: mode -> the serve flags that make it
 MODES = {"sequential": ["--no-batching"], "batched": [], "onnx": ["--onnx"]}
@@ -148,12 +148,12 @@ def median_row(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint")
-    p.add_argument("--requests", type=int, default=500)
-    p.add_argument("--concurrency", type=int, default=50)
-    p.add_argument("--images", type=int, default=50, help="distinct images, sent in turn")
+    p.add_argument("--requests", type=positive_int, default=500)
+    p.add_argument("--concurrency", type=positive_int, default=50)
+    p.add_argument("--images", type=positive_int, default=50, help="distinct images, sent in turn")
     p.add_argument("--size", type=int, default=224, help="side of the PNG uploads")
     p.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    p.add_argument("--repeats", type=int, default=5, help="rounds of the modes in turn (the median is reported)")
+    p.add_argument("--repeats", type=positive_int, default=5, help="rounds of the modes in turn (the median is reported)")
     p.add_argument("--quick", action="store_true", help="smoke test: 60 requests from 10 clients, 2 rounds")
     p.add_argument("--new-client-per-request", action="store_true",
                    help="the earlier benchmark's client: a new httpx.Client (tens of milliseconds of client CPU to "

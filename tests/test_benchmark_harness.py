@@ -111,3 +111,12 @@ def test_serve_load_rounds_become_medians_with_their_range():
     assert row["latency_ms_p95"] == 300 and row["throughput_rounds"] == [100, 140, 120]
     assert row["all_ok"] is False and row["labels_match_alone"] is False  # one bad round spoils the mode
     assert row["max_abs_prob_diff_vs_alone"] == 3e-7
+
+
+def test_benchmark_round_counts_below_one_are_refused_by_name():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "loader.py"), "--decode-rounds", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--decode-rounds: must be at least 1, got 0" in proc.stderr
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "run/best.pt", "--repeats", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--repeats: expected a whole number, got 'x'" in proc.stderr
