@@ -90,7 +90,7 @@ def _calibration(task: Task, labels: np.ndarray, raw: np.ndarray, cal: np.ndarra
         for v, tk in zip(per_view.values(), t):
             v["temperature"] = tk
     before, after = task.reliability(labels, raw), task.reliability(labels, cal)
-    offset = task.decision.get("loss_logit_offset") if t is not None else None
+    offset = task.logit_offset if t is not None else None
     return {"temperature": t, "fitted": t is not None, "logit_offset": offset,
             "ece_before": before["ece"], "ece_after": after["ece"], "per_view": per_view,
             "reliability": {"before": before, "after": after}}

@@ -102,11 +102,19 @@ class Task(ABC):
         """Whether temperature scaling applies to this task's logits without changing its decisions."""
         return True
 
+    @property
+    def logit_offset(self) -> list[float] | None:
+        """A per-output shift the training loss put into the logits, which calibration subtracts before the
+        temperature (None: none). Multi-label training with positive weights w shifts each finding by log w."""
+        return self.decision.get("loss_logit_offset")
+
     def calibrate(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits divided by the fitted temperature (unchanged when none is fitted)."""
-        t = self.temperature
+        """(Logits − :attr:`logit_offset`) divided by the fitted temperature (unchanged when none is fitted)."""
+        t, b = self.temperature, self.logit_offset
         if t is None:
             return logits
+        if b is not None:
+            logits = logits - torch.as_tensor(b, dtype=logits.dtype, device=logits.device)
         return logits / torch.as_tensor(t, dtype=logits.dtype, device=logits.device)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -115,8 +123,9 @@ class Task(ABC):
         return self.activation(self.calibrate(logits))
 
     def calibration_module(self) -> nn.Module:
-        """The calibration step as a module (ONNX export): division by the temperature, or identity."""
-        return nn.Identity() if self.temperature is None else Temperature(self.temperature)
+        """The calibration step as a module (ONNX export): :meth:`calibrate`'s subtraction and division, or
+        identity."""
+        return nn.Identity() if self.temperature is None else Temperature(self.temperature, self.logit_offset)
 
     def temperature_nll(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood of the true labels under :meth:`activation` of (scaled) logits."""

@@ -35,7 +35,7 @@ from medsight.metrics import checklist, finding_thresholds, multilabel_epoch_met
 from medsight.metrics.calibration import fit_temperature, reliability_bins
 from medsight.metrics.conformal import binary_set_metrics, binary_sets, fit_binary_conformal
 from medsight.reporting.plots import plot_roc_grid
-from medsight.tasks.base import BinaryView, GalleryGroup, Task, Temperature
+from medsight.tasks.base import BinaryView, GalleryGroup, Task
 from medsight.tasks.single_label import TaskConfigError
 
 if TYPE_CHECKING:
@@ -146,7 +146,8 @@ class MultiLabelTask(Task):
         finding whose validation labels hold one answer only keeps 1.0 (its NLL would push T to the bound)."""
         self.decision.pop("temperature", None)
         z, y = np.asarray(val_logits, dtype=np.float64), np.asarray(val_labels)
-        z = z - self._offset(z.shape[1])[None, :]
+        if self.logit_offset is not None:
+            z = z - np.asarray(self.logit_offset, dtype=np.float64)[None, :]
         temps, skipped = [], []
         for k, name in enumerate(self.classes):
             keep = y[:, k] >= 0
@@ -157,24 +158,6 @@ class MultiLabelTask(Task):
                 temps.append(fit_temperature(z[keep, k], y[keep, k].astype(np.float64), _bce))
         self.decision["temperature"] = temps
         self.decision["temperature_not_fitted"] = skipped
-
-    def _offset(self, k: int) -> np.ndarray:
-        """Per finding, the logit shift of the training loss's positive weights (zeros without them)."""
-        b = self.decision.get("loss_logit_offset")
-        return np.zeros(k) if b is None else np.asarray(b, dtype=np.float64)
-
-    def calibrate(self, logits: torch.Tensor) -> torch.Tensor:
-        """(logits − the positive weights' shift) / the per-finding temperatures; unchanged when uncalibrated."""
-        t = self.temperature
-        if t is None:
-            return logits
-        b = torch.as_tensor(self._offset(logits.shape[-1]), dtype=logits.dtype, device=logits.device)
-        return (logits - b) / torch.as_tensor(t, dtype=logits.dtype, device=logits.device)
-
-    def calibration_module(self) -> nn.Module:
-        if self.temperature is None:
-            return nn.Identity()
-        return Temperature(self.temperature, self._offset(len(self.classes)).tolist())
 
     def reliability(self, labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
         """Every labelled (image, finding) probability against whether the finding is present."""
