@@ -481,3 +481,25 @@ def test_rest_api_lists_findings_and_explains_the_chosen_one(ml_runs):
     assert float(r.headers["X-Probability"]) == pytest.approx(body["probabilities"]["Cardiomegaly"], abs=1e-5)
     r = client.post("/explain", files={"file": ("x.png", png, "image/png")}, data={"target": "Fracture"})
     assert r.status_code == 400 and "Fracture" in r.json()["detail"]
+
+
+def test_gallery_keeps_every_finding_of_an_image_outside_the_border_sample():
+    """An image picked for two findings' rows gets both heatmaps, also when it is not among the 256 images
+    the border score samples (the gallery once kept only the last finding of such an image)."""
+    from medsight.data import ImageDataset
+    from medsight.data.sources import SplitData
+    from medsight.data.transforms import make_transform
+    from medsight.explainers.gallery import gradcam_gallery
+    from medsight.models import create_model
+    from medsight.tasks import MultiLabelTask
+
+    n, size = 270, 16  # more images than the border sample, so some lie outside it
+    rng = np.random.default_rng(0)
+    labels = np.ones((n, 2), dtype=np.int64)  # every image carries both findings: each is in both rows
+    split = SplitData(labels=labels, images=(rng.random((n, size, size)) * 255).astype(np.uint8))
+    ds = ImageDataset(split, make_transform(size, [0.5] * 3, [0.5] * 3, train=False))
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=2, img_size=size).eval()
+    rows, _ = gradcam_gallery(model, ds, rng.random((n, 2)), labels, MultiLabelTask(["a", "b"]),
+                              torch.device("cpu"), "gradcam", None, per_class=n)
+    assert [len(r["items"]) for r in rows] == [n, n]

@@ -35,10 +35,10 @@ def gradcam_gallery(model: torch.nn.Module, ds: ImageDataset, probs: np.ndarray,
     # (image, explained output) pairs: the border sample's (multi-label images are scored for each finding
     # they carry, see Task.border_outputs) and the gallery's
     outputs = {int(i): task.border_outputs(labels[int(i)], probs[int(i)]) for i in sample}
-    for _, ids, outs in groups:
+    for _, ids, outs in groups:  # an image in several groups (one per finding it carries) keeps every output
         for i, o in zip(ids, outs):
-            if o not in outputs.get(i, []):  # a gallery image's output replaces a single default one
-                outputs[i] = outputs[i] + [o] if len(outputs.get(i, [])) > 1 else [o]
+            if o not in outputs.setdefault(i, []):
+                outputs[i].append(o)
     wanted = sorted((i, o) for i, outs in outputs.items() for o in outs)
     view = view_settings(ds.transform)  # the model's framing (resize policy, fundus crop), redone for display
     fov = view["preset"] == "fundus"
