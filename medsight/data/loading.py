@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,12 +115,10 @@ def load_eval_data(path: str, classes: list[str], prefer: Sequence[str] = ("test
         if multilabel:  # one column per finding: reorder the columns
             cols = np.empty_like(data.labels)
             cols[:, remap] = data.labels
-            return SplitData(labels=cols, paths=data.paths, images=data.images, groups=data.groups,
-                             meta=data.meta, prepared=data.prepared), source
+            return dataclasses.replace(data, labels=cols), source
         log.info("%s: classes matched to the model's by name (%s)", source,
                  ", ".join(f"{c}->{classes[remap[i]]}" for i, c in enumerate(data_classes)))
-        return SplitData(labels=remap[data.labels], paths=data.paths, images=data.images, groups=data.groups,
-                         meta=data.meta, prepared=data.prepared), source
+        return dataclasses.replace(data, labels=remap[data.labels]), source
     if all(c == str(i) for i, c in enumerate(data_classes)):
         log.warning("%s carries no class names; matching its labels 0..%d to the model's classes by position (%s)",
                     source, len(classes) - 1, ", ".join(classes))

@@ -26,7 +26,6 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -292,8 +291,3 @@ def describe_choice(columns: Sequence[str], given: bool) -> str:
                                                        "and metadata (name them with data.label_columns)"
     return f"multi-label CSV: {len(columns)} finding columns {how}: {', '.join(columns)}"
 
-
-def summary(labels: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    """Positives, negatives and masked labels per finding (for notes and tests)."""
-    return {c: {"positive": int((labels[:, k] == 1).sum()), "negative": int((labels[:, k] == 0).sum()),
-                "masked": int((labels[:, k] == -1).sum())} for k, c in enumerate(classes)}

@@ -251,14 +251,14 @@ def _canonical_labels(labels: list[str], source: Path) -> list[str]:
     return [canonical[raw.strip().casefold()] for raw in labels]
 
 
-def _from_csv(path: Path, notes: list[str], *, allow_outside_paths: bool = False, path_column: str | None = None,
+def _from_csv(table: _Csv, notes: list[str], *, allow_outside_paths: bool = False, path_column: str | None = None,
               label_column: str | None = None) -> tuple[dict[str, SplitData], list[str]]:
     """A manifest ``path,label[,patient_id][,split]`` (other column names found or given).
 
     Paths are relative to the manifest's folder and must stay inside it unless ``allow_outside_paths``.
     Duplicate rows are dropped; one image with two labels, splits or patients is refused.
     """
-    table = _read_csv(path)
+    path = table.path
     if not table.rows:
         raise DataError(f"CSV manifest {path} has no rows")
     base = os.path.normpath(path.parent.absolute())
@@ -338,7 +338,7 @@ def _split_by_column(data: SplitData, names: list[str] | None, path: Path) -> di
     return splits
 
 
-def _is_multilabel_csv(table: _Csv, base: Path, path_column: str | None, label_column: str | None,
+def _is_multilabel_csv(table: _Csv, path_column: str | None, label_column: str | None,
                        label_columns: Sequence[str] | None) -> bool:
     """NIH's ``Finding Labels``, findings named by ``data.label_columns``, or (without a single label column)
     two or more numeric finding columns."""
@@ -367,11 +367,11 @@ def _finding_path_column(table: _Csv, base: Path, path_column: str | None) -> st
     return found[0]
 
 
-def _from_multilabel_csv(path: Path, notes: list[str], *, allow_outside_paths: bool, path_column: str | None,
+def _from_multilabel_csv(table: _Csv, notes: list[str], *, allow_outside_paths: bool, path_column: str | None,
                          label_columns: Sequence[str] | None) -> tuple[dict[str, SplitData], list[str]]:
     """An NIH-style manifest, or one column per finding (CheXpert's ``train.csv``): raw labels (1, 0, -1
     uncertain, NaN blank), patients, and the manifest's own split when it has one."""
-    table = _read_csv(path)
+    path = table.path
     if not table.rows:
         raise DataError(f"CSV manifest {path} has no rows")
     try:
@@ -404,7 +404,7 @@ def _from_multilabel_csv(path: Path, notes: list[str], *, allow_outside_paths: b
             raise DataError(f"CSV manifest {path}, row {line}: empty {pcol}")
         full = os.path.normpath(os.path.join(base, rel))
         first = Path(rel).parts[0] if Path(rel).parts else ""
-        if not os.path.exists(full) and first == base.name:  # CheXpert: paths start with the data set's folder
+        if first == base.name and not os.path.exists(full):  # CheXpert: paths start with the data set's folder
             full = os.path.normpath(os.path.join(base.parent, rel))
         if not allow_outside_paths and not _inside(full, str(base)) and not _inside(full, str(base.parent)):
             raise DataError(f"CSV manifest {path}, row {line}: {rel} lies outside the manifest's folder {base}; paths "
@@ -806,13 +806,14 @@ def _read_source(path_str: str, *, allow_outside_paths: bool = False, path_colum
         splits, classes = _from_tiny_imagenet(path, notes)
     elif path.is_dir():
         splits, classes = _from_folder(path)
-    elif path.suffix.lower() == ".csv" and _is_multilabel_csv(_read_csv(path), path.parent, path_column,
-                                                              label_column, label_columns):
-        splits, classes = _from_multilabel_csv(path, notes, allow_outside_paths=allow_outside_paths,
-                                               path_column=path_column, label_columns=label_columns)
     elif path.suffix.lower() == ".csv":
-        splits, classes = _from_csv(path, notes, allow_outside_paths=allow_outside_paths, path_column=path_column,
-                                    label_column=label_column)
+        table = _read_csv(path)  # once: a manifest can hold hundreds of thousands of rows
+        if _is_multilabel_csv(table, path_column, label_column, label_columns):
+            splits, classes = _from_multilabel_csv(table, notes, allow_outside_paths=allow_outside_paths,
+                                                   path_column=path_column, label_columns=label_columns)
+        else:
+            splits, classes = _from_csv(table, notes, allow_outside_paths=allow_outside_paths,
+                                        path_column=path_column, label_column=label_column)
     elif path.suffix.lower() == ".npz":
         splits, classes = _from_npz(path, notes)
     else:
