@@ -10,7 +10,6 @@ scikit-learn's) because it runs 1,000 × K times.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
+from medsight.metrics.operating_points import choose_threshold
 from medsight.metrics.ordinal import fast_auc
 
 __all__ = ["multilabel_metrics", "multilabel_epoch_metrics", "finding_thresholds", "unscoreable_reason",
@@ -67,14 +67,7 @@ def finding_thresholds(labels: np.ndarray, probs: np.ndarray, rule: str = "youde
             thresholds.append(0.5)
             reasons.append(why)
             continue
-        y, p = y[keep].astype(int), p[keep]
-        if rule == "sensitivity":
-            pos = np.sort(p[y == 1])[::-1]
-            m = max(1, math.ceil(target * len(pos) - 1e-9))
-            t = float(pos[m - 1])
-        else:
-            fpr, tpr, thr = skm.roc_curve(y, p)
-            t = float(thr[int(np.argmax(tpr - fpr))])
+        t = choose_threshold(y[keep] == 1, p[keep], target if rule == "sensitivity" else None)
         thresholds.append(min(max(t, 0.0), 1.0))
         reasons.append(None)
     return thresholds, reasons
