@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from medsight.reporting.html import html_table
+
 __all__ = ["model_card_sections", "to_markdown", "to_html", "code_version", "ANSWERED", "NOT_ANSWERED"]
 
 Table = tuple[list[str], list[list[Any]]]
@@ -207,8 +209,8 @@ def _robustness_section(rob: dict[str, Any] | None) -> Section:
                                                         "mean drop"], rows)]
 
 
-def model_card_sections(metrics: dict[str, Any], config: dict[str, Any], data: dict[str, Any] | None,
-                        title: str = "medsight model") -> list[Section]:
+def model_card_sections(metrics: dict[str, Any], config: dict[str, Any], data: dict[str, Any] | None
+                        ) -> list[Section]:
     """The card's sections from a run's (or an external evaluation's) metrics, resolved config and data summary."""
     model, optim, train = config.get("model", {}), config.get("optim", {}), config.get("train", {})
     d = config.get("data", {})
@@ -284,9 +286,7 @@ def to_html(sections: list[Section]) -> str:
         out.append(f"<h3>{html.escape(name)}</h3>")
         for p in parts:
             if isinstance(p, tuple):
-                head = "".join(f"<th>{html.escape(h)}</th>" for h in p[0])
-                body = "".join("<tr>" + "".join(f"<td>{html.escape(_f(c))}</td>" for c in r) + "</tr>" for r in p[1])
-                out.append(f"<table><tr>{head}</tr>{body}</table>")
+                out.append(html_table(p[0], [[_f(c) for c in r] for r in p[1]]))  # _f's strings, escaped there
             else:
                 out.append(f"<p>{_inline(p)}</p>")
     return "\n".join(out)
