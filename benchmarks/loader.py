@@ -250,7 +250,7 @@ def main() -> int:
     p.add_argument("--manifest-rows", type=int, default=250_000)
     p.add_argument("--quick", action="store_true", help="smoke test: small files, few steps, a 5,000-row manifest")
     p.add_argument("--loop-only", action="store_true",
-                   help="only the training loop against the step (on a GPU: writes loader_gpu.json)")
+                   help="only the training loop against the step (writes loader_gpu_loop.json, or loader_cpu_loop.json)")
     args = p.parse_args()
     scale = 0.2 if args.quick else 1.0
     if args.quick:

@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import save_result  # noqa: E402
+from _results import mean_sd, save_result  # noqa: E402
+from medsight.evaluation.runs import RunData, load_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = {"pneumoniamnist": ROOT / "data" / "pneumoniamnist.npz", "retinamnist": ROOT / "data" / "retinamnist.npz",
@@ -74,15 +75,11 @@ def train_run(name: str, quick: bool) -> Path:
     return folder
 
 
-def subgroup_demo(run: Path, seed: int = 0) -> dict:
+def subgroup_demo(rd: RunData, seed: int = 0) -> dict:
     """The subgroup analysis on a synthetic, random two-site column of the run's test images."""
-    from medsight.checkpoint import load_checkpoint
     from medsight.evaluation.subgroups import subgroup_metrics
-    from medsight.tasks import task_from_checkpoint
 
-    task = task_from_checkpoint(load_checkpoint(run / "best.pt"))
-    with np.load(run / "predictions.npz", allow_pickle=False) as z:
-        labels, probs = z["test_labels"], z["test_probs"]
+    task, labels, probs = rd.task, rd.test_labels, rd.test_probs
     sites = np.where(np.random.default_rng(seed).random(len(labels)) < 0.5, "site A", "site B")
     views = task.decision.get("operating_points", {}).get("views", {})
     labelled = task.view_labelled(labels)  # a finding's masked labels leave images out of its view
@@ -96,7 +93,7 @@ def subgroup_demo(run: Path, seed: int = 0) -> dict:
     return {"column": "synthetic random site (not real metadata)", "views": out}
 
 
-def exchangeable_check(run: Path, splits: int = 200, coverage: float = 0.9, seed: int = 0) -> dict:
+def exchangeable_check(rd: RunData, splits: int = 200, coverage: float = 0.9, seed: int = 0) -> dict:
     """Temperature scaling and 90% conformal sets when the calibration data *is* exchangeable with the data
     measured: the run's test images split at random into halves, fitted on one half, measured on the other,
     ``splits`` times (mean and sd). Set beside the validation-fitted figures, it separates a method that does
@@ -110,15 +107,11 @@ def exchangeable_check(run: Path, splits: int = 200, coverage: float = 0.9, seed
     mean over findings)."""
     import torch
 
-    from medsight.checkpoint import load_checkpoint
     from medsight.metrics.calibration import binary_ece, fit_temperature, reliability_bins
     from medsight.metrics.conformal import (binary_set_metrics, fit_binary_conformal, fit_conformal,
                                             prediction_sets, set_metrics)
-    from medsight.tasks import task_from_checkpoint
 
-    task = task_from_checkpoint(load_checkpoint(run / "best.pt"))
-    with np.load(run / "predictions.npz", allow_pickle=False) as z:
-        labels, probs = z["test_labels"], z["test_probs"].astype(np.float64)
+    labels, probs = rd.test_labels, rd.test_probs.astype(np.float64)
     rng = np.random.default_rng(seed)
     rows = []
     if labels.ndim == 1:  # one answer per image: softmax temperature on log-probabilities
@@ -142,16 +135,17 @@ def exchangeable_check(run: Path, splits: int = 200, coverage: float = 0.9, seed
         def bce(z, y):
             return torch.nn.functional.binary_cross_entropy_with_logits(z, y.to(z.dtype))
 
-        views = task.binary_views(labels, probs)
+        views = []  # (labels, probability, log-odds) per finding
+        for _, y, s in rd.task.binary_views(labels, probs):
+            s = np.clip(s, 1e-12, 1 - 1e-12)
+            views.append((y, s, np.log(s / (1 - s))))
         for _ in range(splits):
             per = []
-            for _, y, s in views:
-                s = np.clip(s, 1e-12, 1 - 1e-12)
+            for y, s, z in views:
                 idx = rng.permutation(len(y))
                 a, b = idx[: len(idx) // 2], idx[len(idx) // 2:]
                 if y[a].min() == y[a].max():
                     continue  # a half without a positive case fits nothing
-                z = np.log(s / (1 - s))
                 t = fit_temperature(z[a], y[a], nll=bce)
                 cov = binary_set_metrics(y[b], s[b], fit_binary_conformal(y[a], s[a], coverage))
                 per.append((binary_ece(y[b], s[b]), binary_ece(y[b], 1 / (1 + np.exp(-z[b] / t))), cov["coverage"]))
@@ -159,12 +153,12 @@ def exchangeable_check(run: Path, splits: int = 200, coverage: float = 0.9, seed
     arr = np.asarray(rows)
     keys = ("ece_validation_temperature", "ece_test_half_temperature", "conformal_coverage")
     return {"splits": splits, "target_coverage": coverage,
-            **{k: {"mean": _r(arr[:, i].mean()), "sd": _r(arr[:, i].std(ddof=1))} for i, k in enumerate(keys)},
+            **{k: mean_sd(arr[:, i].tolist()) for i, k in enumerate(keys)},
             "ece_lowered_share": _r(float((arr[:, 1] < arr[:, 0]).mean()), 3)}
 
 
-def summarize(run: Path, robustness: dict) -> dict:
-    m = json.loads((run / "metrics.json").read_text())
+def summarize(rd: RunData, robustness: dict) -> dict:
+    m = rd.metrics
     tr = m["trust"]
     cal, conf, sel, tta = tr["calibration"], tr["conformal"], tr["selective"], tr["tta"]
     t = cal["temperature"]
@@ -173,7 +167,7 @@ def summarize(run: Path, robustness: dict) -> dict:
                    "ece_per_finding": {n: [_r(v["ece_before"]), _r(v["ece_after"])] for n, v in cal["per_view"].items()}
                    } if "per_finding" in conf else {}
     return {
-        "run": _relative(run), "test_auc": _r(m["test"].get("auc")), "test_accuracy": _r(m["test"].get("accuracy")),
+        "run": _relative(rd.path), "test_auc": _r(m["test"].get("auc")), "test_accuracy": _r(m["test"].get("accuracy")),
         "temperature": [_r(x) for x in t] if isinstance(t, list) else _r(t), "ece_before": _r(cal["ece_before"]), "ece_after": _r(cal["ece_after"]),
         "ece_lowered": cal["ece_after"] < cal["ece_before"],
         "conformal_target": conf["target_coverage"], "conformal_coverage": _r(conf["coverage"]),
@@ -206,9 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         run = Path(given[name]) if name in given else train_run(name, args.quick)
         rob = robustness_check(run / "best.pt", seed=0)
-        row = summarize(run, rob)
-        row["subgroup_demo"] = subgroup_demo(run)
-        row["exchangeable_check"] = exchangeable_check(run)
+        rd = load_run(run)  # predictions, metrics and task, read once
+        row = summarize(rd, rob)
+        row["subgroup_demo"] = subgroup_demo(rd)
+        row["exchangeable_check"] = exchangeable_check(rd)
         row["seconds"] = round(time.time() - t0, 1)
         results["datasets"][name] = row
         save_result("trust_quick.json" if args.quick else "trust.json", results, echo=False)

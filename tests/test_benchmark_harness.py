@@ -88,8 +88,9 @@ def test_loader_loop_against_step_alternates_rounds_on_a_prepared_cache(tmp_path
 
 def test_trust_exchangeable_check_covers_when_calibration_and_test_are_exchangeable(tiny_run):
     import trust
+    from medsight.evaluation.runs import load_run
 
-    r = trust.exchangeable_check(tiny_run, splits=40)
+    r = trust.exchangeable_check(load_run(tiny_run), splits=40)
     assert r["splits"] == 40 and r["target_coverage"] == 0.9
     # split conformal's guarantee: mean coverage >= 90% over random exchangeable halves (up to the splits' noise)
     assert 0.85 <= r["conformal_coverage"]["mean"] <= 1.0
