@@ -76,14 +76,19 @@ def tiny_run(tmp_path_factory) -> Path:
     return root / "run"
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a server or a DDP rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def start_server(args: list[str], env: dict[str, str] | None = None, timeout: float = 120
                  ) -> tuple[subprocess.Popen, str]:
     """`medsight serve ARGS` in its own process, as a user starts it, once /health answers: (process, url)."""
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "medsight", "serve", *args, "--port", str(port), "--device", "cpu"],
                             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -8,7 +8,6 @@ import errno
 import json
 import logging
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -227,12 +226,6 @@ def test_the_cli_prepares_and_a_cache_folder_reads_as_data(source, tmp_path, cap
 
 # ---------------------------------------------------------------------------------------- two processes
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_reads_cache(rank: int, port: int, src: str, cache: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -246,8 +239,10 @@ def _rank_reads_cache(rank: int, port: int, src: str, cache: str, out: str) -> N
 
 
 def test_two_ddp_ranks_read_one_cache_that_rank_0_prepares(source, tmp_path):
+    from conftest import free_port
+
     cache = tmp_path / "cache"
-    mp.start_processes(_rank_reads_cache, args=(_free_port(), str(source), str(cache), str(tmp_path)), nprocs=2,
+    mp.start_processes(_rank_reads_cache, args=(free_port(), str(source), str(cache), str(tmp_path)), nprocs=2,
                        start_method="spawn")
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0 == r1 and r0["sum"] > 0 and len(r0["paths"]) > 0

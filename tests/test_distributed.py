@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,9 @@ from medsight.config import OptimConfig
 from medsight.optim import create_optimizer
 from medsight.engine import StepOptions, train_step
 
-from conftest import write_class_folders
+from conftest import free_port, write_class_folders
 
 STEPS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def net() -> nn.Module:

@@ -5,7 +5,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from medsight.inference import Predictor
 from medsight.cli import main
 from medsight.inference import ExportError, OnnxPredictor, export_onnx
 
-from conftest import blob_image
+from conftest import blob_image, free_port
 
 
 def png_bytes(label: int, size: int = 28, seed: int = 0) -> bytes:
@@ -65,12 +64,6 @@ def test_onnx_bad_inputs(tiny_run, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ REST API
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(tiny_run):
