@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
+from medsight.metrics.calibration import binary_ece
 from medsight.metrics.operating_points import choose_threshold
 from medsight.metrics.ordinal import fast_auc
 
@@ -34,18 +35,6 @@ def unscoreable_reason(y: np.ndarray) -> str | None:
     if neg == 0:
         return "no negative images"
     return None
-
-
-def binary_ece(y: np.ndarray, p: np.ndarray, n_bins: int = 15) -> float:
-    """ECE of one finding's probability: |observed rate − mean probability| over equal-width bins,
-    weighted by the bins' shares (Guo et al. 2017, in its binary form)."""
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    ece = 0.0
-    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
-        m = (p >= lo) & ((p < hi) if i < n_bins - 1 else (p <= hi))
-        if m.any():
-            ece += m.mean() * abs(float(y[m].mean()) - float(p[m].mean()))
-    return float(ece)
 
 
 def _sens_spec(y: np.ndarray, p: np.ndarray, t: float) -> tuple[float | None, float | None]:
