@@ -96,11 +96,10 @@ def _calibration(task: Task, labels: np.ndarray, raw: np.ndarray, cal: np.ndarra
             "reliability": {"before": before, "after": after}}
 
 
-def _selective(task: Task, labels: np.ndarray, logits: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+def _selective(task: Task, labels: np.ndarray, views: np.ndarray | None, probs: np.ndarray) -> dict[str, Any]:
     errors = task.errors(labels, probs)
     scores = {"max probability": task.confidence(probs)}
-    if logits.ndim == 3:  # TTA views: the mean's confidence, and agreement (minus the spread of the decided output)
-        views = np.stack([_probs(task, v) for v in logits])
+    if views is not None:  # TTA views: the mean's confidence, and agreement (minus the spread of the decided output)
         scores["TTA mean probability"] = task.confidence(views.mean(0))
         scores["TTA agreement (−std)"] = -task.tta_spread(views, probs)
     curves = {name: risk_coverage(errors, s) for name, s in scores.items()}
@@ -155,24 +154,27 @@ def measure(task: Task, ev: EvalConfig, logits: np.ndarray, labels: np.ndarray, 
     fitted on validation; with ``out``, the reliability diagram and the risk–coverage figure are written."""
     labels = np.asarray(labels, dtype=np.int64)
     plain = logits[0] if logits.ndim == 3 else logits
-    raw, cal = _probs(task, plain, calibrated=False), _probs(task, plain)
-    probs = decision_probs(task, logits)
+    # calibrated probabilities of every TTA view, once: view 0 is the plain image, and the decision reads the
+    # views' mean when the task uses TTA (as decision_probs does)
+    views = np.stack([_probs(task, v) for v in logits]) if logits.ndim == 3 else None
+    raw, cal = _probs(task, plain, calibrated=False), (views[0] if views is not None else _probs(task, plain))
+    probs = views.mean(0) if views is not None and task.decision.get("tta") else cal
     n_boot = ev.bootstrap
     result: dict[str, Any] = {"n": int(len(labels)), "calibration": _calibration(task, labels, raw, cal),
                               "operating_points": _operating_points(task, labels, probs, n_boot, seed),
-                              "selective": _selective(task, labels, logits, probs)}
+                              "selective": _selective(task, labels, views, probs)}
     conformal = task.decision.get("conformal")
     if conformal:
         result["conformal"] = {"method": conformal["method"], "target_coverage": conformal["coverage"],
                                "class_conditional": conformal["class_conditional"], "qhat": conformal["qhat"],
                                **task.conformal_metrics(labels, probs, conformal), "caveat": CONFORMAL_CAVEAT}
-    if logits.ndim == 3:
-        tta = np.mean([_probs(task, v) for v in logits], axis=0)
+    if views is not None:
+        tta = views.mean(0)
         m0, m1 = task.epoch_metrics(labels, cal), task.epoch_metrics(labels, tta)
         result["tta"] = {"used_for_decisions": bool(task.decision.get("tta")), "views": int(logits.shape[0]),
                          "auc_without": m0.get("auc"), "auc_with": m1.get("auc"),
                          "accuracy_without": m0.get("accuracy"), "accuracy_with": m1.get("accuracy"),
-                         "ece_without": task.reliability(labels, cal)["ece"],
+                         "ece_without": result["calibration"]["ece_after"],  # the calibrated plain view's
                          "ece_with": task.reliability(labels, tta)["ece"]}
     result["subgroups"] = _subgroups(task, labels, probs, meta, ev, n_boot, seed)
     if out is not None:
