@@ -193,9 +193,8 @@ def main() -> int:
             rows.append(row)
             print(f"{row['who']} seed {seed}: test mean AUC {row['test_mean_auc']:.4f} · {row['seconds']:.0f} s "
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)
-            save_result(name, {**summarize(rows), "machine": machine()}, echo=False)
-    results = {**summarize(rows), "machine": machine()}
-    save_result(name, results, echo=False)
+            results = {**summarize(rows), "machine": machine()}
+            save_result(name, results, echo=False)  # after every run: a stopped sweep keeps its rows
     print(table(results))
     return 0
 
