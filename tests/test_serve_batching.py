@@ -177,3 +177,26 @@ def test_batching_off_answers_as_batching_on(tiny_run):
             server.stop()
     for on, off in zip(answers[()], answers[("--no-batching",)]):
         assert max(abs(on[k] - off[k]) for k in off) < 1e-5
+
+
+def test_the_heatmap_shows_the_output_the_prediction_decided(tiny_run, monkeypatch):
+    """The explained class comes from the prediction the server answers with (TTA included), not from a second,
+    plain model pass; a class the user names wins; an unknown name is refused."""
+    from medsight.serve.service import Service, UnknownClassError
+
+    service = Service(tiny_run / "best.pt", "cpu")
+    classes = service.predictor.classes
+    img = torch.rand(3, 32, 32)
+    plain = service.predict(img)["label"]
+    other = next(c for c in classes if c != plain)
+    monkeypatch.setattr(service, "predict", lambda _img: {"label": other, "probabilities": {c: 0.5 for c in classes}})
+    asked = []
+    real_explain = service.explain
+    monkeypatch.setattr(service, "explain", lambda im, m, i: asked.append(i) or real_explain(im, m, i))
+    _, info = service.explain_png(img, "gradcam")
+    assert asked == [classes.index(other)] and info["explained"] == other
+    _, info = service.explain_png(img, "gradcam", target=plain)
+    assert asked[-1] == classes.index(plain) and info["explained"] == plain
+    assert service.explained_index({"label": other, "explained": plain}) == classes.index(plain)
+    with pytest.raises(UnknownClassError, match="unknown class or finding 'nope'"):
+        service.explain_png(img, "gradcam", target="nope")

@@ -164,11 +164,11 @@ def build_page(service: Service, uploads: UploadFolder | None = None) -> Any:
                 p = result["probabilities"][result["label"]]
                 return (result["probabilities"], "", f"**Prediction: {result['label']}** ({p:.1%})  \n"
                         "No overlay: this server runs an exported ONNX model, which cannot explain.", held)
-            index = service.class_index(target)
+            index = service.explained_index(result, target)
             _, ov, border = service.explain(img, method, index)
         except (ImageReadError, UnknownMethodError, UnknownClassError) as exc:
             raise gr.Error(str(exc)) from None
-        shown = target or result.get("explained") or result["label"]
+        shown = service.predictor.classes[index]
         if "findings" in result:  # multi-label: every finding above its threshold, the heatmap of one
             text = (f"**Findings above their thresholds:** {result['label']}  \nHeatmap of "
                     f"**{shown}** ({result['probabilities'][shown]:.1%})  \n")

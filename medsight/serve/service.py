@@ -111,6 +111,12 @@ class Service:
                                     f"{', '.join(self.predictor.classes)}")
         return self.predictor.classes.index(name)
 
+    def explained_index(self, result: dict[str, Any], target: str | None = None) -> int:
+        """The output a heatmap of this prediction shows: the class or finding the user named, else the one the
+        prediction ``result`` explains (its decision, with the run's TTA when it uses it)."""
+        index = self.class_index(target)
+        return index if index is not None else self.predictor.classes.index(result.get("explained", result["label"]))
+
     def explain(self, img: torch.Tensor, method: str = "gradcam", class_idx: int | None = None
                 ) -> tuple[np.ndarray, np.ndarray, float]:
         """(display image, overlay, border score) for ``img`` (the heatmap of output ``class_idx``, default:
@@ -129,10 +135,11 @@ class Service:
     def explain_png(self, img: torch.Tensor, method: str, target: str | None = None) -> tuple[bytes, dict[str, Any]]:
         from PIL import Image
 
-        index = self.class_index(target)
+        self.class_index(target)  # an unknown name is refused before any work
         result = self.predict(img)
+        index = self.explained_index(result, target)
         disp, ov, border = self.explain(img, method, index)
-        explained = self.predictor.classes[index] if index is not None else result.get("explained", result["label"])
+        explained = self.predictor.classes[index]
         side = np.concatenate([disp, ov], axis=1)
         big = Image.fromarray((side * 255).round().astype(np.uint8)).resize(
             (2 * max(256, disp.shape[1]), max(256, disp.shape[0])), Image.NEAREST)
