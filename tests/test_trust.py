@@ -407,3 +407,20 @@ def test_robustness_command_and_missing_data_message(tiny_run, tmp_path, capsys)
     assert main(["robustness", str(tmp_path / "moved.pt")]) == 2
     err = capsys.readouterr().err
     assert "cannot be found" in err and "--data" in err
+
+
+def test_onnx_export_of_a_tta_run_averages_the_same_views_as_pytorch(tiny_run, tmp_path):
+    """A run that decided on test-time augmentation answers with the mean over its views through ONNX too."""
+    from medsight.inference import OnnxPredictor, Predictor, export_onnx
+
+    ckpt = torch.load(tiny_run / "best.pt", map_location="cpu", weights_only=True)
+    ckpt["task"]["decision"]["tta"] = True
+    torch.save(ckpt, tmp_path / "tta.pt")
+    export_onnx(tmp_path / "tta.pt", tmp_path / "m.onnx")
+    imgs = [torch.rand(3, 40, 36, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    pt, ox = Predictor(tmp_path / "tta.pt", "cpu"), OnnxPredictor(tmp_path / "m.onnx")
+    want = pt.probabilities_batch([pt.prepare(im) for im in imgs])
+    got = ox.probabilities_batch([ox.prepare(im) for im in imgs])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    plain = ox.run(np.stack([ox.prepare(im) for im in imgs]))
+    assert np.abs(plain - want).max() > 1e-4  # the views matter: without them the answer differs

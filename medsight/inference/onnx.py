@@ -20,6 +20,7 @@ from medsight.checkpoint import load_model
 from medsight.config import DataConfig
 from medsight.data.transforms import make_transform, to_three_channels
 from medsight.inference.predictor import BasePredictor
+from medsight.inference.tta import tta_views
 from medsight.tasks import task_from_checkpoint, task_from_state
 
 __all__ = ["export_onnx", "OnnxPredictor", "ExportError"]
@@ -136,4 +137,7 @@ class OnnxPredictor(BasePredictor):
         return self.transform(to_three_channels(img)).numpy()
 
     def probabilities_batch(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
-        return self.run(np.stack(list(prepared)))
+        x = np.stack(list(prepared))
+        if self.task.decision.get("tta"):  # the run chose test-time augmentation: the mean over its views, as
+            return np.mean([self.run(v.numpy()) for v in tta_views(torch.from_numpy(x))], axis=0)  # in PyTorch
+        return self.run(x)
