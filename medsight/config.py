@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
+import types
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -30,11 +32,14 @@ __all__ = [
     "config_to_dict", "config_from_dict", "validate_config", "save_config", "with_values", "choices", "explicit_keys",
     "OptimizerName", "CamMethod", "TaskKind", "ScheduleName", "Monitor", "Precision", "LossName", "LoggerName",
     "AutoAugment", "Pretext", "Layout", "MAX_IMAGE_SIZE", "OrdinalHead", "ResizePolicy", "Preset", "LabelPolicy",
-    "ThresholdRule", "EvalConfig", "ConformalScore", "CorruptionName",
+    "ThresholdRule", "EvalConfig", "ConformalScore", "CorruptionName", "MAX_CONFIG_BYTES", "read_yaml",
 ]
 
 #: The embedded default data set (real PneumoniaMNIST chest X-rays; see data/README.md).
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "pneumoniamnist.npz"
+
+#: Largest config file read: a run's config.yaml is a few kB; anything past this is refused before parsing.
+MAX_CONFIG_BYTES = 256 * 1024
 
 #: Largest input side accepted: beyond this one image alone would need gigabytes of activations.
 MAX_IMAGE_SIZE = 2048
@@ -82,6 +87,70 @@ def choices(literal: Any) -> tuple[str, ...]:
 
 class ConfigError(ValueError):
     """A configuration that cannot run: unknown key, wrong type or out-of-range value."""
+
+
+# ------------------------------------------------------------------------------------------------- YAML
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's SafeLoader with YAML 1.2 scalars and without anchors or aliases.
+
+    Written here because PyYAML implements YAML 1.1 only, where ``010`` is octal (8), ``1:30`` is base 60
+    (90) and ``yes``/``on`` are booleans, and expands every alias (a "billion laughs" file of a few
+    hundred bytes builds gigabytes); ruamel.yaml is not a dependency. Scalars follow YAML 1.2's core
+    schema, with numbers in decimal only (``0x1`` and ``0o7`` stay text): ``null``/``~``/empty, ``true``/
+    ``false``, decimal integers and floats (``1e-3`` included), ``.inf``/``.nan``; everything else is a
+    string. An anchor (``&a``) or alias (``*a``) is refused where it appears.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "YAML anchors and aliases (&name, *name) are not accepted "
+                                              "in a medsight config; write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _decimal_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    if len(text) > 40:  # no option takes a number this long; int() of a huge text is slow
+        raise yaml.constructor.ConstructorError(None, None, f"an integer of {len(text)} digits", node.start_mark)
+    return int(text, 10)
+
+
+_Loader.yaml_implicit_resolvers = {}
+for _tag, _pattern, _first in (
+        ("null", r"~|null|Null|NULL|", ["~", "n", "N", ""]),
+        ("bool", r"true|True|TRUE|false|False|FALSE", list("tTfF")),
+        ("int", r"[-+]?[0-9]+", list("-+0123456789")),
+        ("float", r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+         list("-+.0123456789"))):
+    _Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(f"^(?:{_pattern})$"), _first)
+_Loader.add_constructor("tag:yaml.org,2002:int", _decimal_int)
+
+
+def _yaml_error(exc: BaseException) -> str:
+    """PyYAML's message on one line, bounded (it quotes the offending line)."""
+    text = " ".join(str(exc).split()) if isinstance(exc, yaml.YAMLError) else type(exc).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def read_yaml(text: str) -> Any:
+    """Parse ``text`` by medsight's YAML rules (:class:`_Loader`); a ``yaml.YAMLError`` on anything else."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except (ValueError, RecursionError) as exc:  # a number Python refuses, or nesting deeper than the stack
+        raise yaml.YAMLError(f"{type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 6
+_REPR.maxlevel = 3
+
+
+def _clip(value: Any) -> str:
+    """A bounded repr for error messages: a value from a file or the command line can be any size."""
+    return _REPR.repr(value)
 
 
 def _number(v: Any) -> Any:
@@ -385,14 +454,14 @@ def _section_at(loc: Sequence[Any]) -> type[BaseModel]:
 
 def _message(err: dict[str, Any]) -> str:
     """One pydantic error as medsight's one-line message: the dotted key, what was wrong, a suggestion."""
-    loc = [str(p) for p in err["loc"] if not isinstance(p, int)]
+    loc = [str(p)[:80] for p in err["loc"] if not isinstance(p, int)]
     key, kind, value, ctx = ".".join(loc), err["type"], err.get("input"), err.get("ctx") or {}
-    shown = f"{type(value).__name__} {value!r}"
+    shown = f"{type(value).__name__} {_clip(value)}"
     if kind == "extra_forbidden":
         return f"unknown config key '{key}'.{_suggest(loc[-1], _section_at(loc[:-1]).model_fields)}"
     if kind == "literal_error":
         allowed = [a.strip().strip("'") for a in str(ctx.get("expected", "")).replace(" or ", ", ").split(",")]
-        return f"{key} must be one of {', '.join(allowed)}; got {value!r}.{_suggest(str(value), allowed)}"
+        return f"{key} must be one of {', '.join(allowed)}; got {_clip(value)}.{_suggest(str(value)[:80], allowed)}"
     if kind in ("int_type", "int_parsing", "int_from_float"):
         return f"{key}: expected an integer, got {shown}"
     if kind in ("bool_type", "bool_parsing"):
@@ -400,7 +469,7 @@ def _message(err: dict[str, Any]) -> str:
     if kind in ("float_type", "float_parsing"):
         return f"{key}: expected a number, got {shown}"
     if kind == "finite_number":
-        return f"{key} must be a finite number, got {value!r}"
+        return f"{key} must be a finite number, got {_clip(value)}"
     if kind in ("string_type",):
         return f"{key}: expected a string, got {shown}"
     if kind in ("list_type",):
@@ -410,10 +479,11 @@ def _message(err: dict[str, Any]) -> str:
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
     if kind in bounds:
         limit = next(iter(ctx.values()))
-        return f"{key} must be {bounds[kind]} {limit}, got {value!r}"
+        return f"{key} must be {bounds[kind]} {limit}, got {_clip(value)}"
     if kind == "value_error":
-        return str(ctx.get("error", err["msg"]))
-    return f"{key}: {err['msg']} (got {value!r})"
+        text = str(ctx.get("error", err["msg"]))
+        return text if len(text) <= 500 else text[:500] + "..."
+    return f"{key}: {err['msg']} (got {_clip(value)})"
 
 
 def _validate(data: Any) -> Config:
@@ -473,56 +543,88 @@ def with_values(cfg: Config, values: dict[str, Any]) -> Config:
     return _mark(_validate(data), explicit_keys(cfg))
 
 
-def _override_value(key: str, raw: str) -> Any:
+def _takes_text_only(annotation: Any) -> bool:
+    """Whether a field's scalar values are all strings (``Text``, a ``Literal`` of names, either or None)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _takes_text_only(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        return bool(args) and all(_takes_text_only(a) for a in args)
+    if origin is Literal:
+        return all(isinstance(a, str) for a in get_args(annotation))
+    return annotation is str
+
+
+def _override_value(key: str, raw: str, text_field: bool) -> Any:
+    """A ``--set`` value: YAML 1.2 (:func:`read_yaml`), read as the field's type. A text field (a path, a
+    name) keeps what was typed when YAML would read a number or a boolean (``data.path=0777`` stays
+    ``"0777"``); numbers are decimal (``010`` is 10; ``1:30`` and ``0x1`` are not numbers)."""
     if raw.strip() == "":
         return None
     if re.search(r"(^|[\s\[{,:])!", raw):  # a YAML tag: no --set value needs one, and they can build objects
-        raise ConfigError(f"--set {key}: {raw!r} carries a YAML tag ('!...'); give a plain value")
+        raise ConfigError(f"--set {key}: {_clip(raw)} carries a YAML tag ('!...'); give a plain value")
     try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError as exc:  # broken YAML, or a tag such as !!python/object that safe_load refuses
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"--set {key}: {raw!r} is not a plain YAML value ({first})") from None
+        value = read_yaml(raw)
+    except yaml.YAMLError as exc:  # broken YAML, an anchor or alias
+        raise ConfigError(f"--set {key}: {_clip(raw)} is not a plain YAML value ({_yaml_error(exc)})") from None
+    if text_field and isinstance(value, (bool, int, float)):
+        return raw.strip()
+    return value
+
+
+def _field(parts: Sequence[str]) -> Any:
+    """The annotation of the field at dotted ``parts`` (None when there is none)."""
+    field = _section_at(parts[:-1]).model_fields.get(parts[-1])
+    return field.annotation if field is not None else None
 
 
 def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
-    """Apply ``key=value`` strings (dotted keys, YAML values) on top of ``cfg``."""
+    """Apply ``key=value`` strings (dotted keys, YAML 1.2 values read as the field's type) on top of ``cfg``."""
     data = config_to_dict(cfg)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects key=value, got {_clip(item)}")
         key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
+        key = key.strip()
+        parts = key.split(".")
         node = data
         for i, part in enumerate(parts[:-1]):
             if part not in node or not isinstance(node[part], dict):
                 where = ".".join(parts[:i])
                 sections = [k for k, v in node.items() if isinstance(v, dict)]
-                raise ConfigError(f"unknown config section '{'.'.join(parts[: i + 1])}'"
-                                  f"{' in ' + where if where else ''}.{_suggest(part, sections)}")
+                raise ConfigError(f"unknown config section {_clip('.'.join(parts[: i + 1]))}"
+                                  f"{' in ' + where if where else ''}.{_suggest(part[:80], sections)}")
             node = node[part]
         if parts[-1] not in node:
-            raise ConfigError(f"unknown config key '{key.strip()}'.{_suggest(parts[-1], node)}")
-        node[parts[-1]] = _override_value(key.strip(), raw)
+            raise ConfigError(f"unknown config key {_clip(key)}.{_suggest(parts[-1][:80], node)}")
+        node[parts[-1]] = _override_value(key, raw, _takes_text_only(_field(parts)))
     keys = {item.split("=", 1)[0].strip() for item in overrides}
     return _mark(_validate(data), explicit_keys(cfg) | keys)
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides.
+
+    The file is read by YAML 1.2 rules without anchors or aliases (:func:`read_yaml`); one larger than
+    ``MAX_CONFIG_BYTES`` is refused before it is parsed."""
     cfg = Config()
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
+        with p.open("rb") as fh:
+            raw = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {p} is larger than {MAX_CONFIG_BYTES:,} bytes: not a medsight config")
         try:
-            text = p.read_text(encoding="utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ConfigError(f"config file {p} is not a text file (not UTF-8 YAML)") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = read_yaml(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file {p} is not valid YAML: {_yaml_error(exc)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
         cfg = _mark(config_from_dict(data), frozenset(_leaf_keys(data)))

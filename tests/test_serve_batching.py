@@ -3,6 +3,7 @@
 import concurrent.futures
 import io
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -69,14 +70,30 @@ def test_batcher_refuses_a_wrong_number_of_results():
 
 def test_admission_refuses_past_its_limit_with_a_retry_time():
     gate = Admission(2)
-    gate.enter()
-    gate.enter()
+    first = gate.ticket()
+    gate.ticket()
     with pytest.raises(ServerBusyError, match="limit 2") as err:
-        gate.enter()
+        gate.ticket()
     assert err.value.retry_after >= 1
-    gate.leave()
-    gate.enter()  # a place freed: admitted again
+    first.release()
+    first.release()  # giving a place back twice frees it once
+    gate.ticket()  # a place freed: admitted again
     assert gate.inside == 2
+    with pytest.raises(ServerBusyError):
+        gate.ticket()
+
+
+def test_a_held_place_is_given_back_at_its_deadline_or_earlier():
+    gate = Admission(1)
+    held = gate.ticket(hold_s=0.2)  # a queued page call whose function never runs
+    with pytest.raises(ServerBusyError):
+        gate.ticket()
+    time.sleep(0.3)
+    late = gate.ticket()  # the held place expired
+    held.release()  # its late release frees nothing more
+    assert gate.inside == 1
+    late.release()
+    assert gate.inside == 0
 
 
 def test_batch_settings_refuse_nonsense():

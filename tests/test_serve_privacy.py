@@ -91,9 +91,11 @@ def test_uploads_live_in_a_private_folder(server):
 
     r = httpx.post(f"{server.url}/gradio_api/upload", files={"files": ("scan.png", _png(1))}, timeout=60)
     assert r.status_code == 200, r.text
-    (stored,) = [Path(p) for p in r.json()]
+    (token,) = r.json()
     (folder,) = server.upload_folders()  # under the server's own TMPDIR, not a shared /tmp/gradio
-    assert folder in stored.parents and stored.is_file()
+    assert str(folder) not in r.text and "/" not in token and "scan" not in token  # an opaque name, no path
+    stored = folder / token
+    assert stored.is_file() and stored.read_bytes() == _png(1)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert stat.S_IMODE(stored.stat().st_mode) == 0o600
 

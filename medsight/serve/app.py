@@ -10,8 +10,8 @@
 No model work runs on the event loop. With batching on (the default), ``/predict`` decodes and fits the
 upload in a worker thread and waits for the next micro-batch (``medsight.serve.batching``); with it off,
 and for ``/explain``, the endpoint is a plain function that FastAPI runs in its worker threads. At most
-``queue_limit`` requests are inside at once: one more is answered 429 with ``Retry-After`` before its
-body is read. Typed errors map to status codes (``medsight.serve.service.STATUS``); the server keeps
+``queue_limit`` requests — REST calls, page uploads and page calls alike — are inside at once: one more
+is answered 429 with ``Retry-After`` before its body is read (``medsight.serve.guard``). Typed errors map to status codes (``medsight.serve.service.STATUS``); the server keeps
 serving after any bad upload.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -28,8 +28,11 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from fastapi.concurrency import run_in_threadpool
 
-from medsight.serve.batching import Admission, BatchSettings, ServerBusyError
+from medsight.data.imageio import ImageTooLargeError
+from medsight.serve.batching import BatchSettings
+from medsight.serve.guard import UPLOAD, Guard
 from medsight.serve.service import MAX_UPLOAD_BYTES, NOTICE, STATUS, Service
+from medsight.serve.uploads import UploadFolder
 
 __all__ = ["create_app", "serve"]
 
@@ -39,35 +42,9 @@ def _header(text: str) -> str:
     return text if text.isascii() else quote(text)
 
 
-_Scope = MutableMapping[str, Any]
-_Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
-_Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-
-#: The endpoints that run the model; the page, /health and the docs are never refused.
-_BOUNDED = ("/predict", "/explain")
-
-
-class AdmissionLimit:
-    """ASGI middleware: a model request past the admission limit gets 429 with ``Retry-After`` at once,
-    before its upload is read, so a flood costs the server almost nothing."""
-
-    def __init__(self, app: Any, admission: Admission) -> None:
-        self.app, self.admission = app, admission
-
-    async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in _BOUNDED:
-            await self.app(scope, receive, send)
-            return
-        try:
-            self.admission.enter()
-        except ServerBusyError as exc:
-            await JSONResponse({"detail": str(exc)}, status_code=429,
-                               headers={"Retry-After": str(exc.retry_after)})(scope, receive, send)
-            return
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.admission.leave()
+#: Multipart overhead allowed past the upload limit (boundaries, headers, the form fields of /explain).
+_FORM_OVERHEAD = 64 * 1024
+_ONE_FILE = {"max_files": 1, "max_fields": 0, "max_part_size": 1024}
 
 
 def create_app(checkpoint: str | Path, device: str = "auto", page: bool = True, onnx: bool | None = None,
@@ -77,16 +54,14 @@ def create_app(checkpoint: str | Path, device: str = "auto", page: bool = True, 
     ``onnx`` serves an exported model in onnxruntime (default: when the file name ends in ``.onnx``);
     ``batching`` sets the micro-batches and the queue limit (:class:`BatchSettings`; default on).
 
-    The REST API reads each upload into memory and keeps nothing. The page's uploads go to a private
-    folder that is emptied as they are read and removed when the app shuts down (``page.UploadFolder``);
-    Gradio's upload endpoint refuses files over ``MAX_UPLOAD_BYTES`` (413).
+    The REST API reads each upload into memory and keeps nothing; a request with more than one file is
+    refused (400), one over ``MAX_UPLOAD_BYTES`` too (413). The page's uploads go to a private folder under
+    opaque names (``uploads.UploadFolder``), are deleted as they are read (unread ones after a while) and
+    the folder is removed when the app shuts down. Every request passes ``guard.Guard``: one admission
+    limit, file references only to this server's uploads, only the page routes the page uses.
     """
     service = Service(checkpoint, device, onnx=onnx, batching=batching)
-    uploads = None
-    if page:
-        from medsight.serve.page import UploadFolder
-
-        uploads = UploadFolder()  # before Gradio builds anything: it points Gradio's file cache there
+    uploads = UploadFolder() if page else None  # before Gradio builds anything: it points Gradio's cache there
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -101,7 +76,9 @@ def create_app(checkpoint: str | Path, device: str = "auto", page: bool = True, 
 
     for exc_type, code in STATUS:
         def handler(_: Request, exc: Exception, code: int = code) -> JSONResponse:
-            return JSONResponse({"detail": str(exc)}, status_code=code)
+            retry = getattr(exc, "retry_after", None)
+            return JSONResponse({"detail": str(exc)}, status_code=code,
+                                headers={"Retry-After": str(retry)} if retry is not None else None)
         app.add_exception_handler(exc_type, handler)
 
     def read(file: UploadFile) -> Any:
@@ -112,18 +89,19 @@ def create_app(checkpoint: str | Path, device: str = "auto", page: bool = True, 
     def health() -> dict[str, Any]:
         return service.info
 
+    one_file = {"max_body_size": MAX_UPLOAD_BYTES + _FORM_OVERHEAD, "form_limits": _ONE_FILE}
     if service.batcher is not None:
-        @app.post("/predict")
+        @app.post("/predict", **one_file)
         async def predict(file: UploadFile = File(...)) -> dict[str, Any]:
             data = await file.read(MAX_UPLOAD_BYTES + 1)
             prepared = await run_in_threadpool(service.prepare, data, file.filename or "upload")
             return {"file": file.filename, **await asyncio.wrap_future(service.submit(prepared))}
     else:
-        @app.post("/predict")
+        @app.post("/predict", **one_file)
         def predict(file: UploadFile = File(...)) -> dict[str, Any]:
             return {"file": file.filename, **service.predict(read(file))}
 
-    @app.post("/explain")
+    @app.post("/explain", max_body_size=MAX_UPLOAD_BYTES + _FORM_OVERHEAD, form_limits={**_ONE_FILE, "max_fields": 2})
     def explain(file: UploadFile = File(...), method: str = Form("gradcam"), target: str = Form("")) -> Response:
         img = read(file)
         png, meta = service.explain_png(img, method, target or None)
@@ -135,13 +113,21 @@ def create_app(checkpoint: str | Path, device: str = "auto", page: bool = True, 
             headers["X-Findings"] = _header("|".join(meta["findings"]))
         return Response(png, media_type="image/png", headers=headers)
 
-    if page:
+    if uploads is not None:
         import gradio as gr
 
         from medsight.serve.page import build_page
 
+        @app.post(UPLOAD, **one_file)  # the page's upload (Gradio's own route is shadowed): one file -> one token
+        def upload(files: list[UploadFile] = File(...)) -> list[str]:
+            (file,) = files
+            if file.size is None or file.size > MAX_UPLOAD_BYTES:
+                raise ImageTooLargeError(f"{file.filename or 'upload'}: more than the {MAX_UPLOAD_BYTES:,}-byte "
+                                         f"upload limit")
+            return [uploads.store(file.file, file.filename or "upload", file.size)]
+
         app = gr.mount_gradio_app(app, build_page(service, uploads), path="/", max_file_size=MAX_UPLOAD_BYTES)
-    app.add_middleware(AdmissionLimit, admission=service.admission)
+    app.add_middleware(Guard, admission=service.admission, uploads=uploads)
     app.state.service = service
     return app
 

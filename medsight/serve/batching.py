@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BatchSettings", "MicroBatcher", "Admission", "ServerBusyError"]
+__all__ = ["BatchSettings", "MicroBatcher", "Admission", "Ticket", "ServerBusyError"]
 
 
 @dataclass(frozen=True)
@@ -121,33 +121,62 @@ class MicroBatcher:
                 f.set_result(r)
 
 
+class Ticket:
+    """A place in the server (:meth:`Admission.ticket`); :meth:`release` gives it back (once, idempotent)."""
+
+    __slots__ = ("_admission", "deadline", "released")
+
+    def __init__(self, admission: Admission, deadline: float | None) -> None:
+        self._admission, self.deadline, self.released = admission, deadline, False
+
+    def release(self) -> None:
+        self._admission._release(self)
+
+
 class Admission:
     """At most ``limit`` requests inside at once; one more raises :class:`ServerBusyError` (no waiting).
 
+    A place is a :class:`Ticket`. A request answered within its HTTP exchange gives its ticket back when it
+    ends; a page call that Gradio queues gives it back when its function ends, or after ``hold_s`` seconds
+    at the latest (a call cancelled or refused before its function runs never says so).
     ``Retry-After`` is the time the requests inside take at the recent rate (at least one second).
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = int(limit)
         self._inside = 0
+        self._held: set[Ticket] = set()  # tickets with a deadline
         self._lock = threading.Lock()
         self._rate = 0.0  # requests finished per second, smoothed
         self._last = time.monotonic()
 
-    def enter(self) -> None:
+    def ticket(self, hold_s: float | None = None) -> Ticket:
+        """A place, or :class:`ServerBusyError`; with ``hold_s``, the place is given back after that long."""
         with self._lock:
+            now = time.monotonic()
+            for t in [t for t in self._held if t.deadline is not None and t.deadline <= now]:
+                self._give_back(t, now)
             if self._inside >= self.limit:
                 wait = math.ceil(self._inside / self._rate) if self._rate > 0 else 1
                 raise ServerBusyError(f"the server is busy: {self._inside} requests are waiting (limit "
                                       f"{self.limit}); try again shortly", retry_after=max(1, min(wait, 60)))
             self._inside += 1
+            t = Ticket(self, now + hold_s if hold_s is not None else None)
+            if hold_s is not None:
+                self._held.add(t)
+            return t
 
-    def leave(self) -> None:
+    def _give_back(self, t: Ticket, now: float) -> None:
+        t.released = True
+        self._held.discard(t)
+        self._inside -= 1
+        dt, self._last = max(now - self._last, 1e-6), now
+        self._rate = 0.9 * self._rate + 0.1 / dt if self._rate else 1 / dt
+
+    def _release(self, t: Ticket) -> None:
         with self._lock:
-            self._inside -= 1
-            now = time.monotonic()
-            dt, self._last = max(now - self._last, 1e-6), now
-            self._rate = 0.9 * self._rate + 0.1 / dt if self._rate else 1 / dt
+            if not t.released:
+                self._give_back(t, time.monotonic())
 
     @property
     def inside(self) -> int:

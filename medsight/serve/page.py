@@ -10,84 +10,38 @@ usage analytics are off.
 
 from __future__ import annotations
 
-import atexit
 import base64
 import io
-import logging
 import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from medsight.config import CamMethod, choices
 from medsight.explainers.cam import BORDER_WARN
-from medsight.serve.service import NOTICE, Service, UnknownClassError, UnknownMethodError
+from medsight.serve.guard import release
+from medsight.serve.service import MAX_UPLOAD_BYTES, NOTICE, Service, UnknownClassError, UnknownMethodError
+from medsight.serve.uploads import UploadFolder, UploadRefusedError
 
 __all__ = ["build_page", "UploadFolder"]
-
-log = logging.getLogger(__name__)
 
 # A medical tool sends nothing anywhere: Gradio's usage analytics off before Gradio is imported.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
-_PREFIX = "medsight-uploads-"
+import gradio as gr  # noqa: E402 - after the setting above
 
 
-class UploadFolder:
-    """A private folder (0700) for Gradio's uploads, removed when the server stops.
+class _Page(gr.Blocks):
+    """Blocks whose every processed call gives its admission place back when it ends (``guard.release``):
+    after the function, or after Gradio refused the call's inputs before running it."""
 
-    Creating it points Gradio at it (``GRADIO_TEMP_DIR``, read when Gradio builds the page and its
-    routes), so it must exist before the page is built. Folders left by servers that were killed
-    (``SIGKILL`` runs no clean-up) are removed when the next server starts.
-    """
-
-    def __init__(self) -> None:
-        _remove_orphans()
-        self.path = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-"))  # mkdtemp: mode 0700
-        self._previous = os.environ.get("GRADIO_TEMP_DIR")
-        os.environ["GRADIO_TEMP_DIR"] = str(self.path)
-        atexit.register(self.remove)
-
-    def discard(self, file: str | Path) -> None:
-        """Delete an upload and the folders Gradio made for it (up to, not including, this folder)."""
-        p = Path(file).absolute()
-        if self.path not in p.parents:
-            return
-        p.unlink(missing_ok=True)
-        for parent in p.parents:
-            if parent == self.path:
-                break
-            try:
-                parent.rmdir()
-            except OSError:  # not empty: another upload of the same content is still pending
-                break
-
-    def remove(self) -> None:
-        """Delete the folder and everything in it (idempotent)."""
-        shutil.rmtree(self.path, ignore_errors=True)
-        if os.environ.get("GRADIO_TEMP_DIR") == str(self.path):
-            if self._previous is None:
-                os.environ.pop("GRADIO_TEMP_DIR", None)
-            else:
-                os.environ["GRADIO_TEMP_DIR"] = self._previous
-
-
-def _remove_orphans() -> None:
-    """Remove this user's upload folders whose server process no longer runs."""
-    for d in Path(tempfile.gettempdir()).glob(f"{_PREFIX}*-*"):
+    async def process_api(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         try:
-            pid = int(d.name[len(_PREFIX):].split("-", 1)[0])
-            if d.stat().st_uid != os.getuid() or pid == os.getpid():
-                continue
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-            log.info("removed %s, left by a server that was stopped without clean-up", d)
-        except (ValueError, OSError):
-            continue
+            return await super().process_api(*args, **kwargs)
+        finally:
+            request = kwargs.get("request")
+            for r in request if isinstance(request, list) else [request]:
+                release(r)
 
 
 def _png_html(rgb: np.ndarray) -> str:
@@ -101,45 +55,40 @@ def _png_html(rgb: np.ndarray) -> str:
             f'style="width:100%;max-width:512px;image-rendering:pixelated">')
 
 
-def _upload(file: Any) -> tuple[Path, str] | None:
-    """(path on disk, the user's file name) of the page's raw file value (events run with
-    ``preprocess=False``: gr.File's preprocessing leaves an empty temporary file behind on every call in
-    gradio 6, components/file.py)."""
-    if not file:
-        return None
-    if isinstance(file, dict):
-        path = Path(file["path"])
-        return path, str(file.get("orig_name") or path.name)
-    return Path(file), Path(file).name
-
-
 #: The selector's default: the decided class (single-label) or the most probable finding (multi-label).
 MOST_PROBABLE = "(the decided / most probable)"
 
 
-def build_page(service: Service, uploads: UploadFolder | None = None) -> Any:
-    """The Gradio page over ``service``; with ``uploads``, every upload is deleted once decoded."""
-    import gradio as gr
-
+def build_page(service: Service, uploads: UploadFolder) -> Any:
+    """The Gradio page over ``service``. Its file values are upload tokens of ``uploads`` (the server's
+    guard has checked them and handed Gradio the stored file); each upload is deleted once decoded."""
     from medsight.data.imageio import ImageReadError
 
-    def receive(file: Any) -> Any:
-        """Decode an upload into the session's memory and delete its file."""
-        found = _upload(file)
-        if found is None:
-            return None
-        path, name = found
-        if not path.is_file():  # already read and deleted by a run that came first
-            return gr.skip()
-        if uploads is not None and uploads.path not in path.absolute().parents:
-            raise gr.Error(f"{name} is not an upload of this page")
+    def token_of(file: Any) -> tuple[str, str]:
         try:
-            return str(path), service.decode(path.read_bytes(), name)  # the path names the content (a hash)
+            return uploads.resolve(file)
+        except UploadRefusedError as exc:
+            raise gr.Error(str(exc)) from None
+
+    def decode(file: Any) -> tuple[str, Any] | None:
+        """(token, decoded image) of an upload, deleting its file; None when it was read before."""
+        try:
+            token, name, data = uploads.read(file, MAX_UPLOAD_BYTES)
+        except UploadRefusedError as exc:
+            raise gr.Error(str(exc)) from None
+        if data is None:
+            return None
+        try:
+            return token, service.decode(data, name)
         except ImageReadError as exc:
             raise gr.Error(str(exc)) from None
-        finally:
-            if uploads is not None:
-                uploads.discard(path)
+
+    def receive(file: Any) -> Any:
+        """Decode an upload into the session's memory (and delete its file)."""
+        if not file:
+            return None
+        found = decode(file)
+        return gr.skip() if found is None else found  # None: a run that came first read it
 
     def run(file: Any, method: str, held: Any) -> tuple[dict[str, float], str, str, Any]:
         return run_for(file, method, held, None)
@@ -149,14 +98,13 @@ def build_page(service: Service, uploads: UploadFolder | None = None) -> Any:
         return run_for(file, method, held, None if target == MOST_PROBABLE else target)
 
     def run_for(file: Any, method: str, held: Any, target: str | None) -> tuple[dict[str, float], str, str, Any]:
-        found = _upload(file)
-        if found is None:
+        if not file:
             raise gr.Error("Choose an image or DICOM file first.")
-        path, name = found
-        if held is None or held[0] != str(path):
-            if not path.is_file():
+        token, _ = token_of(file)
+        if held is None or held[0] != token:
+            held = decode(file)
+            if held is None:
                 raise gr.Error("The upload was deleted after it was read; choose the file again.")
-            held = receive(file)
         img = held[1]
         try:
             result = service.predict(img)
@@ -184,7 +132,7 @@ def build_page(service: Service, uploads: UploadFolder | None = None) -> Any:
         return result["probabilities"], _png_html(ov), text, held
 
     info = service.info
-    with gr.Blocks(title="medsight", analytics_enabled=False) as page:
+    with _Page(title="medsight", analytics_enabled=False) as page:
         gr.Markdown(f"# medsight · {info['model']}\nClasses: {', '.join(info['classes'])}\n\n"
                     f"> ⚠️ **{NOTICE}**\n\nUploads are deleted as soon as they are read; nothing is kept.")
         held = gr.State(None, time_to_live=3600)  # the decoded image, in this session's memory only

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import reprlib
 import threading
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ class Service:
         if not name:
             return None
         if name not in self.predictor.classes:
-            raise UnknownClassError(f"unknown class or finding {name!r}; the model knows "
+            raise UnknownClassError(f"unknown class or finding {reprlib.repr(name)}; the model knows "
                                     f"{', '.join(self.predictor.classes)}")
         return self.predictor.classes.index(name)
 
@@ -122,7 +123,7 @@ class Service:
         """(display image, overlay, border score) for ``img`` (the heatmap of output ``class_idx``, default:
         the task's explained output); both images H×W×3 in [0, 1]."""
         if method not in METHODS:
-            raise UnknownMethodError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+            raise UnknownMethodError(f"unknown method {reprlib.repr(method)}; choose from {', '.join(METHODS)}")
         if not self.can_explain:
             raise ExplainUnavailableError("explanations need the PyTorch checkpoint: this server runs an exported "
                                           "ONNX model, which can predict but not explain")
