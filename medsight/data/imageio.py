@@ -18,17 +18,29 @@ from __future__ import annotations
 import io
 import re
 import warnings
+import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTS", "ImageReadError", "ImageTooLargeError", "read_image", "read_image_bytes", "MAX_PIXELS"]
+__all__ = ["IMAGE_EXTS", "ImageReadError", "ImageTooLargeError", "read_image", "read_image_bytes", "MAX_PIXELS",
+           "pixel_limit"]
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
 #: Images above this many pixels are refused (a 20k x 20k image would take gigabytes as float).
 MAX_PIXELS = 150_000_000
+#: Bytes per pixel a DICOM may store (four 8-bit samples, or two 16-bit ones) within the pixel limit.
+_MAX_BYTES_PER_PIXEL = 4
+
+
+def pixel_limit() -> int:
+    """The pixel limit every format is held to before decoding: ``MAX_PIXELS``, or Pillow's decompression-bomb
+    limit (``Image.MAX_IMAGE_PIXELS``, about 89 megapixels) when lower."""
+    pil = Image.MAX_IMAGE_PIXELS
+    return min(MAX_PIXELS, int(pil)) if pil else MAX_PIXELS
 
 
 class ImageReadError(ValueError):
@@ -102,9 +114,9 @@ def _read_pil(fp: str | io.BytesIO, name: str, reduce_to: int | None = None
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(fp) as img:
-                if img.width * img.height > MAX_PIXELS:
+                if img.width * img.height > pixel_limit():
                     raise ImageTooLargeError(f"{name}: {img.width}x{img.height} pixels is larger than the "
-                                         f"{MAX_PIXELS:,}-pixel limit")
+                                             f"{pixel_limit():,}-pixel limit")
                 if reduce_to and img.format == "JPEG":
                     img.draft(img.mode, (reduce_to, reduce_to))  # DCT scaling: both sides stay >= reduce_to
                 img.load()
@@ -120,20 +132,75 @@ def _read_pil(fp: str | io.BytesIO, name: str, reduce_to: int | None = None
         raise ImageReadError(f"{name}: not a readable image ({_reason(exc)})") from exc
 
 
+def _check_inflated(fh: Any, name: str, limit: int) -> None:
+    """A deflated DICOM's data set, inflated in bounded steps and counted (pydicom inflates all of it at
+    once: a few hundred kB can hold gigabytes)."""
+    inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    while chunk := fh.read(1 << 20):
+        while chunk:
+            total += len(inflater.decompress(chunk, 1 << 24))
+            if total > limit:
+                raise ImageTooLargeError(f"{name}: its deflated data set inflates past {limit:,} bytes")
+            chunk = inflater.unconsumed_tail
+
+
+def _dicom_header(fp: str | io.BytesIO, name: str) -> None:
+    """Check a DICOM's pixel size from its header, before any pixel data is decoded (or a deflated data set
+    inflated): rows × columns × frames within :func:`pixel_limit`, at most ``_MAX_BYTES_PER_PIXEL`` bytes
+    per pixel, bits allocated 1, 8, 16, 32 or 64."""
+    import pydicom
+    from pydicom.filereader import _read_file_meta_info, read_preamble  # no public reader of an open file's meta
+
+    limit = pixel_limit()
+    fh = open(fp, "rb") if isinstance(fp, str) else fp  # noqa: SIM115 - closed below
+    try:
+        fh.seek(0)
+        read_preamble(fh, False)
+        if _read_file_meta_info(fh).get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
+            _check_inflated(fh, name, limit * _MAX_BYTES_PER_PIXEL + (16 << 20))
+        fh.seek(0)
+        ds = pydicom.dcmread(fh, stop_before_pixels=True)
+    finally:
+        if fh is fp:
+            fh.seek(0)
+        else:
+            fh.close()
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 8) or 8)
+    except (TypeError, ValueError) as exc:
+        raise ImageReadError(f"{name}: unreadable DICOM image size ({_reason(exc)})") from exc
+    if min(rows, cols, frames, samples) < 0 or bits not in (1, 8, 16, 32, 64):
+        raise ImageReadError(f"{name}: DICOM header gives an impossible image ({rows} rows, {cols} columns, "
+                             f"{frames} frames, {samples} samples, {bits} bits allocated)")
+    pixels = rows * cols * frames
+    if pixels > limit or pixels * samples * max(bits, 8) // 8 > limit * _MAX_BYTES_PER_PIXEL:
+        raise ImageTooLargeError(f"{name}: {cols}x{rows} pixels x {frames} frame(s) x {samples} sample(s) of "
+                                 f"{bits} bits is larger than the {limit:,}-pixel limit")
+
+
 def _read_dicom(fp: str | io.BytesIO, name: str, reduce_to: int | None = None) -> np.ndarray:
     import pydicom
     from pydicom.errors import InvalidDicomError
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     try:
+        _dicom_header(fp, name)
         ds = pydicom.dcmread(fp)
-    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+    except ImageReadError:
+        raise
+    except (InvalidDicomError, OSError, EOFError, ValueError, zlib.error) as exc:
         raise ImageReadError(f"{name}: not a readable DICOM file ({_reason(exc)})") from exc
     if "PixelData" not in ds:
         raise ImageReadError(f"{name}: DICOM file has no pixel data")
     try:
-        arr = ds.pixel_array
+        with warnings.catch_warnings():  # compressed frames decoded by Pillow: its bomb check refuses, too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for undecodable pixel data
+        if isinstance(exc, (Image.DecompressionBombWarning, Image.DecompressionBombError)):
+            raise ImageTooLargeError(f"{name}: DICOM frame too large ({_reason(exc)})") from exc
         raise ImageReadError(f"{name}: cannot decode DICOM pixel data ({_reason(exc)})") from exc
     n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
