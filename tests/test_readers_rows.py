@@ -184,3 +184,16 @@ def test_train_refuses_a_run_folder_inside_a_folder_source(tmp_path):
     with pytest.raises(DataError, match="inside the data folder"):
         train(cfg, progress=False)
     assert not (tmp_path / "data" / "run").exists()
+
+
+def test_no_module_imports_another_modules_private_names():
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "medsight"
+    found = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("medsight"):
+                found += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert found == []
