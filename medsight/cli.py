@@ -191,16 +191,30 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from medsight.config import load_config
-    from medsight.data.cache import prepare_cache
+    from medsight.data.cache import prepare_cache, verify_cache
+    from medsight.planning import plan_preprocessing
 
+    if args.verify and not args.data:
+        r = verify_cache(args.out)
+        print(f"verified cache {args.out}: manifest, labels, rows, names and {r['images']} images "
+              f"({r['chunks']} chunks) match their checksums; the source matches where it is at hand")
+        return 0
+    if not args.data:
+        raise ValueError("prepare needs --data (the source to cache), or --verify to check a cache in --out")
     sets = [f"data.path={json.dumps(args.data)}"] + ([f"data.image_size={args.size}"] if args.size else [])
-    cfg = load_config(args.config, sets + list(args.set or []))
+    cfg, lines = plan_preprocessing(load_config(args.config, sets + list(args.set or [])))
+    for line in lines:  # the size and resize policy train would plan for this data
+        print(line)
     m = prepare_cache(cfg.data, args.out, workers=args.workers, channels=args.channels)
+    if args.verify:
+        verify_cache(args.out)
     rows = sum(p["rows"] for p in m["progress"].values())
     pre = m["preprocessing"]
     print(f"prepared cache {args.out}: {rows - len(m['skipped'])} of {rows} images at {pre['size']} px "
           f"({pre['resize']}, preset {pre['preset']}, {pre['channels']} channel(s)), splits {', '.join(m['splits'])}"
-          + (f"; {len(m['skipped'])} unreadable file(s) listed in skipped.json" if m["skipped"] else ""))
+          + (f"; {len(m['skipped'])} unreadable file(s) listed in skipped.json" if m["skipped"] else "")
+          + ("; verified" if args.verify else "")
+          + f". Train with --set data.cache={args.out} (its size and resize are taken from the cache)")
     return 0
 
 
@@ -315,8 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prepare", help="decode and resize every image once into a memory-mapped cache "
                                         "(train with --set data.cache=DIR)")
-    pr.add_argument("--data", required=True, help="folder, CSV or .npz")
-    pr.add_argument("--size", type=int, help="input size in pixels (default: data.image_size of the config)")
+    pr.add_argument("--data", help="folder, CSV or .npz (optional with --verify)")
+    pr.add_argument("--size", type=int, help="input size in pixels (default: the size train would plan for the data)")
+    pr.add_argument("--verify", action="store_true", help="check the cache in --out: its files and every image "
+                                                          "array against their checksums, and its source")
     pr.add_argument("--out", required=True, help="the cache folder (new, empty, or a cache to update)")
     pr.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: one per core)")
     pr.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1: store grey images (a third of the disk)")

@@ -219,7 +219,7 @@ class DataConfig(_Section):
     preset: Preset = "none"  # fundus: crop to the circular field of view and mask the outside
     graham: bool = False  # fundus: Graham's local-average colour normalization (Kaggle DR 2015)
     grade_order: list[Text] | None = None  # ordinal: the data's class names, lowest grade first
-    refer_grade: Annotated[int, Field(ge=1)] = 2  # ordinal: grades >= this are referable
+    refer_grade: Annotated[int, Field(ge=1)] = 2  # ordinal: grades >= this are referable, in the labels' units
     refer_sensitivity: Fraction = 0.9  # ordinal: the referral threshold is chosen on val for this sensitivity
     label_columns: list[Text] | None = None  # multi-label CSV, one column per finding: those columns (None: found)
     uncertain: LabelPolicy = "ignore"  # multi-label: uncertain labels (-1) -> ignore (masked) | ones | zeros

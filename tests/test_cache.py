@@ -21,7 +21,8 @@ from medsight.config import DataConfig
 from medsight.data import ImageDataset, load_data
 from medsight.data import cache as cache_mod
 from medsight.data.cache import CacheError, Rows, open_cache, prepare_cache
-from medsight.data.sources import DataError, _read_source
+from medsight.data.readers import read_source
+from medsight.data.sources import DataError
 from medsight.data.transforms import make_transform
 from torchvision.transforms import v2
 
@@ -73,7 +74,8 @@ def test_cached_images_equal_the_direct_path_within_uint8_rounding(source, tmp_p
     cfg = cfg_of(source, resize=resize)
     prepare_cache(cfg, tmp_path / "cache")
     splits, classes, _, _, manifest = open_cache(tmp_path / "cache")
-    direct, direct_classes, _, _ = _read_source(str(source))
+    src = read_source(str(source))
+    direct, direct_classes = src.splits, src.classes
     assert classes == direct_classes and manifest["preprocessing"]["resize"] == resize
     cached, plain = ImageDataset(splits["all"], eval_tf(cfg)), ImageDataset(direct["all"], eval_tf(cfg))
     assert len(cached) == len(plain) == N
@@ -90,7 +92,7 @@ def test_fundus_preset_and_one_channel_cache_match_the_direct_path(source, tmp_p
     prepare_cache(cfg, tmp_path / "cache", channels=1)
     splits, *_ = open_cache(tmp_path / "cache")
     assert splits["all"].images.shape == (N, SIZE, SIZE, 1)
-    direct, *_ = _read_source(str(source))
+    direct = read_source(str(source)).splits
     plain = ImageDataset(direct["all"], eval_tf(cfg))
     cached = ImageDataset(splits["all"], eval_tf(cfg))
     for i in (1, 2):  # grey files: one channel loses nothing
@@ -302,3 +304,143 @@ def test_eval_transform_on_the_cache_has_no_uint8_steps(source, tmp_path):
     # CLAHE comes before the flip: nothing may be moved ahead of it
     train_tf = make_transform(SIZE, [0.0] * 3, [1.0] * 3, train=True, cfg=cfg)
     assert ImageDataset(split, train_tf)._uint8_steps is None
+
+
+# ------------------------------------------------------------------------------ files the cache owns, integrity
+
+def test_rebuilding_a_cache_deletes_only_the_files_it_wrote(source, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    prepare_cache(cfg_of(source), cache)
+    (cache / "NOTES.txt").write_text("mine")
+    (cache / "sub").mkdir()
+    (cache / "sub" / "keep.txt").write_text("mine too")
+    m = json.loads((cache / "manifest.json").read_text())
+    assert set(m["files"]) >= {"all_images.npy", "all_labels.npy", "all_meta.json", "all_rows.npy", "manifest.json"}
+    with caplog.at_level(logging.WARNING, logger="medsight.data.cache"):
+        prepare_cache(DataConfig(path=str(source), image_size=32), cache)  # other preprocessing: rebuilt
+    assert "rebuilding" in caplog.text
+    assert (cache / "NOTES.txt").read_text() == "mine" and (cache / "sub" / "keep.txt").read_text() == "mine too"
+    assert np.load(cache / "all_images.npy", mmap_mode="r").shape[1] == 32
+
+
+def test_a_manifest_listing_a_users_file_cannot_delete_it(source, tmp_path):
+    cache = tmp_path / "cache"
+    prepare_cache(cfg_of(source), cache)
+    (cache / "NOTES.txt").write_text("mine")
+    m = json.loads((cache / "manifest.json").read_text())
+    m["files"].append("NOTES.txt")
+    (cache / "manifest.json").write_text(json.dumps(m))
+    prepare_cache(DataConfig(path=str(source), image_size=32), cache)
+    assert (cache / "NOTES.txt").read_text() == "mine"
+
+
+def test_a_cache_inside_a_class_folder_source_is_refused(tmp_path):
+    root = tmp_path / "folders"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8), i * 30, np.uint8)).save(root / c / f"{i}.png")
+    with pytest.raises(DataError, match=r"--out .*inside the data folder"):
+        prepare_cache(DataConfig(path=str(root), image_size=SIZE), root / "cache")
+    assert not (root / "cache").exists()
+    assert load_data(DataConfig(path=str(root), image_size=SIZE, val_fraction=0.25, test_fraction=0.25)).classes == ["a", "b"]
+
+
+@pytest.mark.parametrize("edit", ["classes", "labels", "rows", "groups", "preprocessing"])
+def test_a_tampered_cache_is_refused_on_open(source, tmp_path, edit):
+    cache = tmp_path / "cache"
+    prepare_cache(cfg_of(source), cache)
+    m = json.loads((cache / "manifest.json").read_text())
+    if edit == "classes":
+        m["classes"] = m["classes"][::-1]
+        (cache / "manifest.json").write_text(json.dumps(m))
+    elif edit == "preprocessing":
+        m["preprocessing"]["size"] = 32
+        (cache / "manifest.json").write_text(json.dumps(m))
+    elif edit == "labels":
+        labels = np.load(cache / "all_labels.npy")
+        np.save(cache / "all_labels.npy", 1 - labels)
+    elif edit == "rows":
+        np.save(cache / "all_rows.npy", np.arange(N + 5))
+    else:
+        meta = json.loads((cache / "all_meta.json").read_text())
+        meta["groups"] = ["p0"] * len(meta["groups"])
+        (cache / "all_meta.json").write_text(json.dumps(meta))
+    what = "manifest.json was changed" if edit in ("classes", "preprocessing") else "was changed after"
+    with pytest.raises(CacheError, match=what):
+        open_cache(cache)
+    with pytest.raises(CacheError):
+        load_data(cfg_of(source, cache=str(cache)))
+
+
+def test_rows_out_of_range_are_refused_even_with_matching_checksums(source, tmp_path):
+    cache = tmp_path / "cache"
+    prepare_cache(cfg_of(source), cache)
+    np.save(cache / "all_rows.npy", np.array([0, 1, N + 3]))
+    m = json.loads((cache / "manifest.json").read_text())
+    m["checksums"]["all_rows.npy"] = cache_mod._sha256_file(cache / "all_rows.npy")
+    m["seal"] = cache_mod._seal(m)
+    (cache / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CacheError, match="'all' split is inconsistent.*out of range"):
+        open_cache(cache)
+
+
+def test_verify_checks_the_image_arrays(source, tmp_path):
+    cache = tmp_path / "cache"
+    prepare_cache(cfg_of(source), cache)
+    assert cache_mod.verify_cache(cache) == {"images": N, "chunks": 1}
+    images = np.load(cache / "all_images.npy", mmap_mode="r+")
+    images[5, 0, 0, 0] ^= 1
+    images.flush()
+    del images
+    open_cache(cache)  # the cheap check on open does not read images
+    with pytest.raises(CacheError, match=r"'all' split, rows 0-23, changed"):
+        cache_mod.verify_cache(cache)
+
+
+def test_content_changed_with_the_same_size_and_time_makes_the_cache_stale(source, tmp_path):
+    cache = tmp_path / "cache"
+    prepare_cache(cfg_of(source), cache)
+    target = source.parent / "img1.png"
+    st = target.stat()
+    data = bytearray(target.read_bytes())
+    data[-20] ^= 0xFF  # inside the last bytes: same size
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert target.stat().st_size == st.st_size and target.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(CacheError, match=r"changed since it was prepared.*img1\.png"):
+        prepare_cache(cfg_of(source), cache, rebuild=False)
+    with pytest.raises(CacheError, match=r"source .* changed since it was prepared"):  # --data CACHE
+        load_data(DataConfig(path=str(cache), image_size=SIZE))
+
+
+def test_a_cache_read_as_data_is_checked_against_its_source_when_present(source, tmp_path):
+    cache = tmp_path / "cache"
+    prepare_cache(cfg_of(source), cache)
+    rows = list(csv.DictReader(source.open()))
+    rows[0]["label"] = "b" if rows[0]["label"] == "a" else "a"  # a relabelled image
+    with source.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, ["path", "label", "patient_id"])
+        w.writeheader()
+        w.writerows(rows)
+    with pytest.raises(CacheError, match="changed since it was prepared"):
+        load_data(DataConfig(path=str(cache), image_size=SIZE))
+    source.rename(source.with_suffix(".moved"))  # the source not at hand: the cache is used as prepared
+    assert sum(len(s) for s in load_data(DataConfig(path=str(cache), image_size=SIZE)).splits.values()) == N
+
+
+def test_cache_labels_match_a_direct_read_label_for_label_after_skipped_files(source, tmp_path):
+    (source.parent / "img3.jpg").write_bytes(b"not a jpeg")  # skipped while preparing
+    (source.parent / "img10.png").write_bytes(b"broken")
+    prepare_cache(cfg_of(source), tmp_path / "cache")
+    splits, classes, *_ = open_cache(tmp_path / "cache")
+    direct = read_source(str(source))
+    truth = dict(zip(direct.splits["all"].paths, direct.splits["all"].labels.tolist()))
+    cached = splits["all"]
+    assert len(cached) == N - 2 and classes == direct.classes
+    assert [truth[p] for p in cached.paths] == cached.labels.tolist()
+    assert np.asarray(cached.images[3]).std() > 0  # row 3 is img4's image, not the skipped img3's zeros
+    ds = ImageDataset(cached, eval_tf(cfg_of(source)))
+    plain = ImageDataset(direct.splits["all"], eval_tf(cfg_of(source)))
+    j = direct.splits["all"].paths.index(cached.paths[3])
+    assert float((ds[3][0] - plain[j][0]).abs().max()) <= 0.5 / 255 + 1e-6

@@ -1,6 +1,7 @@
-"""Data in: readers for each source format (sources.py), loading a run's splits (loading.py), the prepared
-cache (cache.py), patient-level folds (splits.py), image decoding (imageio.py), tensors and augmentation
-(transforms.py), and the Dataset/DataLoader that skips unreadable files (dataset.py)."""
+"""Data in: one reader per source format over one row pipeline (readers/), the data model and splitting
+(sources.py), loading a run's splits (loading.py), the prepared cache (cache.py), patient-level folds
+(splits.py), image decoding (imageio.py), tensors and augmentation (transforms.py), and the
+Dataset/DataLoader that skips unreadable files (dataset.py)."""
 
 from medsight.data.cache import CacheError, open_cache, prepare_cache
 from medsight.data.dataset import ImageDataset, make_loader

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Callable
@@ -42,24 +43,29 @@ from torchvision.transforms import v2
 
 from medsight.data.dataset import ImageDataset
 from medsight.data.imageio import ImageReadError
-from medsight.data.sources import DataError, SplitData, _read_source, _reader_options
+from medsight.data.readers import Source, check_output_outside, read_source, reader_options
+from medsight.data.sources import DataError, SplitData
 from medsight.data.transforms import FovNotFoundWarning, geometric_step
 from medsight.utils.files import write_text_atomic
 
 if TYPE_CHECKING:
     from medsight.config import DataConfig
 
-__all__ = ["CacheError", "Preprocessing", "Rows", "prepare_cache", "open_cache", "is_cache", "cache_splits",
-           "CACHE_FORMAT", "CACHE_VERSION"]
+__all__ = ["CacheError", "Preprocessing", "Rows", "prepare_cache", "open_cache", "verify_cache",
+           "is_cache", "cache_source", "cache_preprocessing", "CACHE_FORMAT", "CACHE_VERSION"]
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "medsight-prepared-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: content digests of source files, checksums of every file and a sealed manifest
 MANIFEST = "manifest.json"
 SKIPPED = "skipped.json"
-#: Rows per chunk: the unit of parallel work and of resuming.
+#: Rows per chunk: the unit of parallel work, of resuming and of the image checksums.
 CHUNK = 256
+#: Bytes read from each end of a source file for its content digest.
+PROBE = 4096
+#: The only names a cache writes (and so the only files it ever deletes or overwrites).
+_OWNED = re.compile(r"(?:train|val|test|all)_(?:images\.npy|labels\.npy|meta\.json|rows\.npy)|manifest\.json|skipped\.json")
 
 
 class CacheError(DataError):
@@ -113,19 +119,29 @@ class Rows:
 
 # ------------------------------------------------------------------------------------------ fingerprint
 
-def _file_stats(paths: list[str]) -> tuple[list[int], list[int]]:
-    """(size, mtime_ns) per file; -1 for a file that is missing."""
-    sizes, mtimes = [], []
+def _file_stats(paths: list[str]) -> tuple[list[int], list[int], list[str]]:
+    """(size, mtime_ns, content digest) per file; -1, -1, "" for a file that cannot be read. The digest is a
+    BLAKE2 hash of the file's first and last ``PROBE`` bytes: a file rewritten with the same size and time
+    (an image edited in place, a copy that kept the old time) still changes it, at two small reads per file."""
+    sizes, mtimes, digests = [], [], []
     for p in paths:
         try:
-            st = os.stat(p)
+            with open(p, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                head = fh.read(PROBE)
+                tail = b""
+                if st.st_size > PROBE:
+                    fh.seek(max(PROBE, st.st_size - PROBE))
+                    tail = fh.read(PROBE)
         except OSError:
             sizes.append(-1)
             mtimes.append(-1)
+            digests.append("")
             continue
         sizes.append(st.st_size)
         mtimes.append(st.st_mtime_ns)
-    return sizes, mtimes
+        digests.append(hashlib.blake2b(head + b"\0" + tail, digest_size=8).hexdigest())
+    return sizes, mtimes, digests
 
 
 def _sha256_file(path: Path) -> str:
@@ -136,29 +152,30 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+Stats = tuple[list[int], list[int], list[str]]
+
+
 def _fingerprint(source: str, splits: dict[str, SplitData], options: dict[str, Any]
-                 ) -> tuple[dict[str, Any], dict[str, tuple[list[int], list[int]]]]:
-    """The source's fingerprint (a hash of every file's name, size and modification time; for in-memory
-    arrays, of the source file's bytes) and the per-split file stats behind it."""
+                 ) -> tuple[dict[str, Any], dict[str, Stats]]:
+    """The source's fingerprint (a hash of every file's name, size, modification time and content digest,
+    the labels and patients, and the bytes of a manifest or .npz source file) and the per-split file stats."""
     source = os.path.abspath(source)  # the same source named from another working folder is the same source
     h = hashlib.sha256(json.dumps({"source": source, "options": options}, sort_keys=True).encode())
-    stats: dict[str, tuple[list[int], list[int]]] = {}
+    stats: dict[str, Stats] = {}
     for name in sorted(splits):
         s = splits[name]
         h.update(name.encode())
-        h.update(s.labels.astype(np.int64).tobytes())
+        h.update(np.ascontiguousarray(s.labels).tobytes())
+        h.update("\0".join(s.groups or []).encode())
         if s.paths is None:
             continue
         stats[name] = _file_stats(s.paths)
         h.update("\0".join(os.path.abspath(p) for p in s.paths).encode())
-        h.update(np.asarray(stats[name], dtype=np.int64).tobytes())
+        h.update(np.asarray(stats[name][:2], dtype=np.int64).tobytes())
+        h.update("".join(stats[name][2]).encode())
     src = Path(source)
-    if src.is_file():
-        if src.suffix.lower() == ".npz":
-            h.update(_sha256_file(src).encode())
-        else:
-            st = src.stat()
-            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    if src.is_file():  # a manifest or an .npz: its bytes (labels, patients, splits, arrays)
+        h.update(_sha256_file(src).encode())
     return {"path": source, "options": options, "sha256": h.hexdigest()}, stats
 
 
@@ -201,8 +218,9 @@ def _init_worker(state: dict[str, Any]) -> None:
     _STATE.update(state)
 
 
-def _prepare_chunk(split: str, chunk: int) -> tuple[str, int, list[dict[str, Any]]]:
-    """Decode, frame and write rows of one chunk; the files that could not be read, with the reason."""
+def _prepare_chunk(split: str, chunk: int) -> tuple[str, int, list[dict[str, Any]], str]:
+    """Decode, frame and write rows of one chunk; the files that could not be read (with the reason) and
+    the SHA-256 of the rows written (``verify_cache`` checks it)."""
     s: SplitData = _STATE["splits"][split]
     geometry, channels = _STATE["geometry"], _STATE["channels"]
     ds = ImageDataset(s, v2.Compose([geometry]))
@@ -217,8 +235,9 @@ def _prepare_chunk(split: str, chunk: int) -> tuple[str, int, list[dict[str, Any
             except ImageReadError as exc:
                 skipped.append({"split": split, "row": i, "file": s.describe(i), "reason": str(exc)})
     row_bytes = int(np.prod(_STATE["row_shape"]))
-    _write_rows(_STATE["files"][split], _STATE["offsets"][split] + start * row_bytes, out.tobytes())
-    return split, chunk, skipped
+    data = out.tobytes()
+    _write_rows(_STATE["files"][split], _STATE["offsets"][split] + start * row_bytes, data)
+    return split, chunk, skipped, hashlib.sha256(data).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- manifest
@@ -256,6 +275,12 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     write_text_atomic(json.dumps(manifest, indent=1), folder / MANIFEST)
 
 
+def _seal(manifest: dict[str, Any]) -> str:
+    """SHA-256 of everything the manifest says (class names, source, preprocessing, checksums, notes)."""
+    body = {k: v for k, v in manifest.items() if k != "seal"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def _stale_reason(manifest: dict[str, Any], source: dict[str, Any], pre: Preprocessing) -> str | None:
     """Why a cache does not fit this source and preprocessing (None: it fits)."""
     diffs = pre.differences(manifest.get("preprocessing", {}))
@@ -266,21 +291,24 @@ def _stale_reason(manifest: dict[str, Any], source: dict[str, Any], pre: Preproc
     if manifest.get("source", {}).get("options") != source["options"]:
         return f"it was read with other reader options ({manifest['source'].get('options')})"
     if manifest.get("source", {}).get("sha256") != source["sha256"]:
-        return (f"the source {source['path']} changed since it was prepared (files added, removed, or with "
-                f"another size or modification time)")
+        return (f"the source {source['path']} changed since it was prepared (files added, removed, edited, or with "
+                f"another size or modification time, or other labels)")
     return None
 
 
 def _changed_files(folder: Path, manifest: dict[str, Any], splits: dict[str, SplitData],
-                   stats: dict[str, tuple[list[int], list[int]]]) -> list[str]:
-    """Up to five files whose name, size or modification time differ from the cache's record."""
+                   stats: dict[str, Stats]) -> list[str]:
+    """Up to five files whose name, size, modification time or content differ from the cache's record."""
     changed: list[str] = []
     for name, s in splits.items():
         meta_path = folder / f"{name}_meta.json"
         if s.paths is None or not meta_path.is_file():
             continue
-        meta = json.loads(meta_path.read_text())
-        old = dict(zip(meta["paths"], zip(meta["sizes"], meta["mtimes"])))
+        try:
+            meta = json.loads(meta_path.read_text())
+            old = dict(zip(meta["paths"], zip(meta["sizes"], meta["mtimes"], meta["digests"])))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
         now = dict(zip(s.paths, zip(*stats[name])))
         changed += sorted(p for p in set(old) | set(now) if old.get(p) != now.get(p))
     return changed[:5]
@@ -288,29 +316,53 @@ def _changed_files(folder: Path, manifest: dict[str, Any], splits: dict[str, Spl
 
 # ---------------------------------------------------------------------------------------------- prepare
 
-def _remove_output(folder: Path, names: list[str]) -> None:
-    for n in names:
-        (folder / n).unlink(missing_ok=True)
+def _owned(manifest: dict[str, Any] | None) -> list[str]:
+    """The files a cache wrote: those its manifest lists that have a cache file's name (a damaged or edited
+    manifest cannot name a user's file), and the manifest last."""
+    if manifest is None:
+        return []
+    listed = manifest.get("files") or []
+    names = {n for n in listed if isinstance(n, str) and _OWNED.fullmatch(n)} - {MANIFEST}
+    return sorted(names) + [MANIFEST]
 
 
-def _start(folder: Path, manifest: dict[str, Any], splits: dict[str, SplitData],
-           stats: dict[str, tuple[list[int], list[int]]], row_shape: tuple[int, ...]) -> None:
-    """Fresh files for every split: labels, names, patient IDs, file stats, and empty image arrays."""
+def _remove_output(folder: Path, manifest: dict[str, Any] | None) -> None:
+    """Delete the files the cache wrote, and nothing else: a user's notes or folders beside it stay."""
+    for n in _owned(manifest):
+        p = folder / n
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+
+
+def _files(splits: dict[str, SplitData]) -> list[str]:
+    return sorted(f"{n}_{kind}" for n in splits for kind in ("images.npy", "labels.npy", "meta.json", "rows.npy")) \
+        + [SKIPPED, MANIFEST]
+
+
+def _start(folder: Path, manifest: dict[str, Any], splits: dict[str, SplitData], stats: dict[str, Stats],
+           row_shape: tuple[int, ...]) -> None:
+    """Fresh files for every split: labels, names, patient IDs, file stats, and empty image arrays. The
+    manifest listing them is written first, so that whatever happens next the cache knows its files."""
     need = sum(len(s) for s in splits.values()) * int(np.prod(row_shape))
     free = shutil.disk_usage(folder).free
     if need > free:
         raise CacheError(f"the cache needs {need / 1e9:.2f} GB but {folder} has {free / 1e9:.2f} GB free; "
                          f"free space or choose another --out")
-    for name, s in splits.items():
-        _npy_header(folder / f"{name}_images.npy", (len(s), *row_shape))
-        np.save(folder / f"{name}_labels.npy", s.labels.astype(np.int64))
-        sizes, mtimes = stats.get(name, ([], []))
-        meta = {"paths": s.paths, "groups": s.groups, "sizes": sizes, "mtimes": mtimes}
-        write_text_atomic(json.dumps(meta), folder / f"{name}_meta.json")
-    manifest["progress"] = {name: {"rows": len(s), "chunks": -(-len(s) // CHUNK), "done": []}
+    taken = [n for n in _files(splits) if (folder / n).exists() or (folder / n).is_symlink()]
+    if taken:
+        raise CacheError(f"{folder} holds {', '.join(taken)}, which the cache would overwrite and did not write; "
+                         f"move them or choose another --out")
+    manifest["files"] = _files(splits)
+    manifest["progress"] = {name: {"rows": len(s), "chunks": -(-len(s) // CHUNK), "done": [], "sha256": {}}
                             for name, s in splits.items()}
     manifest["skipped"] = []
     _write_manifest(folder, manifest)
+    for name, s in splits.items():
+        _npy_header(folder / f"{name}_images.npy", (len(s), *row_shape))
+        np.save(folder / f"{name}_labels.npy", s.labels)
+        sizes, mtimes, digests = stats.get(name, ([], [], []))
+        meta = {"paths": s.paths, "groups": s.groups, "sizes": sizes, "mtimes": mtimes, "digests": digests}
+        write_text_atomic(json.dumps(meta), folder / f"{name}_meta.json")
 
 
 def _run_chunks(folder: Path, manifest: dict[str, Any], state: dict[str, Any], workers: int) -> None:
@@ -320,9 +372,10 @@ def _run_chunks(folder: Path, manifest: dict[str, Any], state: dict[str, Any], w
     if not todo:
         return
 
-    def record(result: tuple[str, int, list[dict[str, Any]]]) -> None:
-        name, chunk, skipped = result
+    def record(result: tuple[str, int, list[dict[str, Any]], str]) -> None:
+        name, chunk, skipped, digest = result
         manifest["progress"][name]["done"].append(chunk)
+        manifest["progress"][name]["sha256"][str(chunk)] = digest
         manifest["skipped"] += skipped
         _write_manifest(folder, manifest)
 
@@ -348,7 +401,8 @@ def _run_chunks(folder: Path, manifest: dict[str, Any], state: dict[str, Any], w
 
 
 def _finish(folder: Path, manifest: dict[str, Any]) -> None:
-    """The rows that decoded (``<split>_rows.npy``), skipped.json, and the manifest marked complete."""
+    """The rows that decoded (``<split>_rows.npy``), skipped.json, the checksum of every small file, and the
+    manifest marked complete and sealed."""
     bad: dict[str, set[int]] = {}
     for s in manifest["skipped"]:
         bad.setdefault(s["split"], set()).add(int(s["row"]))
@@ -357,7 +411,10 @@ def _finish(folder: Path, manifest: dict[str, Any]) -> None:
         np.save(folder / f"{name}_rows.npy", rows)
     skipped = sorted(manifest["skipped"], key=lambda s: (s["split"], s["row"]))
     write_text_atomic(json.dumps(skipped, indent=1), folder / SKIPPED)
+    manifest["checksums"] = {n: _sha256_file(folder / n) for n in _files(manifest["progress"])
+                             if not n.endswith("_images.npy") and n != MANIFEST}
     manifest["complete"] = True
+    manifest["seal"] = _seal(manifest)
     _write_manifest(folder, manifest)
 
 
@@ -378,11 +435,11 @@ def prepare_cache(cfg: DataConfig, out: str | Path, *, workers: int = 0, channel
     Args:
         cfg: the data config: ``path`` and the reader options name the source; ``image_size``, ``resize``,
             ``preset`` and ``graham`` the preprocessing.
-        out: the cache folder (new, empty, or a cache of this source).
+        out: the cache folder (new, empty, or a cache of this source); never inside a source folder.
         workers: worker processes (0 or 1: this process).
         channels: 3, or 1 to store one grey channel (RGB converted with ITU-R 601 weights; a third of the disk).
-        rebuild: a cache of another source or preprocessing is rebuilt (with a log line saying why);
-            ``False`` refuses it with the reason instead.
+        rebuild: a cache of another source or preprocessing is rebuilt (with a log line saying why; only the
+            files the cache wrote are replaced); ``False`` refuses it with the reason instead.
 
     Returns:
         The manifest.
@@ -390,9 +447,11 @@ def prepare_cache(cfg: DataConfig, out: str | Path, *, workers: int = 0, channel
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     folder = Path(out).expanduser()
+    check_output_outside(folder, cfg.path, "--out (the cache folder)")
     manifest = _check_folder(folder)
-    options = _reader_options(cfg)
-    splits, classes, source, notes = _read_source(cfg.path, **options)
+    options = reader_options(cfg)
+    src_data = read_source(cfg.path, **options)
+    splits, classes, source, notes = src_data.splits, src_data.classes, src_data.path, src_data.notes
     if Path(source).resolve() == folder.resolve():
         raise CacheError(f"{folder} is the source itself; give another folder for the cache")
     src, stats = _fingerprint(source, splits, options)
@@ -402,6 +461,7 @@ def prepare_cache(cfg: DataConfig, out: str | Path, *, workers: int = 0, channel
         if reason is None and manifest.get("preprocessing", {}).get("channels") != channels:
             reason = f"it holds {manifest['preprocessing'].get('channels')} channel(s), not {channels}"
         if reason is None and manifest.get("complete"):
+            _check_integrity(folder, manifest)
             log.info("%s: the prepared cache is up to date", folder)
             return manifest
         if reason is not None:
@@ -410,13 +470,14 @@ def prepare_cache(cfg: DataConfig, out: str | Path, *, workers: int = 0, channel
             if not rebuild:
                 raise CacheError(f"{folder} cannot be used: {reason}")
             log.warning("%s: rebuilding the prepared cache: %s", folder, reason)
-            _remove_output(folder, [p.name for p in folder.iterdir()])
+            _remove_output(folder, manifest)
             manifest = None
     folder.mkdir(parents=True, exist_ok=True)
     row_shape = (pre.size, pre.size, channels)
     if manifest is None:
         manifest = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "source": src, "preprocessing": asdict(pre),
-                    "classes": list(classes), "splits": sorted(splits), "notes": notes, "complete": False}
+                    "classes": list(classes), "splits": sorted(splits), "notes": notes,
+                    "source_skipped": list(src_data.skipped), "complete": False}
         _start(folder, manifest, splits, stats, row_shape)
     else:
         done = sum(len(p["done"]) for p in manifest["progress"].values())
@@ -430,7 +491,7 @@ def prepare_cache(cfg: DataConfig, out: str | Path, *, workers: int = 0, channel
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        _remove_output(folder, [p.name for p in folder.iterdir()])
+        _remove_output(folder, manifest)
         raise CacheError(f"the disk holding {folder} is full ({exc.strerror or exc}); the partial cache was "
                          f"removed. Free space or choose another --out") from None
     _finish(folder, manifest)
@@ -445,12 +506,52 @@ def _header_size(path: Path) -> int:
     return int(np.load(path, mmap_mode="r").offset)
 
 
-# ---------------------------------------------------------------------------------------------- reading
+# ---------------------------------------------------------------------------------------------- checking
 
-def open_cache(folder: str | Path) -> tuple[dict[str, SplitData], list[str], str, list[str], dict[str, Any]]:
-    """``(splits, classes, source, notes, manifest)`` of a complete cache; images stay on disk
-    (memory-mapped rows, see :class:`Rows`) and carry the cache's preprocessing."""
-    folder = Path(folder).expanduser()
+def _check_integrity(folder: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a cache whose manifest or small files (labels, rows, names, patients, skipped list) changed
+    after it was written: their SHA-256 are in the sealed manifest. Cheap: the image arrays are not read
+    (``verify_cache`` checks them)."""
+    if manifest.get("seal") != _seal(manifest):
+        raise CacheError(f"{folder / MANIFEST} was changed after the cache was written (its class names, source, "
+                         f"preprocessing or checksums differ from what was sealed); prepare the cache again")
+    sums = manifest.get("checksums") or {}
+    for name in _files(manifest["progress"]):
+        if name.endswith("_images.npy") or name == MANIFEST:
+            continue
+        try:
+            ok = sums.get(name) == _sha256_file(folder / name)
+        except OSError:
+            raise CacheError(f"{folder}: {name} is missing; prepare the cache again") from None
+        if not ok:
+            raise CacheError(f"{folder}: {name} was changed after the cache was written (checksum differs); "
+                             f"prepare the cache again")
+
+
+def _load_split(folder: Path, name: str, manifest: dict[str, Any]) -> SplitData:
+    try:
+        images = np.load(folder / f"{name}_images.npy", mmap_mode="r")
+        rows = np.load(folder / f"{name}_rows.npy")
+        labels = np.load(folder / f"{name}_labels.npy")
+        meta = json.loads((folder / f"{name}_meta.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"{folder}: the '{name}' split is missing or damaged ({exc}); prepare it again") from None
+    n = manifest["progress"][name]["rows"]
+    paths, groups = meta.get("paths"), meta.get("groups")
+    sizes = {"images": len(images), "labels": len(labels), **({"paths": len(paths)} if paths is not None else {}),
+             **({"groups": len(groups)} if groups is not None else {})}
+    wrong = {k: v for k, v in sizes.items() if v != n}
+    if wrong or rows.ndim != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= n or (np.diff(rows) <= 0).any())):
+        raise CacheError(f"{folder}: the '{name}' split is inconsistent ({n} rows prepared; "
+                         f"{', '.join(f'{k} {v}' for k, v in wrong.items()) or 'row numbers out of range'}); "
+                         f"prepare it again")
+    return SplitData(labels=labels[rows], images=Rows(images, rows),
+                     paths=[paths[i] for i in rows] if paths is not None else None,
+                     groups=[groups[i] for i in rows] if groups is not None else None,
+                     prepared=dict(manifest["preprocessing"]))
+
+
+def _opened_manifest(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
         raise CacheError(f"prepared cache not found: {folder}")
     manifest = _read_manifest(folder)
@@ -462,25 +563,82 @@ def open_cache(folder: str | Path) -> tuple[dict[str, SplitData], list[str], str
         done, total = sum(len(v["done"]) for v in p.values()), sum(v["chunks"] for v in p.values())
         raise CacheError(f"{folder} was interrupted while being prepared ({done} of {total} chunks); run "
                          f"medsight prepare again to finish it")
-    splits = {}
-    for name in manifest["splits"]:
-        try:
-            images = np.load(folder / f"{name}_images.npy", mmap_mode="r")
-            rows = np.load(folder / f"{name}_rows.npy")
-            labels = np.load(folder / f"{name}_labels.npy")
-            meta = json.loads((folder / f"{name}_meta.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise CacheError(f"{folder}: the '{name}' split is missing or damaged ({exc}); prepare it again") from None
-        paths, groups = meta.get("paths"), meta.get("groups")
-        splits[name] = SplitData(labels=labels[rows], images=Rows(images, rows),
-                                 paths=[paths[i] for i in rows] if paths is not None else None,
-                                 groups=[groups[i] for i in rows] if groups is not None else None,
-                                 prepared=dict(manifest["preprocessing"]))
+    _check_integrity(folder, manifest)
+    return manifest
+
+
+def _check_source(folder: Path, manifest: dict[str, Any]) -> None:
+    """Compare the cache with its source when the source is at hand (a cache moved without it is used as is)."""
+    src = manifest["source"]
+    if not Path(src["path"]).exists():
+        log.info("%s: the source %s is not at hand; the cache is used as prepared", folder, src["path"])
+        return
+    try:
+        now = read_source(src["path"], **src["options"])
+    except DataError as exc:
+        raise CacheError(f"{folder}: its source {src['path']} can no longer be read ({exc}); prepare the cache "
+                         f"again or move the source away") from None
+    current, stats = _fingerprint(now.path, now.splits, src["options"])
+    if current["sha256"] != src["sha256"]:
+        changed = _changed_files(folder, manifest, now.splits, stats)
+        raise CacheError(f"{folder} cannot be used: the source {src['path']} changed since it was prepared"
+                         + (f" (e.g. {', '.join(changed)})" if changed else "")
+                         + f"; run medsight prepare --data {src['path']} --out {folder} again")
+
+
+def open_cache(folder: str | Path, *, check_source: bool = False
+               ) -> tuple[dict[str, SplitData], list[str], str, list[str], dict[str, Any]]:
+    """``(splits, classes, source, notes, manifest)`` of a complete cache; images stay on disk
+    (memory-mapped rows, see :class:`Rows`) and carry the cache's preprocessing. The manifest's seal and the
+    checksums of labels, rows, names and patients are verified on every open; with ``check_source``, the
+    source too when it is at hand."""
+    folder = Path(folder).expanduser()
+    manifest = _opened_manifest(folder)
+    if check_source:
+        _check_source(folder, manifest)
+    splits = {name: _load_split(folder, name, manifest) for name in manifest["splits"]}
     return splits, list(manifest["classes"]), manifest["source"]["path"], list(manifest.get("notes", [])), manifest
 
 
-def cache_splits(cfg: DataConfig) -> tuple[dict[str, SplitData], list[str], str, list[str]]:
-    """The source splits of ``cfg`` read from its cache ``cfg.cache``: prepared first when the folder is new
+def verify_cache(folder: str | Path) -> dict[str, Any]:
+    """Everything ``open_cache`` checks, and every image chunk against the SHA-256 recorded when it was written.
+
+    Returns:
+        ``{"images": rows checked, "chunks": chunks checked}``.
+
+    Raises:
+        CacheError: naming the split and rows whose images differ.
+    """
+    folder = Path(folder).expanduser()
+    manifest = _opened_manifest(folder)
+    _check_source(folder, manifest)
+    rows = chunks = 0
+    for name, p in manifest["progress"].items():
+        path = folder / f"{name}_images.npy"
+        images = np.load(path, mmap_mode="r")
+        row_bytes = int(np.prod(images.shape[1:]))
+        with path.open("rb") as fh:
+            for c in range(p["chunks"]):
+                start, stop = c * CHUNK, min(p["rows"], (c + 1) * CHUNK)
+                fh.seek(int(images.offset) + start * row_bytes)
+                if hashlib.sha256(fh.read((stop - start) * row_bytes)).hexdigest() != p["sha256"].get(str(c)):
+                    raise CacheError(f"{folder}: images of the '{name}' split, rows {start}-{stop - 1}, changed after "
+                                     f"the cache was written (checksum differs); prepare the cache again")
+                rows, chunks = rows + stop - start, chunks + 1
+    return {"images": rows, "chunks": chunks}
+
+
+def cache_preprocessing(folder: str | Path) -> dict[str, Any] | None:
+    """The preprocessing a complete cache in ``folder`` went through (None: no complete cache there)."""
+    try:
+        m = _read_manifest(Path(folder).expanduser())
+    except CacheError:
+        return None
+    return dict(m["preprocessing"]) if m and m.get("complete") else None
+
+
+def cache_source(cfg: DataConfig) -> Source:
+    """The source of ``cfg`` read from its cache ``cfg.cache``: prepared first when the folder is new
     or empty or was interrupted; refused with the reason when it holds another source or preprocessing.
 
     Under ``torch.distributed``, rank 0 prepares while the other ranks wait, then every rank opens it.
@@ -498,4 +656,4 @@ def cache_splits(cfg: DataConfig) -> tuple[dict[str, SplitData], list[str], str,
     diffs = Preprocessing.from_config(cfg).differences(manifest["preprocessing"])
     if diffs:
         raise CacheError(f"{folder} cannot be used: it was prepared with other preprocessing ({'; '.join(diffs)})")
-    return splits, classes, source, notes
+    return Source(splits, classes, source, notes, list(manifest.get("source_skipped", [])))

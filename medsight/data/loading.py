@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medsight.data.cache import cache_splits, is_cache, open_cache
+from medsight.data.cache import cache_source, is_cache, open_cache
 from medsight.data.grades import order_grades
-from medsight.data.sources import (ROTATION_CLASSES, DataBundle, DataError, SplitData, _complete_splits,
-                                   _read_source, _reader_options, _stratified_split, rotation_pretext)
+from medsight.data.readers import Source, read_source, reader_options
+from medsight.data.sources import (ROTATION_CLASSES, DataBundle, DataError, SplitData, complete_splits,
+                                   rotation_pretext, stratified_split)
 
 if TYPE_CHECKING:
     from medsight.config import DataConfig
@@ -24,12 +25,14 @@ __all__ = ["load_data", "load_eval_data", "read_any"]
 log = logging.getLogger(__name__)
 
 
-def read_any(path_str: str, **options: Any) -> tuple[dict[str, SplitData], list[str], str, list[str]]:
-    """``(splits, classes, source, notes)`` of a prepared cache folder, or of any source ``_read_source`` reads."""
+def read_any(path_str: str, **options: Any) -> Source:
+    """A prepared cache folder (checked against its source when the source is at hand), or any source
+    :func:`medsight.data.readers.read_source` reads."""
     if path_str and Path(path_str).expanduser().is_dir() and is_cache(Path(path_str).expanduser()):
-        splits, classes, _, notes, _ = open_cache(path_str)
-        return splits, classes, str(Path(path_str).expanduser()), notes
-    return _read_source(path_str, **options)
+        splits, classes, _, notes, manifest = open_cache(path_str, check_source=True)
+        return Source(splits, classes, str(Path(path_str).expanduser()), notes,
+                      list(manifest.get("source_skipped", [])))
+    return read_source(path_str, **options)
 
 
 def load_data(cfg: DataConfig) -> DataBundle:
@@ -39,21 +42,19 @@ def load_data(cfg: DataConfig) -> DataBundle:
     and ``cfg.label_column`` (column names) where the config has them. With ``cfg.cache``, the images come
     from that prepared cache of the source (prepared first when new; see ``medsight.data.cache``).
     """
-    if getattr(cfg, "cache", None):
-        splits, classes, source, notes = cache_splits(cfg)
-    else:
-        splits, classes, source, notes = read_any(cfg.path, **_reader_options(cfg))
-    splits = _complete_splits(splits, cfg, notes)
+    src = cache_source(cfg) if getattr(cfg, "cache", None) else read_any(cfg.path, **reader_options(cfg))
+    splits, classes, source, notes = src.splits, src.classes, src.path, src.notes
+    splits = complete_splits(splits, cfg, notes)
     if cfg.train_fraction < 1:
         n_before = len(splits["train"])
-        _, splits["train"] = _stratified_split(splits["train"], cfg.train_fraction, cfg.split_seed)
+        _, splits["train"] = stratified_split(splits["train"], cfg.train_fraction, cfg.split_seed)
         notes.append(f"kept {len(splits['train'])} of {n_before} training images (data.train_fraction "
                      f"{cfg.train_fraction:g}, stratified, seed {cfg.split_seed})")
     if cfg.pretext == "rotation":
         notes.append("rotation pretext: labels ignored; the model predicts each image's quarter turns "
                      "(training split in all four turns)")
         return DataBundle(classes=list(ROTATION_CLASSES), splits=rotation_pretext(splits, cfg.split_seed),
-                          source=source, notes=notes)
+                          source=source, notes=notes, skipped=src.skipped)
     if getattr(cfg, "grade_order", None):  # ordinal data whose class names do not sort in grade order
         splits, classes = order_grades(splits, classes, cfg.grade_order)
     if cfg.num_classes is not None and cfg.num_classes != len(classes):
@@ -66,14 +67,23 @@ def load_data(cfg: DataConfig) -> DataBundle:
         classes = list(cfg.class_names)
     if len(classes) < 2:
         raise DataError(f"{source}: need at least 2 classes, found {len(classes)}")
-    bundle = DataBundle(classes=classes, splits=splits, source=source, notes=notes)
+    bundle = DataBundle(classes=classes, splits=splits, source=source, notes=notes, skipped=src.skipped)
     for name, c in bundle.counts().items():
         empty = [classes[i] for i, n in enumerate(c) if n == 0]
         if bundle.multilabel and empty:  # kept: trained on its negatives, reported as unscoreable
-            msg = f"finding(s) {', '.join(empty)} have no positive {name} images"
-            msg += ": trained on negatives only" if name == "train" else ": not scoreable on this split"
-            log.warning("%s: %s", source, msg)
-            notes.append(msg)
+            y = bundle.splits[name].labels
+            unlabelled = [classes[i] for i in range(len(classes)) if classes[i] in empty and (y[:, i] == -1).all()]
+            negatives = [e for e in empty if e not in unlabelled]
+            if unlabelled:
+                msg = (f"finding(s) {', '.join(unlabelled)} have no {name} labels at all (every cell blank, "
+                       f"uncertain or masked)" + (": not learned" if name == "train" else ": not scoreable"))
+                log.warning("%s: %s", source, msg)
+                notes.append(msg)
+            if negatives:
+                msg = f"finding(s) {', '.join(negatives)} have no positive {name} images"
+                msg += ": trained on negatives only" if name == "train" else ": not scoreable on this split"
+                log.warning("%s: %s", source, msg)
+                notes.append(msg)
         elif name == "train" and empty:
             raise DataError(f"{source}: class(es) {', '.join(empty)} have no training images")
     return bundle
@@ -92,9 +102,9 @@ def load_eval_data(path: str, classes: list[str], prefer: Sequence[str] = ("test
     multi-label ``uncertain``/``blank``/``uncertain_per_finding`` policies; the other keyword options are
     the CSV reader's (see ``load_data``).
     """
-    splits, data_classes, source, notes = read_any(path, allow_outside_paths=allow_outside_paths,
-                                                       path_column=path_column, label_column=label_column,
-                                                       **(label_policy or {}))
+    src = read_any(path, allow_outside_paths=allow_outside_paths, path_column=path_column,
+                   label_column=label_column, **(label_policy or {}))
+    splits, data_classes, source, notes = src.splits, src.classes, src.path, src.notes
     for note in notes:
         log.info("%s: %s", source, note)
     data = next((splits[s] for s in prefer if splits.get(s)), None)

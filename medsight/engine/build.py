@@ -24,7 +24,7 @@ from medsight.engine.distributed import DistInfo
 from medsight.engine.step import StepOptions
 from medsight.models import count_parameters, create_model, data_config, freeze_stages, layer_groups, prepare_compile
 from medsight.optim import create_optimizer, create_scheduler
-from medsight.planning import Plan, apply_plan, fingerprint, make_plan
+from medsight.planning import Plan, adopt_cache, apply_plan, fingerprint, make_plan
 from medsight.tasks import Task, build_task
 
 __all__ = ["Run", "Phases", "build_run", "build_model", "make_mixer", "mix_batch", "seed_everything", "default_out"]
@@ -165,6 +165,7 @@ def _loaders(cfg: Config, datasets: dict[str, ImageDataset], dinfo: DistInfo, de
 def build_run(cfg: Config, out: Path, dinfo: DistInfo, device: torch.device) -> Run:
     """Data, task, model, loaders, loss and optimizer phases of ``cfg``, in a fixed random order."""
     seed_everything(cfg.train.seed)
+    cfg = adopt_cache(cfg)  # a prepared cache's size and resize policy, unless the user set others
     bundle = load_data(cfg.data)
     task = build_task(cfg.data.task, bundle.classes, bundle.splits["train"].labels, cfg=cfg)
     plan = make_plan(fingerprint(bundle, task.kind), cfg) if cfg.plan else None

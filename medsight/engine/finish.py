@@ -50,6 +50,27 @@ def _explain(run: Run, model: torch.nn.Module, tp: Any, tl: Any) -> dict[str, An
     return result
 
 
+def _scored_meta(data: Any, skipped: list[str]) -> dict[str, list[str]] | None:
+    """The test split's metadata (sex, age, ...) for the images that were scored: unreadable ones are left out
+    of the predictions, so their rows are left out here too (else the subgroup table misaligns)."""
+    if not data.meta:
+        return None
+    bad = set(skipped)
+    keep = [i for i in range(len(data)) if data.describe(i) not in bad]
+    return {k: [v[i] for i in keep] for k, v in data.meta.items()}
+
+
+def _optional(metrics: dict[str, Any], step: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run an optional end-of-run step; one that fails is skipped with its reason (in metrics.json and the
+    log) so that the run still ends with its metrics and report."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure of an optional step: said, never fatal to the run
+        log.warning("%s skipped: %s: %s", step, type(exc).__name__, exc)
+        metrics.setdefault("steps_skipped", []).append({"step": step, "reason": f"{type(exc).__name__}: {exc}"})
+        return None
+
+
 def finish_run(run: Run, state: EpochState) -> dict[str, Any]:
     """Reload best.pt, fit the task's decision rule and the trust rules (temperature, operating points,
     conformal sets, abstention) on validation, evaluate on test, explain, measure sharpness (and robustness
@@ -66,22 +87,31 @@ def finish_run(run: Run, state: EpochState) -> dict[str, Any]:
     save_atomic({**ckpt, "task": task.state()}, out / "best.pt")
     val_m = task.metrics(vl, vp, n_boot=0)
     test_m = task.metrics(tl, tp, n_boot=1000, seed=cfg.train.seed)
-    plot_curves(state.history, out / "curves.png", state.best_epoch)
-    figures = task.figures(out, {"val": (vl, vp), "test": (tl, tp)}, test_m)
-    metrics: dict[str, Any] = {
+    metrics: dict[str, Any] = {}
+    _optional(metrics, "curves", plot_curves, state.history, out / "curves.png", state.best_epoch)
+    figures = _optional(metrics, "figures", task.figures, out, {"val": (vl, vp), "test": (tl, tp)}, test_m) or []
+    metrics.update({
         "val": val_m, "test": test_m, "task": task.kind, "classes": task.classes, "best_epoch": state.best_epoch,
         "epochs_run": len(state.history), "monitor": cfg.train.monitor, "parameters": run.n_params,
         "data": run.bundle.source, "train_seconds": float(sum(r["seconds"] for r in state.history)),
-        "figures": figures, "skipped_files": sorted(set(state.skipped) | set(val_skipped) | set(test_skipped))}
-    metrics["trust"] = measure(task, cfg.eval, tlog, tl, meta=run.datasets["test"].data.meta, out=out,
-                               seed=cfg.train.seed)
-    metrics["figures"] += metrics["trust"].pop("figures")
+        "figures": figures, "skipped_files": sorted(set(state.skipped) | set(val_skipped) | set(test_skipped)
+                                                    | set(run.bundle.skipped))})
+    meta = _scored_meta(run.datasets["test"].data, test_skipped)
+    trust = _optional(metrics, "trust", measure, task, cfg.eval, tlog, tl, meta=meta, out=out, seed=cfg.train.seed)
+    if trust is None and meta:  # the subgroup table is the part that depends on the data's metadata
+        trust = _optional(metrics, "trust without subgroups", measure, task, cfg.eval, tlog, tl, meta=None, out=out,
+                          seed=cfg.train.seed)
+    if trust is not None:
+        metrics["trust"] = trust
+        metrics["figures"] += metrics["trust"].pop("figures")
     if cfg.eval.robustness:
-        metrics["robustness"] = robustness(model, task, run.datasets["test"].data, run.datasets["test"].transform,
-                                           device, seed=cfg.train.seed)
-        plot_robustness(metrics["robustness"], out / "robustness.png")
-        metrics["figures"].append("robustness.png")
-    metrics.update(_explain(run, model, tp, tl))
+        rob = _optional(metrics, "robustness", robustness, model, task, run.datasets["test"].data,
+                        run.datasets["test"].transform, device, seed=cfg.train.seed)
+        if rob is not None:
+            metrics["robustness"] = rob
+            plot_robustness(metrics["robustness"], out / "robustness.png")
+            metrics["figures"].append("robustness.png")
+    metrics.update(_optional(metrics, "explain", _explain, run, model, tp, tl) or {})
     check = task.checklist(test_m, cfg.checklist.model_dump())
     if check:
         metrics["checklist"] = check
@@ -94,10 +124,12 @@ def finish_run(run: Run, state: EpochState) -> dict[str, Any]:
     if Path(run.bundle.source) == DEFAULT_DATA:
         metrics["baselines"] = baseline_table(cfg.model.name, test_m["auc"], test_m["accuracy"])
     write_text_atomic(json.dumps(metrics, indent=2), out / "metrics.json")
-    card = model_card_sections(metrics, config_to_dict(cfg), run.bundle.summary())
-    write_text_atomic(to_markdown(card, out.name), out / "model_card.md")
-    write_report(out, cfg, metrics, task, title=f"medsight run: {out.name}", card=to_html(card))
-    make_private(out)  # the gallery and the report show patient images: owner-only, like every run file
+    try:
+        card = model_card_sections(metrics, config_to_dict(cfg), run.bundle.summary())
+        write_text_atomic(to_markdown(card, out.name), out / "model_card.md")
+        write_report(out, cfg, metrics, task, title=f"medsight run: {out.name}", card=to_html(card))
+    finally:
+        make_private(out)  # the gallery and the report show patient images: owner-only, like every run file
     _log_summary(run, metrics)
     return metrics
 
@@ -111,8 +143,8 @@ def _log_summary(run: Run, metrics: dict[str, Any]) -> None:
         sh = metrics["sharpness"]
         log.info(f"sharpness (rho {sh['rho']:g}, {sh['images']} training images): ascent {sh['ascent']:.4f} · "
                  f"random {sh['random']:.4f} · loss {sh['loss']:.4f}")
-    border = metrics["explain"]
-    if border["border_warning"]:
+    border = metrics.get("explain")
+    if border and border["border_warning"]:
         per = ", ".join(f"{c} {v:.3f}" for c, v in border["border_score_per_class"].items()) or "n/a"
         log.warning(f"Grad-CAM border score {border['border_score_max_class']:.3f} > {BORDER_WARN} (highest class "
                     f"mean; per class {per}): the model may rely on image borders/corners (shortcut); see "

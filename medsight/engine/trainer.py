@@ -20,6 +20,7 @@ import torch
 
 from medsight.checkpoint import load_checkpoint
 from medsight.config import Config, ConfigError, explicit_keys, save_config, validate_config, with_values
+from medsight.data.readers import check_output_outside
 from medsight.engine.budget import epochs_for_budget
 from medsight.engine.build import Phases, Run, build_run, default_out
 from medsight.engine.callbacks import Callback, CheckpointSaver, ConsoleLogger, EarlyStopping, HistoryWriter
@@ -75,6 +76,7 @@ def _previous(cfg: Config, resume: bool, force: bool) -> dict[str, Any] | None:
     """last.pt to resume from, after checking that the run folder may be written."""
     out = Path(cfg.out)
     check_writable(out)  # a file, or a folder that cannot be written: refused before any data is read
+    check_output_outside(out, cfg.data.path, "--out")  # a run inside a class-folder source would become data
     for stale in out.glob(".*.tmp") if out.is_dir() else ():
         stale.unlink(missing_ok=True)  # left by a process killed mid-write; the real files are intact
     if resume:

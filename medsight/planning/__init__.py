@@ -3,6 +3,8 @@ plan (planner.py — a new rule goes there). Fitting a time budget, which needs 
 engine's (engine/budget.py)."""
 
 from medsight.planning.fingerprint import Fingerprint, fingerprint
-from medsight.planning.planner import RULES, Decision, Plan, apply_plan, make_plan, plan_for
+from medsight.planning.planner import (RULES, Decision, Plan, adopt_cache, apply_plan, make_plan, plan_for,
+                                       plan_preprocessing)
 
-__all__ = ["Fingerprint", "fingerprint", "Plan", "Decision", "make_plan", "apply_plan", "plan_for", "RULES"]
+__all__ = ["Fingerprint", "fingerprint", "Plan", "Decision", "make_plan", "apply_plan", "plan_for", "RULES",
+           "adopt_cache", "plan_preprocessing"]

@@ -33,6 +33,7 @@ class Fingerprint:
     mixed: bool  # sizes or channel counts differ between images
     imbalance: float  # largest / smallest training class
     sampled: int  # images whose size was read
+    prepared: dict[str, Any] | None = None  # a prepared cache's preprocessing (size, resize, ...), which a plan keeps
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,4 +83,5 @@ def fingerprint(bundle: DataBundle, task_kind: str) -> Fingerprint:
     present = [c for c in counts["train"] if c > 0]
     return Fingerprint(source=bundle.source, task=task_kind, classes=list(bundle.classes), counts=counts,
                        n_train=len(train), image_side=side, aspect=round(aspect, 3), channels=channels, mixed=mixed,
-                       imbalance=round(max(present) / min(present), 3) if present else 1.0, sampled=len(sizes))
+                       imbalance=round(max(present) / min(present), 3) if present else 1.0, sampled=len(sizes),
+                       prepared=dict(train.prepared) if train.prepared else None)

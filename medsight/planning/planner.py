@@ -20,11 +20,12 @@ from typing import Any
 
 from medsight.config import Config, explicit_keys, with_values
 from medsight.data import load_data
+from medsight.data.cache import cache_preprocessing
 from medsight.planning.fingerprint import Fingerprint, fingerprint
 from medsight.tasks import build_task
 
 __all__ = ["Decision", "Plan", "make_plan", "apply_plan", "epoch_dependent", "RULES", "TARGET_STEPS", "CNN_BELOW",
-           "COATNET0_FROM", "MAX_EPOCHS", "plan_for"]
+           "COATNET0_FROM", "MAX_EPOCHS", "plan_for", "adopt_cache", "plan_preprocessing", "CACHE_KEYS"]
 
 #: Optimizer steps a plan aims at (small sets: more epochs); the default set gets 300/74 -> 4 epochs.
 TARGET_STEPS = 300
@@ -71,7 +72,21 @@ def _ceil32(x: float) -> int:
     return int(math.ceil(x / 32) * 32)
 
 
+#: The config keys a prepared cache fixes, and the names its manifest gives them.
+CACHE_KEYS = {"data.image_size": "size", "data.resize": "resize", "data.preset": "preset", "data.graham": "graham"}
+
+
+def _from_cache(fp: Fingerprint, key: str) -> Decision | None:
+    """A prepared cache's value for ``key``: its images went through it, so the plan keeps it."""
+    if not fp.prepared or CACHE_KEYS[key] not in fp.prepared:
+        return None
+    return Decision(key, fp.prepared[CACHE_KEYS[key]], "the prepared cache's images were made so")
+
+
 def rule_image_size(fp: Fingerprint, chosen: dict[str, Any]) -> list[Decision]:
+    cached = _from_cache(fp, "data.image_size")
+    if cached is not None:
+        return [cached]
     size = min(_ceil32(max(fp.image_side, 64)), 224)
     mixed = "; sizes and channels differ between images: every one is resized to it, grayscale to 3 channels" \
         if fp.mixed else ""
@@ -147,6 +162,9 @@ def rule_imbalance(fp: Fingerprint, chosen: dict[str, Any]) -> list[Decision]:
 
 
 def rule_resize(fp: Fingerprint, chosen: dict[str, Any]) -> list[Decision]:
+    cached = _from_cache(fp, "data.resize")
+    if cached is not None:
+        return [cached]
     if fp.mixed or not 1 / SQUARE_ENOUGH <= fp.aspect <= SQUARE_ENOUGH:
         return [Decision("data.resize", "pad", f"images are not all square (median aspect {fp.aspect:.2f}"
                                                f"{', mixed sizes' if fp.mixed else ''}): letterboxed, so nothing is "
@@ -199,8 +217,34 @@ def apply_plan(cfg: Config, plan: Plan) -> Config:
     return with_values(cfg, {d.key: d.value for d in plan.decisions})
 
 
+def adopt_cache(cfg: Config) -> Config:
+    """A run from a prepared cache (``data.cache``) takes the cache's preprocessing (size, resize, preset,
+    Graham) for every key the user did not set; a key the user set to another value is refused when the
+    cache is opened, naming it."""
+    pre = cache_preprocessing(cfg.data.cache) if cfg.data.cache else None
+    if pre is None:
+        return cfg
+    user = explicit_keys(cfg)
+    values = {k: pre[name] for k, name in CACHE_KEYS.items() if k not in user and name in pre}
+    return with_values(cfg, values) if values else cfg
+
+
+def plan_preprocessing(cfg: Config) -> tuple[Config, list[str]]:
+    """``cfg`` with the image size and resize policy that ``train`` would plan for its data (keys the user
+    set are kept), and lines saying which: ``medsight prepare`` caches what training will use."""
+    if not cfg.plan:
+        return cfg, []
+    plan = plan_for(cfg)
+    keys = ("data.image_size", "data.resize")
+    chosen = {d.key: d.value for d in plan.decisions if d.key in keys}
+    lines = [f"plan: {d.key} = {d.value}  ({d.reason})" for d in plan.decisions if d.key in keys]
+    lines += [f"{d.key} = {d.value}  (set by you)" for d in plan.kept if d.key in keys]
+    return (with_values(cfg, chosen) if chosen else cfg), lines
+
+
 def plan_for(cfg: Config) -> Plan:
     """Read ``cfg``'s data and make its plan (what ``medsight plan`` prints; training makes the same one)."""
+    cfg = adopt_cache(cfg)
     bundle = load_data(cfg.data)
     task = build_task(cfg.data.task, bundle.classes, bundle.splits["train"].labels)
     return make_plan(fingerprint(bundle, task.kind), cfg)

@@ -40,7 +40,7 @@ from medsight.tasks.single_label import TaskConfigError
 if TYPE_CHECKING:
     from medsight.config import Config
 
-__all__ = ["OrdinalTask", "check_grade_names"]
+__all__ = ["OrdinalTask", "check_grade_names", "refer_index"]
 
 HEADS = choices(OrdinalHead)
 
@@ -64,7 +64,13 @@ def check_grade_names(classes: list[str]) -> None:
             f"data.task=ordinal needs grades in order, but the class names ({listed}) are not grade numbers, so "
             f"medsight cannot tell their order (folder and label names sort alphabetically). Give it, lowest "
             f"grade first, e.g. --set 'data.grade_order=[{listed}]' with the names in grade order")
-    if numbers != sorted(numbers) or len(set(numbers)) != len(numbers):
+    same = {n: [c for c, m in zip(classes, numbers) if m == n] for n in set(numbers)}
+    twice = {n: names for n, names in same.items() if len(names) > 1}
+    if twice:
+        spelled = "; ".join(f"{' and '.join(repr(c) for c in names)} are both grade {n}" for n, names in twice.items())
+        raise TaskConfigError(f"data.task=ordinal: {spelled}; write each grade one way in the labels (or give "
+                              f"data.grade_order if they are different grades)")
+    if numbers != sorted(numbers):
         raise TaskConfigError(f"data.task=ordinal: the grades {listed} are not in increasing order")
     missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
     if missing:
@@ -72,6 +78,20 @@ def check_grade_names(classes: list[str]) -> None:
             f"data.task=ordinal: grade(s) {', '.join(map(str, missing))} appear nowhere in the data (its grades are "
             f"{listed}); distances between grades would be wrong. Add images of the missing grade(s), or give "
             f"data.grade_order to say that these names are consecutive grades")
+
+
+def refer_index(classes: list[str], grade: int) -> int:
+    """The label index of the lowest class referred at ``data.refer_grade=grade``, read in the labels' units:
+    with grades 1-5, ``refer_grade=3`` refers 3, 4 and 5. Class names that are not grade numbers (an order
+    given by data.grade_order) count from 0. Referring every grade, or none, is refused."""
+    numbers = [_as_int(c) for c in classes]
+    values = numbers if all(n is not None for n in numbers) else list(range(len(classes)))
+    index = next((i for i, v in enumerate(values) if v >= grade), len(classes))
+    if not 1 <= index <= len(classes) - 1:
+        raise TaskConfigError(f"data.refer_grade={grade} (in the labels' units) would refer "
+                              f"{'every' if index == 0 else 'no'} grade of {', '.join(map(str, classes))}; choose "
+                              f"{values[1]}..{values[-1]}")
+    return index
 
 
 class OrdinalTask(Task):
@@ -92,9 +112,8 @@ class OrdinalTask(Task):
         k = len(self.classes)
         if k < 2:
             raise TaskConfigError(f"an ordinal task needs at least 2 grades, got {k}")
-        if not 1 <= int(o["refer_grade"]) <= k - 1:
-            raise TaskConfigError(f"data.refer_grade={o['refer_grade']} but the grades are 0..{k - 1} "
-                                  f"({', '.join(self.classes)}); choose 1..{k - 1}")
+        if "refer_index" not in o:
+            o["refer_index"] = refer_index(self.classes, int(o["refer_grade"]))
         if "ordered_by" not in o:  # a new task: its class names must say the order themselves
             check_grade_names(self.classes)
             o["ordered_by"] = "grade numbers"
@@ -116,7 +135,8 @@ class OrdinalTask(Task):
 
     @property
     def refer_grade(self) -> int:
-        return int(self.options["refer_grade"])
+        """The label index of the lowest referable grade (``data.refer_grade`` is in the labels' own units)."""
+        return int(self.options["refer_index"])
 
     # ---------------------------------------------------------------------------------------- head
     def activation(self, logits: torch.Tensor) -> torch.Tensor:
