@@ -117,6 +117,12 @@ def test_box_lands_where_the_transform_puts_the_pixels(policy):
     assert v[1] == pytest.approx(ys.min(), abs=1) and v[3] == pytest.approx(ys.max() + 1, abs=1)
 
 
+def test_box_in_view_scales_each_axis_by_its_own_coordinate_size():
+    # coordinates for a 100 x 100 image, drawn on a 200 x 100 (w x h) one: x doubles, y stays
+    v = box_in_view(_box(10, 10, 20, 20, width=100, height=100), (100, 200), 64, "squash")
+    assert v == pytest.approx((6.4, 6.4, 19.2, 19.2))
+
+
 def test_a_box_cut_away_by_the_crop_is_none():
     assert box_in_view(_box(0, 0, 20, 20, width=200, height=100), (100, 200), 64, "crop") is None
 

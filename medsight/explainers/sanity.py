@@ -79,7 +79,7 @@ def _label(names: Sequence[str]) -> str:
         if top not in tops:
             tops.append(top)
     heads = {t.split(".")[0] for t in tops}
-    return heads.pop() if len(heads) == 1 else " + ".join(tops)  # layer4.0 + layer4.1 -> layer4
+    return heads.pop() if len(tops) > 1 and len(heads) == 1 else " + ".join(tops)  # layer4.0 + layer4.1 -> layer4
 
 
 def randomization_steps(model: nn.Module) -> list[tuple[str, list[str]]]:
