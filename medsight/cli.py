@@ -162,9 +162,55 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _box_size(text: str) -> tuple[float, float]:
+    """``WxH`` (e.g. 1024x1024): the image size box coordinates refer to."""
+    try:
+        w, h = (float(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 1024x1024, got {text!r}") from None
+    if not (w > 0 and h > 0):
+        raise argparse.ArgumentTypeError(f"the size must be positive, got {text!r}")
+    return w, h
+
+
+def _cmd_explain_checks(args: argparse.Namespace) -> int:
+    """--boxes / --sanity: heatmaps against a box list and the saliency sanity checks."""
+    from medsight.config import CamMethod, choices
+    from medsight.explainers.audit import audit_run
+    from medsight.reporting.localization import fmt_score
+
+    methods = list(choices(CamMethod)) if args.compare else [args.method]
+    r = audit_run(args.checkpoint, args.out, boxes=args.boxes, images=args.images or None, methods=methods,
+                  target_layer=args.target_layer, box_size=args.box_size, tolerance=args.tolerance,
+                  iou_threshold=args.iou_threshold, sanity=args.sanity, shuffled_run=args.shuffled_run,
+                  sanity_images=args.sanity_images, store=args.store, device=args.device)
+    loc = r.get("localization")
+    if loc:
+        st = loc["settings"]
+        print(f"{len(loc['boxes'])} box(es) scored, {len(loc['skipped'])} row(s) left out; pointing tolerance "
+              f"{st['tolerance_px']:g} px, IoU at {st['iou_threshold']:g} x the map's maximum")
+        for name, m in loc["methods"].items():
+            o = m["overall"]
+            print(f"  {name:<10} pointing {fmt_score(o['pointing'])} · energy ratio {fmt_score(o['energy_ratio'])}"
+                  f" · IoU {fmt_score(o['iou'])}")
+    for name, m in r.get("sanity", {}).get("cascading", {}).get("methods", {}).items():
+        steps = " -> ".join(f"{s['spearman']['mean']:.2f}" for s in m["steps"])
+        print(f"  {name}: Spearman with the trained maps as layers are randomized {steps}: {m['verdict']}")
+    for name, m in r.get("sanity", {}).get("data", {}).get("methods", {}).items():
+        print(f"  {name}: shuffled-label model, Spearman {fmt_score(m['spearman'])}: {m['verdict']}")
+    print(f"wrote {args.out}/localization.json and report.html" + (f"; stored in {r['stored']}" if r.get("stored") else ""))
+    return 0
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
     from medsight.api import explain_files
 
+    if args.boxes or args.sanity:
+        return _cmd_explain_checks(args)
+    if args.store or args.shuffled_run:
+        raise ValueError("--store and --shuffled-run go with --boxes or --sanity")
+    if not args.images:
+        raise ValueError("give image files or folders to explain (or --boxes BOXES.csv / --sanity)")
     results = explain_files(args.checkpoint, args.images, args.out, method=args.method,
                             target_layer=args.target_layer, class_idx=args.class_idx, compare=args.compare,
                             device=args.device)
@@ -358,15 +404,31 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--device", default="auto")
     rb.set_defaults(func=_cmd_robustness)
 
-    x = sub.add_parser("explain", help="Grad-CAM overlays for images")
-    x.add_argument("checkpoint")
-    x.add_argument("images", nargs="+", help="image files or folders (PNG, JPEG, BMP, TIFF, DICOM)")
+    x = sub.add_parser("explain", help="Grad-CAM overlays for images; heatmaps against boxes; sanity checks")
+    x.add_argument("checkpoint", help="a checkpoint, or a run folder (its best.pt)")
+    x.add_argument("images", nargs="*", help="image files or folders (PNG, JPEG, BMP, TIFF, DICOM); with --boxes, "
+                   "where the boxed images are (default: beside the run's data)")
     x.add_argument("--out", required=True)
     x.add_argument("--method", default="gradcam", choices=choices(CamMethod))
     x.add_argument("--target-layer", help="dotted module name; default: the architecture's last stage")
     x.add_argument("--class", dest="class_idx", type=int, help="class index to explain (default: predicted)")
-    x.add_argument("--compare", action="store_true", help="draw every method side by side")
+    x.add_argument("--compare", action="store_true", help="draw every method side by side (with --boxes, "
+                   "--sanity: check every method)")
     x.add_argument("--device", default="auto")
+    x.add_argument("--boxes", help="box list to score the heatmaps against: NIH's BBox_List_2017.csv, or a CSV "
+                   "image,finding,x,y,w,h[,width,height]")
+    x.add_argument("--box-size", type=_box_size, metavar="WxH", help="the image size the box coordinates refer "
+                   "to, for lists without width,height columns (NIH's list: 1024x1024)")
+    x.add_argument("--tolerance", type=float, help="pointing-game tolerance in input pixels (default: 15 px at "
+                   "224, scaled to the input size)")
+    x.add_argument("--iou-threshold", type=float, default=0.5, help="the share of a map's maximum that makes its "
+                   "region for IoU (default 0.5)")
+    x.add_argument("--sanity", action="store_true", help="cascading model-randomization test (Adebayo et al. 2018)")
+    x.add_argument("--shuffled-run", help="with --sanity: a run of the same model trained on shuffled labels "
+                   "(data-randomization test)")
+    x.add_argument("--sanity-images", type=int, default=32, help="images for --sanity (default 32)")
+    x.add_argument("--store", action="store_true", help="with --boxes/--sanity: also add the results to the run's "
+                   "metrics.json, model card and report")
     x.set_defaults(func=_cmd_explain)
 
     r = sub.add_parser("predict", help="class probabilities for images")
@@ -467,6 +529,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from medsight.config import ConfigError
     from medsight.data import DataError, ImageReadError
     from medsight.engine import TrainingError
+    from medsight.explainers.localization import BoxListError
     from medsight.evaluation.runs import EnsembleError
     from medsight.inference import EnsembleFileError, ExportError, NoImagesError
     from medsight.models import ModelError
@@ -483,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.func(args)
     except (ConfigError, DataError, EnsembleError, EnsembleFileError, ExportError, ModelError, CheckpointError,
             TrainingError, ImageReadError, TaskConfigError, DeviceError, NoImagesError, OutputExistsError,
-            FileNotFoundError, ValueError) as exc:
+            BoxListError, FileNotFoundError, ValueError) as exc:
         print(f"medsight: error: {exc}", file=sys.stderr)
         return 2
 

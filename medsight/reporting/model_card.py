@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medsight.reporting.html import html_table
+from medsight.reporting.localization import localization_sections
 
 __all__ = ["model_card_sections", "to_markdown", "to_html", "code_version", "ANSWERED", "NOT_ANSWERED"]
 
@@ -243,6 +244,7 @@ def model_card_sections(metrics: dict[str, Any], config: dict[str, Any], data: d
                                             f"{_f(ex.get('border_score_max_class'))}"
                                             + (" — **warning: possible shortcut**" if ex.get("border_warning") else "")
                                             + "."]))
+    sections += localization_sections(metrics)  # heatmaps against boxes, sanity checks: when measured
     sections.append(("Known limitations", [
         "Metrics come from one test split of the data named above; they need not transfer to other sites, "
         "scanners or populations (external validation: `medsight evaluate CHECKPOINT --data OTHER`).",

@@ -10,6 +10,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
@@ -179,8 +180,10 @@ def plot_gallery(rows: list[dict[str, Any]], path: str | Path) -> None:
     _save(fig, path)
 
 
-def plot_explanation(image: np.ndarray, overlays: dict[str, np.ndarray], title: str, path: str | Path) -> None:
-    """The original beside one overlay per method."""
+def plot_explanation(image: np.ndarray, overlays: dict[str, np.ndarray], title: str, path: str | Path,
+                     box: Sequence[float] | None = None) -> None:
+    """The original beside one overlay per method; ``box`` (x0, y0, x1, y1 in the image's pixels) is drawn on
+    every panel (a radiologist's box, for localization)."""
     n = 1 + len(overlays)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.5), squeeze=False)
     axes[0, 0].imshow(image)
@@ -189,6 +192,9 @@ def plot_explanation(image: np.ndarray, overlays: dict[str, np.ndarray], title: 
         ax.imshow(ov)
         ax.set_title(name, fontsize=9)
     for ax in axes.ravel():
+        if box is not None:  # pixel edges: a pixel index i spans [i - 0.5, i + 0.5] in imshow's frame
+            ax.add_patch(matplotlib.patches.Rectangle((box[0] - 0.5, box[1] - 0.5), box[2] - box[0], box[3] - box[1],
+                                                      fill=False, edgecolor="lime", linewidth=1.5))
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     _save(fig, path)

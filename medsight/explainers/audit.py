@@ -1,0 +1,166 @@
+"""One trained run's explanations checked: heatmaps against a box list, and the saliency sanity checks.
+
+:func:`audit_run` is what ``medsight explain RUN --boxes BOXES.csv`` and ``--sanity`` call: it finds the boxed
+images (in the folders given, else beside the run's own data), scores every method against the boxes
+(:func:`medsight.explainers.localization.localize`), runs the cascading model-randomization test and, given
+a run trained on shuffled labels, the data-randomization test (:mod:`medsight.explainers.sanity`), and
+writes ``localization.json``, the overlays and a ``report.html``; with ``store``, the results also go into the
+run's metrics.json, model card and report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medsight.explainers.localization import BoxListError, index_images, localize, read_boxes
+from medsight.explainers.sanity import cascading_randomization, data_randomization
+
+__all__ = ["audit_run", "run_checkpoint", "store_in_run"]
+
+log = logging.getLogger(__name__)
+
+
+def run_checkpoint(run: str | Path) -> Path:
+    """A run folder's best.pt, or the checkpoint file itself."""
+    p = Path(run)
+    if p.is_dir():
+        if not (p / "best.pt").is_file():
+            raise FileNotFoundError(f"{p} holds no best.pt: give a medsight run folder or a checkpoint file")
+        return p / "best.pt"
+    return p
+
+
+def _image_folders(pred: Any, images: Sequence[str | Path] | None) -> tuple[list[Path], str]:
+    """Where boxed images are looked up: the folders given, else the folder of the run's own data."""
+    if images:
+        return [Path(i) for i in images], ", ".join(map(str, images))
+    source = Path(str(pred.data_cfg.path or "")).expanduser()
+    folder = source if source.is_dir() else source.parent if source.suffix.lower() == ".csv" else None
+    if folder is None or not folder.is_dir():
+        raise BoxListError(f"the run's data ({source or 'the embedded default'}) has no image files to match box "
+                           f"names against: give the folder(s) holding the boxed images")
+    return [folder], str(folder)
+
+
+def _sanity_images(pred: Any, boxed: list[dict[str, Any]], paths: dict[str, Path], inputs: Sequence[str | Path] | None,
+                   limit: int, seed: int) -> tuple[torch.Tensor, list[int]]:
+    """Normalized images and the output explained per image: the boxed images (their findings), else the
+    images given, else a sample of the run's test split (the trained model's explained outputs)."""
+    from medsight.data import ImageDataset, load_data
+    from medsight.data.imageio import read_image
+    from medsight.inference import collect_images
+
+    if boxed:
+        pairs = [(pred.preprocess(read_image(paths[b["image"]]))[0], pred.classes.index(b["finding"]))
+                 for b in boxed[:limit]]
+        return torch.stack([x for x, _ in pairs]), [k for _, k in pairs]
+    if inputs:
+        xs = [pred.preprocess(read_image(p))[0] for p in collect_images(inputs)[:limit]]
+    else:
+        split = load_data(pred.data_cfg).splits["test"]
+        ds = ImageDataset(split, pred.transform)
+        order = np.random.default_rng(seed).permutation(len(ds))
+        xs = [item for item in (ds[int(i)][0] for i in order[: 2 * limit]) if item is not None][:limit]
+    x = torch.stack(xs).to(pred.device)
+    with torch.no_grad():
+        probs = pred.task.probabilities(pred.model(x)).cpu().numpy()
+    return x, [int(pred.task.explained_output(p)) for p in probs]
+
+
+def audit_run(run: str | Path, out: str | Path, boxes: str | Path | None = None,
+              images: Sequence[str | Path] | None = None, methods: Sequence[str] = ("gradcam",),
+              target_layer: str | None = None, box_size: tuple[float, float] | None = None,
+              tolerance: float | None = None, iou_threshold: float = 0.5, sanity: bool = False,
+              shuffled_run: str | Path | None = None, sanity_images: int = 32, n_boot: int = 1000, seed: int = 0,
+              store: bool = False, device: str = "auto") -> dict[str, Any]:
+    """Localization against ``boxes`` and/or the sanity checks for a run; writes ``out/localization.json``,
+    overlays (``out/boxes/``) and ``out/report.html``.
+
+    Args:
+        run: a run folder (its best.pt) or a checkpoint.
+        images: folders (or files) holding the boxed images, or the images for the sanity checks.
+        box_size: the coordinates' image size for lists without width/height columns.
+        shuffled_run: a run of the same model trained on shuffled labels, for the data-randomization test.
+        store: also add the results to the run's metrics.json and redraw its model card and report.
+    """
+    from medsight.inference import Predictor
+    from medsight.reporting.localization import localization_page
+
+    if boxes is None and not sanity:
+        raise ValueError("nothing to check: give --boxes BOXES.csv and/or --sanity")
+    pred = Predictor(run_checkpoint(run), device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"checkpoint": str(run_checkpoint(run)), "methods": list(methods)}
+    paths: dict[str, Path] = {}
+    boxed: list[dict[str, Any]] = []
+    if boxes is not None:
+        rows, problems = read_boxes(boxes, box_size)
+        folders, where = _image_folders(pred, images)
+        paths = index_images(folders)
+        loc = localize(pred, rows, paths, methods, target_layer, tolerance, iou_threshold, n_boot, seed,
+                       out=out / "boxes", where=where, problems=problems)
+        loc["box_list"] = str(boxes)
+        for line in loc["skipped"]:
+            log.warning("box list: %s", line)
+        result["localization"] = loc
+        boxed = loc["boxes"]
+    if sanity:
+        x, cls = _sanity_images(pred, boxed, paths, None if boxes is not None else images, sanity_images, seed)
+        result["sanity"] = {"cascading": cascading_randomization(pred.model, x, cls, methods, target_layer, seed,
+                                                                  n_boot)}
+        if shuffled_run is not None:
+            other = Predictor(run_checkpoint(shuffled_run), device)
+            if other.name != pred.name or other.classes != pred.classes:
+                raise ValueError(f"--shuffled-run {shuffled_run} is a {other.name} with classes "
+                                 f"{', '.join(other.classes)}; the data-randomization test needs the same model "
+                                 f"({pred.name}, {', '.join(pred.classes)}) trained on shuffled labels")
+            result["sanity"]["data"] = data_randomization(pred.model, other.model, x, cls, methods, target_layer,
+                                                          n_boot, seed)
+            result["sanity"]["data"]["shuffled_run"] = str(shuffled_run)
+    from medsight.utils.files import write_text_atomic
+
+    write_text_atomic(json.dumps(result, indent=2), out / "localization.json")
+    write_text_atomic(localization_page(result, out), out / "report.html")
+    if store:
+        result["stored"] = store_in_run(run, result)
+    return result
+
+
+def store_in_run(run: str | Path, result: dict[str, Any]) -> str:
+    """The results under ``localization`` / ``sanity`` in the run's metrics.json, and its model card and report
+    redrawn with them (when the run's data can still be read for the card's data section)."""
+    from medsight.checkpoint import load_checkpoint
+    from medsight.config import config_from_dict
+    from medsight.data import DataError, load_data
+    from medsight.reporting.html import write_report
+    from medsight.reporting.model_card import model_card_sections, to_html, to_markdown
+    from medsight.tasks import task_from_checkpoint
+    from medsight.utils.files import write_text_atomic
+
+    folder = Path(run) if Path(run).is_dir() else Path(run).parent
+    path = folder / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} holds no metrics.json: --store needs a run folder")
+    metrics = json.loads(path.read_text())
+    metrics.update({k: result[k] for k in ("localization", "sanity") if k in result})
+    write_text_atomic(json.dumps(metrics, indent=2), path)
+    ckpt = load_checkpoint(run_checkpoint(run))
+    cfg = config_from_dict(ckpt["config"])
+    try:
+        summary = load_data(cfg.data).summary()
+    except DataError as exc:
+        log.warning("stored in %s; the report is not redrawn: the run's data cannot be read (%s)", path, exc)
+        return str(path)
+    card = model_card_sections(metrics, ckpt["config"], summary)
+    write_text_atomic(to_markdown(card, folder.name), folder / "model_card.md")
+    write_report(folder, cfg, metrics, task_from_checkpoint(ckpt), title=f"medsight run: {folder.name}",
+                 card=to_html(card))
+    return str(path)
