@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from medsight.config import Config, ConfigError, config_from_dict
-from medsight.models import create_model
+from medsight.models import create_model, install_head
 from medsight.tasks import TaskConfigError, task_from_checkpoint
 from medsight.utils.files import save_atomic, write_text_atomic
 
@@ -87,6 +87,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         raise CheckpointError(f"{path}: its stored config is invalid: {exc}") from None
     model = create_model(cfg.model.name, num_classes=task.num_outputs, img_size=ckpt["image_size"],
                          layout=cfg.model.layout)
+    install_head(model, cfg.train.head, task.num_outputs, cfg.train.cosine_scale, cfg.train.cosine_learn_scale)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:

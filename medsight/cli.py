@@ -19,7 +19,7 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
     flag_keys = {"data": "data.path", "model": "model.name", "epochs": "train.epochs", "out": "out",
                  "optimizer": "optim.name", "lr": "optim.lr", "batch_size": "train.batch_size",
                  "weights": "model.weights", "image_size": "data.image_size", "device": "train.device",
-                 "layout": "model.layout", "time_budget": "train.time_budget"}
+                 "layout": "model.layout", "time_budget": "train.time_budget", "shots": "data.shots"}
     for attr, key in flag_keys.items():
         value = getattr(args, attr, None)
         if value is not None:
@@ -339,7 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log more detail")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train, evaluate on test, explain, and write a run folder with a report")
+    from medsight.techniques import help_text
+
+    t = sub.add_parser("train", help="train, evaluate on test, explain, and write a run folder with a report",
+                       epilog=help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", help="YAML config file (defaults: the embedded PneumoniaMNIST run)")
     t.add_argument("--data", help="class-per-folder directory, CSV manifest (path,label[,patient_id][,split]) or .npz")
     t.add_argument("--model", help="any timm model name, or coatnet_tiny / coatnet_0 / coatnet_1 / coatnet_2")
@@ -357,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weights", help="start from a local weights file (.pt, .pth, .safetensors)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     t.add_argument("--force", action="store_true", help="write into a non-empty --out that holds no run")
+    t.add_argument("--shots", type=int, help="few-shot: keep K labelled training images per class (e.g. with "
+                   "--set train.head=prototypical)")
     t.add_argument("--time-budget", help="fit the run into this much time on this machine, e.g. 5m, 90s, 1h")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config option, e.g. --set optim.rho=0.1")
     t.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines still print)")

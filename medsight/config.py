@@ -29,10 +29,10 @@ from medsight.utils.files import write_text_atomic
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "ScheduleConfig", "TrainConfig",
     "ExplainConfig", "ChecklistConfig", "FinetuneConfig", "DEFAULT_DATA", "load_config", "apply_overrides",
-    "config_to_dict", "config_from_dict", "validate_config", "save_config", "with_values", "choices", "explicit_keys",
+    "config_to_dict", "config_from_dict", "validate_config", "check_task_kind", "save_config", "with_values", "choices", "explicit_keys",
     "OptimizerName", "CamMethod", "TaskKind", "ScheduleName", "Monitor", "Precision", "LossName", "LoggerName",
     "AutoAugment", "Pretext", "Layout", "MAX_IMAGE_SIZE", "OrdinalHead", "ResizePolicy", "Preset", "LabelPolicy",
-    "ThresholdRule", "EvalConfig", "ConformalScore", "CorruptionName", "MAX_CONFIG_BYTES", "read_yaml",
+    "ThresholdRule", "EvalConfig", "ConformalScore", "CorruptionName", "MAX_CONFIG_BYTES", "read_yaml", "HeadName",
 ]
 
 #: The embedded default data set (real PneumoniaMNIST chest X-rays; see data/README.md).
@@ -75,6 +75,11 @@ ConformalScore = Literal["lac", "aps"]
 
 #: Image corruptions of the robustness check (medsight.evaluation.robustness), in report order.
 CorruptionName = Literal["gaussian_noise", "blur", "contrast", "brightness", "jpeg", "resolution"]
+
+#: The classifier head (medsight.models.heads): a linear layer; a Dirichlet (evidential) output whose uncertainty
+#: u = K/S feeds abstention (Sensoy et al. 2018); a cosine classifier (normalized features and weights times a
+#: scale); class prototypes, trained episodically, compared by distance (Snell et al. 2017).
+HeadName = Literal["linear", "evidential", "cosine", "prototypical"]
 
 #: Preprocessing for a kind of image: fundus photographs are cropped to their circular field of view.
 Preset = Literal["none", "fundus"]
@@ -202,6 +207,7 @@ class DataConfig(_Section):
     val_fraction: Fraction = 0.1  # used only when the data carries no split of its own
     test_fraction: Fraction = 0.15
     train_fraction: Annotated[Float, Field(gt=0, le=1)] = 1.0  # stratified share of the training labels kept
+    shots: Annotated[int, Field(ge=1)] | None = None  # few-shot: keep k labelled training images per class (--shots)
     pretext: Pretext = "none"  # rotation: self-supervised pretraining, labels ignored (see medsight.data)
     split_seed: Annotated[int, Field(ge=0)] = 0
     num_workers: Annotated[int, Field(ge=0)] | None = None  # None: 0 on CPU, up to 8 on a GPU
@@ -315,6 +321,15 @@ class TrainConfig(_Section):
     threads: Annotated[int, Field(ge=0)] = 0  # torch CPU threads; 0 = torch's default
     loggers: list[LoggerName] = Field(default_factory=list)  # tensorboard, mlflow: written into the run folder
     time_budget: Annotated[Float, BeforeValidator(_duration), Field(gt=0)] | None = None  # seconds ("5m", "90s")
+    head: HeadName = "linear"  # linear | evidential | cosine | prototypical (see medsight.models.heads)
+    cosine_scale: Annotated[Float, Field(gt=0, le=1000)] = 16.0  # head=cosine: logits = scale × cosine
+    cosine_learn_scale: bool = True  # head=cosine: the scale is learned (starting at cosine_scale) or fixed
+    evidential_anneal_epochs: Annotated[int, Field(ge=1)] = 10  # head=evidential: KL weight min(1, epoch/this)
+    triplet_weight: Annotated[Float, Field(ge=0)] = 0.0  # batch-hard triplet loss on the embedding; 0 = off
+    triplet_margin: Annotated[Float, Field(gt=0)] = 0.2  # on L2-normalized embeddings (Schroff et al. 2015)
+    center_weight: Annotated[Float, Field(ge=0)] = 0.0  # center loss on the embedding (Wen et al. 2016); 0 = off
+    center_alpha: Annotated[Float, Field(gt=0, le=1)] = 0.5  # center loss: the centres' update rate
+    manifold_mixup: Annotated[Float, Field(ge=0)] = 0.0  # manifold mixup alpha (Verma et al. 2019); 0 = off
 
 
 class ExplainConfig(_Section):
@@ -424,6 +439,29 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
+    def _check_techniques(self) -> Config:
+        t, kind = self.train, self.data.task
+        aux = [k for k, on in (("train.triplet_weight", t.triplet_weight), ("train.center_weight", t.center_weight)) if on]
+        if aux and t.batch_size < 2:
+            raise ValueError(f"{aux[0]}: a batch of {t.batch_size} image holds one class, and the loss compares "
+                             f"an image with the others of its batch; set train.batch_size >= 2")
+        if t.head == "prototypical" and self.data.shots == 1:
+            raise ValueError("train.head=prototypical trains on episodes of support and query images: --shots "
+                             "(data.shots) must be at least 2")
+        if t.manifold_mixup and (t.mixup or t.cutmix):
+            raise ValueError("train.manifold_mixup mixes hidden states; train.mixup/cutmix mix input images: "
+                             "switch one of them on, not both")
+        if t.manifold_mixup and t.accum_steps > 1:
+            raise ValueError("train.manifold_mixup pairs images within a batch; it needs train.accum_steps=1")
+        ordinal_whole = kind == "ordinal" and t.ordinal in ("corn", "regression")
+        if t.manifold_mixup and (kind == "multilabel" or ordinal_whole):
+            raise ValueError(f"train.manifold_mixup mixes one class per image into fractions; it does not fit "
+                             f"data.task={kind}" + (f" with train.ordinal={t.ordinal}" if ordinal_whole else ""))
+        if kind in ("multilabel", "ordinal"):
+            _check_kind(self, kind)
+        return self
+
+    @model_validator(mode="after")
     def _check(self) -> Config:
         f, t = self.finetune, self.train
         if f.progressive:
@@ -433,6 +471,29 @@ class Config(_Section):
             if self.model.freeze_stages:
                 raise ValueError("finetune.progressive decides what trains; leave model.freeze_stages at 0")
         return self
+
+
+def _check_kind(cfg: Config, kind: str) -> None:
+    """The techniques that need one class per image (or, for the evidential and prototype heads, an unordered
+    single-label task) against the task kind; raises ValueError naming the option. Called by the config's own
+    validation when data.task is set, and again by training once ``auto`` is resolved from the data."""
+    t = cfg.train
+    if t.head in ("evidential", "prototypical") and kind != "single_label":
+        raise ValueError(f"train.head={t.head} is built for one class per image (single_label), not "
+                         f"data.task={kind}; use train.head=linear or cosine")
+    for key, on in (("train.triplet_weight", t.triplet_weight), ("train.center_weight", t.center_weight),
+                    ("data.shots", cfg.data.shots)):
+        if on and kind == "multilabel":
+            raise ValueError(f"{key} needs one class per image; multi-label findings have none: leave it off "
+                             f"with data.task=multilabel")
+
+
+def check_task_kind(cfg: Config, kind: str) -> None:
+    """:func:`_check_kind` for a resolved task kind, raising :class:`ConfigError` (before any training)."""
+    try:
+        _check_kind(cfg, kind)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------------------------- errors

@@ -35,6 +35,21 @@ def read_any(path_str: str, **options: Any) -> Source:
     return read_source(path_str, **options)
 
 
+def keep_shots(data: SplitData, k: int, seed: int, classes: Sequence[str]) -> SplitData:
+    """k images of every class, drawn at random (seeded): the labelled images of a few-shot run."""
+    labels = np.asarray(data.labels)
+    if labels.ndim != 1:
+        raise DataError("--shots (data.shots) keeps k images per class; multi-label findings have no single class")
+    counts = np.bincount(labels, minlength=len(classes))
+    if k > counts.min():
+        small = int(counts.argmin())
+        raise DataError(f"--shots {k} (data.shots) is larger than the smallest class: {classes[small]!r} has "
+                        f"{counts[small]} training image(s); choose --shots {max(1, int(counts.min()))} or fewer")
+    rng = np.random.default_rng(seed)
+    keep = np.concatenate([rng.choice(np.flatnonzero(labels == c), size=k, replace=False) for c in range(len(classes))])
+    return data.subset(np.sort(keep))
+
+
 def load_data(cfg: DataConfig) -> DataBundle:
     """Read the data named by ``cfg.path`` (the embedded default when empty) into train/val/test.
 
@@ -50,6 +65,11 @@ def load_data(cfg: DataConfig) -> DataBundle:
         _, splits["train"] = stratified_split(splits["train"], cfg.train_fraction, cfg.split_seed)
         notes.append(f"kept {len(splits['train'])} of {n_before} training images (data.train_fraction "
                      f"{cfg.train_fraction:g}, stratified, seed {cfg.split_seed})")
+    if getattr(cfg, "shots", None):
+        n_before = len(splits["train"])
+        splits["train"] = keep_shots(splits["train"], cfg.shots, cfg.split_seed, classes)
+        notes.append(f"few-shot: kept {cfg.shots} training images per class of {n_before} (data.shots, seed "
+                     f"{cfg.split_seed})")
     if cfg.pretext == "rotation":
         notes.append("rotation pretext: labels ignored; the model predicts each image's quarter turns "
                      "(training split in all four turns)")

@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,16 +19,19 @@ import torch
 from torch import nn
 
 from medsight.checkpoint import FORMAT
-from medsight.config import Config, ConfigError, config_to_dict
+from medsight.config import Config, ConfigError, check_task_kind, config_to_dict
 from medsight.data import DataBundle, ImageDataset, load_data, make_loader, make_transform
 from medsight.engine.distributed import DistInfo
 from medsight.engine.step import StepOptions
-from medsight.models import count_parameters, create_model, data_config, freeze_stages, layer_groups, prepare_compile
+from medsight.losses import EmbeddingLoss, PrototypicalLoss
+from medsight.models import (EmbeddingTap, ManifoldMixup, count_parameters, create_model, data_config, freeze_stages,
+                             install_head, layer_groups, prepare_compile, set_prototypes)
 from medsight.optim import create_optimizer, create_scheduler
 from medsight.planning import Plan, adopt_cache, apply_plan, fingerprint, make_plan
 from medsight.tasks import Task, build_task
 
-__all__ = ["Run", "Phases", "build_run", "build_model", "make_mixer", "mix_batch", "seed_everything", "default_out"]
+__all__ = ["Run", "Phases", "build_run", "build_model", "make_mixer", "mix_batch", "seed_everything", "default_out",
+           "training_loss"]
 
 
 def seed_everything(seed: int) -> None:
@@ -48,6 +52,8 @@ def build_model(cfg: Config, num_outputs: int, pretrained: bool | None = None) -
     model = create_model(m.name, num_classes=num_outputs, img_size=cfg.data.image_size,
                          pretrained=m.pretrained if pretrained is None else pretrained, weights=m.weights,
                          layout=m.layout, drop_path_rate=m.drop_path_rate)
+    t = cfg.train
+    install_head(model, t.head, num_outputs, t.cosine_scale, t.cosine_learn_scale)
     frozen = freeze_stages(model, m.freeze_stages)
     if cfg.train.grad_checkpointing:
         if not hasattr(model, "set_grad_checkpointing"):
@@ -56,10 +62,13 @@ def build_model(cfg: Config, num_outputs: int, pretrained: bool | None = None) -
     return model, frozen
 
 
-def make_mixer(cfg: Config, num_classes: int) -> Any:
-    """timm's Mixup for ``train.mixup``/``train.cutmix`` (None when both are off); it smooths the mixed
-    targets itself, so the task's loss adds no smoothing of its own."""
+def make_mixer(cfg: Config, num_classes: int, model: nn.Module | None = None) -> Any:
+    """timm's Mixup for ``train.mixup``/``train.cutmix``, or manifold mixup at a hidden layer of ``model`` for
+    ``train.manifold_mixup`` (None when all are off); both smooth the mixed targets themselves, so the task's
+    loss adds no smoothing of its own."""
     t = cfg.train
+    if t.manifold_mixup and model is not None:
+        return ManifoldMixup(model, t.manifold_mixup, num_classes, t.label_smoothing, seed=t.seed)
     if not (t.mixup or t.cutmix):
         return None
     from timm.data import Mixup
@@ -132,6 +141,7 @@ class Run:
     phases: Phases
     plan: Plan | None = None
     budget: Any = None  # the time-budget fit (engine.budget.BudgetFit), when train.time_budget is set
+    before_eval: Callable[[], None] | None = None  # refreshes the model before validation (the prototype head)
 
     @property
     def n_params(self) -> int:
@@ -162,6 +172,28 @@ def _loaders(cfg: Config, datasets: dict[str, ImageDataset], dinfo: DistInfo, de
     return loaders, sampler
 
 
+def training_loss(cfg: Config, task: Task, model: nn.Module, train_labels: Any) -> nn.Module:
+    """The task's loss, with the embedding losses of ``train.triplet_weight``/``train.center_weight`` added, or
+    the episodic prototypical loss for ``train.head=prototypical``."""
+    t = cfg.train
+    if t.head == "prototypical":
+        return PrototypicalLoss(EmbeddingTap(model))
+    base = task.make_loss(cfg, train_labels)
+    if not (t.triplet_weight or t.center_weight):
+        return base
+    return EmbeddingLoss(base, EmbeddingTap(model), len(task.classes), t.triplet_weight, t.triplet_margin,
+                         t.center_weight, t.center_alpha)
+
+
+def _prototype_refresh(model: nn.Module, dataset: ImageDataset, batch_size: int, device: torch.device
+                       ) -> Callable[[], None]:
+    """Recompute the prototype head's class means from the training images (evaluation transform)."""
+    def refresh() -> None:
+        loader = make_loader(dataset, batch_size, False, 0)
+        set_prototypes(model, ((x, y) for x, y, _ in loader if len(x)), device)
+    return refresh
+
+
 def build_run(cfg: Config, out: Path, dinfo: DistInfo, device: torch.device) -> Run:
     """Data, task, model, loaders, loss and optimizer phases of ``cfg``, in a fixed random order."""
     seed_everything(cfg.train.seed)
@@ -171,6 +203,8 @@ def build_run(cfg: Config, out: Path, dinfo: DistInfo, device: torch.device) -> 
     plan = make_plan(fingerprint(bundle, task.kind), cfg) if cfg.plan else None
     if plan is not None:  # every option the user did not set, from the data (medsight.planning)
         cfg = apply_plan(cfg, plan)
+        task = build_task(task.kind, bundle.classes, bundle.splits["train"].labels, cfg=cfg)  # the plan's head
+    check_task_kind(cfg, task.kind)
     t = cfg.train
     model, frozen = build_model(cfg, task.num_outputs)
     dc = data_config(model)
@@ -184,8 +218,10 @@ def build_run(cfg: Config, out: Path, dinfo: DistInfo, device: torch.device) -> 
                 "train_eval": ImageDataset(bundle.splits["train"], eval_tf)}
     loaders, sampler = _loaders(cfg, datasets, dinfo, device)
     phases = Phases(cfg, model, len(loaders["train"]), fused=device.type == "cuda")
-    loss_fn = task.make_loss(cfg, bundle.splits["train"].labels).to(device)
-    mixer = make_mixer(cfg, task.num_outputs)
+    loss_fn = training_loss(cfg, task, model, bundle.splits["train"].labels).to(device)
+    mixer = make_mixer(cfg, task.num_outputs, model)
+    refresh = (_prototype_refresh(model, datasets["train_eval"], t.batch_size * 2, device)
+               if t.head == "prototypical" else None)
     scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" and t.grad_scaler is not False else None
     step_model: nn.Module = model
     if dinfo.enabled:
@@ -198,4 +234,4 @@ def build_run(cfg: Config, out: Path, dinfo: DistInfo, device: torch.device) -> 
     return Run(cfg=cfg, out=out, dinfo=dinfo, device=device, bundle=bundle, task=task, model=model,
                step_model=step_model, frozen=frozen, mean=mean, std=std, datasets=datasets, loaders=loaders,
                sampler=sampler, loss_fn=loss_fn, eval_loss_fn=task.eval_loss(), mixer=mixer, opts=opts, phases=phases,
-               plan=plan)
+               plan=plan, before_eval=refresh)

@@ -45,6 +45,8 @@ def train_one_epoch(run: Run, state: EpochState, epoch: int, progress: bool) -> 
     """One pass over the training loader; returns the epoch's mean loss, accuracy, images and seconds."""
     device, t0 = run.device, time.time()
     run.model.train()
+    if hasattr(run.loss_fn, "set_epoch"):  # the evidential loss anneals its KL term by epoch
+        run.loss_fn.set_epoch(epoch)
     # running sums stay on the device and are read every SYNC_EVERY steps: a read waits for the GPU, and
     # waiting every step would leave it idle while the next batch is launched
     loss_dev = torch.zeros((), device=device)
@@ -89,6 +91,8 @@ def validate(run: Run, state: EpochState) -> tuple[dict[str, float | None], floa
         for b in run.model.buffers():  # BatchNorm statistics: rank 0's, so every rank evaluates alike
             torch.distributed.broadcast(b, 0)
         check_replicas(run.model, run.device)
+    if run.before_eval is not None:
+        run.before_eval()
     probs, labels, loss, bad = predict_loader(run.model, run.loaders["val"], run.device, run.task,
                                               loss_fn=run.eval_loss_fn)
     state.skipped.update(bad)

@@ -189,17 +189,30 @@ def rule_monitor(fp: Fingerprint, chosen: dict[str, Any]) -> list[Decision]:
     return [Decision("train.monitor", "auc", "threshold-free and robust to class imbalance")]
 
 
+def rule_ordinal_head(fp: Fingerprint, chosen: dict[str, Any]) -> list[Decision]:
+    if fp.task != "ordinal":
+        return []
+    mixing = [k for k in ("train.mixup", "train.cutmix", "train.manifold_mixup") if chosen.get(k)]
+    if mixing:
+        return [Decision("train.ordinal", "smooth", f"graded labels with {mixing[0]} set: CORN learns whole grades, "
+                                                    f"so distance-aware smoothing, which takes mixed grades")]
+    return [Decision("train.ordinal", "corn", "graded labels: CORN's conditional binary outputs measured +0.059 QWK "
+                                              "over cross-entropy on RetinaMNIST (3 seeds; README, Grading)")]
+
+
 #: The rules in the order they run (later rules may read earlier decisions through ``chosen``).
 RULES: list[Callable[[Fingerprint, dict[str, Any]], list[Decision]]] = [
     rule_image_size, rule_backbone, rule_batch, rule_schedule, rule_augmentation, rule_imbalance, rule_resize,
-    rule_monitor]
+    rule_monitor, rule_ordinal_head]
 
 
 def make_plan(fp: Fingerprint, cfg: Config) -> Plan:
     """The plan for ``fp``; decisions on keys the user set in ``cfg`` are kept aside, the user's value wins
     (and later rules read the user's value)."""
     user = explicit_keys(cfg)
-    plan, chosen = Plan(fp), {}
+    # rules may read what the user set (e.g. mixup, which rules out CORN), as well as earlier decisions
+    plan, chosen = Plan(fp), {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1])
+                              for k in user if k.count(".") == 1 and k.split(".")[0] in type(cfg).model_fields}
     for rule in RULES:
         for d in rule(fp, chosen):
             if d.key in user:

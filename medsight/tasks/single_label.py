@@ -11,7 +11,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
-from medsight.losses import ClassificationLoss, class_weights
+from medsight.losses import ClassificationLoss, EvidentialLoss, ExpectedNLL, class_weights
+from medsight.models.heads import EvidentialProbabilities, evidential_probabilities
 from medsight.metrics import auc_score, best_threshold, checklist, classification_metrics
 from medsight.reporting.plots import plot_confusion, plot_roc
 from medsight.tasks.base import GalleryGroup, Task, correct_and_wrong_groups
@@ -32,20 +33,40 @@ class SingleLabelTask(Task):
 
     kind = "single_label"
 
+    @classmethod
+    def options_from(cls, cfg: Config) -> dict[str, Any]:
+        return {"head": "evidential"} if cfg.train.head == "evidential" else {}
+
+    @property
+    def evidential(self) -> bool:
+        """A Dirichlet head (train.head=evidential): probabilities α/S, confidence 1 − u (medsight.models.heads)."""
+        return self.options.get("head") == "evidential"
+
     @property
     def threshold(self) -> float | None:
         return self.decision.get("threshold")
 
+    @property
+    def calibratable(self) -> bool:
+        return not self.evidential  # a temperature would rescale the evidence, and with it u
+
     def activation(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(logits.float(), 1)
+        return evidential_probabilities(logits) if self.evidential else torch.softmax(logits.float(), 1)
 
     def activation_module(self) -> nn.Module:
-        return nn.Softmax(dim=1)
+        return EvidentialProbabilities() if self.evidential else nn.Softmax(dim=1)
+
+    def confidence(self, probs: np.ndarray) -> np.ndarray:
+        """Max probability; for the evidential head 1 − u = 1 − K·min_k p_k (Sensoy et al.'s uncertainty)."""
+        p = np.asarray(probs, dtype=np.float64)
+        return 1 - np.clip(p.shape[1] * p.min(1), 0, 1) if self.evidential else p.max(1)
 
     def make_loss(self, cfg: Config, train_labels: np.ndarray) -> nn.Module:
         t, k = cfg.train, len(self.classes)
         counts = np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=k)
         weight = class_weights(counts, t.class_weight_mode, t.class_weight_beta) if t.class_weights else None
+        if self.evidential:
+            return EvidentialLoss(k, t.evidential_anneal_epochs, weight)
         alpha = None
         if t.loss == "focal" and t.focal_alpha is not None:
             if len(t.focal_alpha) != k:
@@ -56,7 +77,7 @@ class SingleLabelTask(Task):
                                   label_smoothing=smoothing, alpha=alpha)
 
     def eval_loss(self) -> nn.Module:
-        return nn.CrossEntropyLoss()
+        return ExpectedNLL() if self.evidential else nn.CrossEntropyLoss()
 
     def batch_correct(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return (logits.argmax(1) == labels).sum()
@@ -115,8 +136,11 @@ class SingleLabelTask(Task):
 
     def record(self, probs: np.ndarray) -> dict[str, Any]:
         label = int(self.decide(probs[None])[0])
-        return {"label": self.classes[label], "probability": float(probs[label]),
-                "probabilities": {c: float(v) for c, v in zip(self.classes, probs)}}
+        rec = {"label": self.classes[label], "probability": float(probs[label]),
+               "probabilities": {c: float(v) for c, v in zip(self.classes, probs)}}
+        if self.evidential:
+            rec["uncertainty"] = float(1 - self.confidence(np.asarray(probs)[None])[0])
+        return rec
 
     @staticmethod
     def cam_target(index: int) -> ClassifierOutputTarget:
