@@ -7,6 +7,10 @@ missing key or a value of the wrong type — is refused with a message that name
 
 from __future__ import annotations
 
+import io
+import pickle
+import pickletools
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,48 @@ def _check_fields(ckpt: dict[str, Any], p: Path) -> None:
         raise CheckpointError(f"{p}: 'model' must hold the weights (a state dict)")
 
 
+#: The pickle opcodes that import a name or build an object from one: what ``weights_only`` refuses.
+_OBJECT_OPS = frozenset({"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD",
+                         "EXT1", "EXT2", "EXT4"})
+_MAX_PICKLE = 64 * 1024 * 1024
+
+
+def _pickled_imports(p: Path) -> list[str] | None:
+    """The names a checkpoint's pickle imports to build objects (in order; opcodes read, nothing run), or
+    None when no complete pickle can be read (a truncated or foreign file)."""
+    try:
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                if name is None or z.getinfo(name).file_size > _MAX_PICKLE:
+                    return None
+                data = z.read(name)
+        else:
+            with p.open("rb") as fh:
+                data = fh.read(_MAX_PICKLE)
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return None
+    found: list[str] = []
+    stream = io.BytesIO(data)
+    for n in range(4):  # torch's legacy format writes a few pickles in a row, then raw storage bytes
+        strings: list[str] = []
+        try:
+            for op, arg, _ in pickletools.genops(stream):
+                if isinstance(arg, str):
+                    strings.append(arg)
+                if op.name in ("GLOBAL", "INST"):
+                    found.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    found.append(".".join(strings[-2:]))
+                elif op.name in _OBJECT_OPS and not found:
+                    found.append(f"an object built by {op.name}")
+        except (ValueError, EOFError, pickle.UnpicklingError):
+            return None if n == 0 else found
+        if stream.tell() >= len(data):
+            break
+    return found
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a medsight checkpoint without running any code stored in it."""
     p = Path(path)
@@ -58,10 +104,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated, foreign or code-carrying files all land here
-        # torch's message advises loading unsafely; medsight never does, so it says what the file is instead
-        if "Unsupported global" in str(exc):
-            raise CheckpointError(f"{p} is refused: it carries Python objects (code), not only data, so it is not "
-                                  f"a medsight checkpoint; medsight never runs code from a checkpoint") from None
+        # torch's message advises loading unsafely; medsight never does, so it says what the file is instead,
+        # from the pickle's own opcodes (torch's wording differs by what was refused and by version)
+        imports = _pickled_imports(p) if isinstance(exc, pickle.UnpicklingError) else None
+        if imports:
+            shown = [n for n in imports if not n.startswith(("torch.", "collections.OrderedDict"))] or imports
+            raise CheckpointError(f"{p} holds code/objects, refused: its pickle imports "
+                                  f"{', '.join(dict.fromkeys(n[:80] for n in shown[:3]))}; a medsight checkpoint "
+                                  f"holds only data, and medsight never runs code from a checkpoint") from None
         raise CheckpointError(f"{p} is not a readable checkpoint (truncated, or not a torch file: "
                               f"{type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

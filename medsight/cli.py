@@ -273,9 +273,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from medsight.serve import NOTICE, BatchSettings, serve
 
+    if not _loopback(args.host):
+        if not args.allow_remote:
+            print(f"medsight: error: --host {args.host} lets other machines reach the server, which has no "
+                  f"authentication or TLS of its own; put it behind a reverse proxy that adds both (README: "
+                  f"Security) and pass --allow-remote, or keep the default 127.0.0.1", file=sys.stderr)
+            return 2
+        print(f"medsight: warning: binding {args.host}: anyone who can reach this port can send images and read "
+              f"predictions; serve it only behind a reverse proxy with authentication and TLS", file=sys.stderr)
     print(f"medsight serving {args.checkpoint} on http://{args.host}:{args.port}  ({NOTICE})", flush=True)
     batching = BatchSettings(enabled=not args.no_batching, max_batch=args.max_batch, max_wait_ms=args.batch_wait_ms,
                              queue_limit=args.queue_limit)
@@ -462,7 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("serve", help="web page and REST API for a checkpoint (/health, /predict, /explain)")
     v.add_argument("checkpoint")
-    v.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    v.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only; any other "
+                   "address needs --allow-remote)")
+    v.add_argument("--allow-remote", action="store_true",
+                   help="allow a --host other machines can reach (put the server behind a proxy with auth and TLS)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--device", default="auto")
     v.add_argument("--no-page", action="store_true", help="REST API only, no web page")

@@ -136,8 +136,8 @@ def _check_inflated(fh: Any, name: str, limit: int) -> None:
     """A deflated DICOM's data set, inflated in bounded steps and counted (pydicom inflates all of it at
     once: a few hundred kB can hold gigabytes)."""
     inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
-    while chunk := fh.read(1 << 20):
-        while chunk:
+    while not inflater.eof and (chunk := fh.read(1 << 20)):
+        while chunk and not inflater.eof:
             total += len(inflater.decompress(chunk, 1 << 24))
             if total > limit:
                 raise ImageTooLargeError(f"{name}: its deflated data set inflates past {limit:,} bytes")

@@ -8,6 +8,8 @@ an ``.onnx`` file is used exactly like a checkpoint by ``medsight predict --onnx
 from __future__ import annotations
 
 import json
+import math
+import reprlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from medsight.checkpoint import load_model
-from medsight.config import DataConfig
+from medsight.config import MAX_IMAGE_SIZE, ConfigError, DataConfig, config_from_dict
 from medsight.data.transforms import make_transform, to_three_channels
 from medsight.inference.predictor import BasePredictor
 from medsight.inference.tta import tta_views
@@ -31,7 +33,82 @@ PREPROCESS = ("clahe", "clahe_clip", "resize", "preset", "graham")
 
 
 class ExportError(RuntimeError):
-    """The model could not be exported, or the exported graph disagrees with PyTorch."""
+    """The model could not be exported, the exported graph disagrees with PyTorch, or an ``.onnx`` file's
+    metadata is not what medsight writes."""
+
+
+#: Bounds on what an exported file's metadata may say (a file is untrusted until these pass).
+MAX_CLASSES = 10_000
+_MAX_META_CHARS = 1 << 20
+
+
+class _Metadata:
+    """An exported file's medsight metadata, each field parsed and checked; errors name the file and field."""
+
+    def __init__(self, path: Path, meta: dict[str, str]) -> None:
+        self.path, self.meta = path, meta
+
+    def fail(self, key: str, what: str) -> ExportError:
+        return ExportError(f"{self.path}: ONNX metadata field {key} {what}, got {reprlib.repr(self.meta.get(key))}")
+
+    def json(self, key: str, default: str | None = None) -> Any:
+        raw = self.meta.get(key, default)
+        if raw is None:
+            raise self.fail(key, "is missing")
+        if len(raw) > _MAX_META_CHARS:
+            raise self.fail(key, f"is longer than {_MAX_META_CHARS:,} characters")
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            raise self.fail(key, "is not valid JSON") from None
+
+    def classes(self) -> list[str]:
+        v = self.json("medsight_classes")
+        if not (isinstance(v, list) and 1 <= len(v) <= MAX_CLASSES and all(isinstance(c, str) and 0 < len(c) <= 200
+                                                                           for c in v) and len(set(v)) == len(v)):
+            raise self.fail("medsight_classes", f"must be a JSON list of 1 to {MAX_CLASSES} distinct names")
+        return v
+
+    def image_size(self) -> int:
+        raw = self.meta.get("medsight_image_size", "")
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 6 and 16 <= int(raw) <= MAX_IMAGE_SIZE):
+            raise self.fail("medsight_image_size", f"must be an integer from 16 to {MAX_IMAGE_SIZE}")
+        return int(raw)
+
+    def triple(self, key: str, positive: bool) -> list[float]:
+        v = self.json(key)
+        if not (isinstance(v, list) and len(v) == 3 and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
+                for x in v)):
+            raise self.fail(key, "must be three finite numbers" + (" above 0" if positive else ""))
+        return [float(x) for x in v]
+
+    def task(self, classes: list[str]) -> Any:
+        state = self.json("medsight_task", json.dumps({"kind": "single_label", "classes": classes}))
+        if not isinstance(state, dict) or state.get("classes") != classes:
+            raise self.fail("medsight_task", "must be a JSON object with the same classes as medsight_classes")
+        try:
+            return task_from_state(state)
+        except Exception as exc:  # noqa: BLE001 - a hand-made task state fails in many ways; name the field
+            raise self.fail("medsight_task", f"is not a medsight task ({type(exc).__name__}: "
+                                             f"{reprlib.repr(str(exc))})") from None
+
+    def data_config(self) -> DataConfig:
+        pre = self.json("medsight_preprocess", "{}")
+        if not isinstance(pre, dict) or set(pre) - set(PREPROCESS):
+            raise self.fail("medsight_preprocess", f"must be a JSON object of {', '.join(PREPROCESS)}")
+        clip = self.meta.get("medsight_clahe_clip")
+        options = {**pre, "clahe": clip is not None}
+        if clip is not None:
+            try:
+                options["clahe_clip"] = float(clip) if len(clip) <= 32 else math.nan
+            except ValueError:
+                options["clahe_clip"] = math.nan
+        try:
+            return config_from_dict({"data": options}).data
+        except ConfigError as exc:
+            key = "medsight_clahe_clip" if "clahe_clip" in str(exc) else "medsight_preprocess"
+            raise self.fail(key, f"is not a valid preprocessing setting ({exc})") from None
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18, check: bool = True,
@@ -117,18 +194,27 @@ class OnnxPredictor(BasePredictor):
         meta = self.session.get_modelmeta().custom_metadata_map
         if "medsight_classes" not in meta:
             raise ExportError(f"{p} was not exported by medsight (no class list in its metadata)")
-        self.classes: list[str] = json.loads(meta["medsight_classes"])
-        self.image_size = int(meta["medsight_image_size"])
-        self.mean, self.std = json.loads(meta["medsight_mean"]), json.loads(meta["medsight_std"])
-        self.name = meta.get("medsight_model", p.stem)
-        self.task = task_from_state(json.loads(meta["medsight_task"])) if "medsight_task" in meta else \
-            task_from_state({"kind": "single_label", "classes": self.classes})
-        pre = json.loads(meta.get("medsight_preprocess", "{}"))
-        dcfg = DataConfig(**{"clahe": "medsight_clahe_clip" in meta,
-                             "clahe_clip": float(meta.get("medsight_clahe_clip", 2.0)),
-                             **{k: v for k, v in pre.items() if k in PREPROCESS}})
+        m = _Metadata(p, meta)
+        self.classes: list[str] = m.classes()
+        self.image_size = m.image_size()
+        self.mean, self.std = m.triple("medsight_mean", positive=False), m.triple("medsight_std", positive=True)
+        self.name = meta.get("medsight_model", p.stem)[:200]
+        self.task = m.task(self.classes)
+        dcfg = m.data_config()
+        self._check_graph(m)
         self.fov = dcfg.preset == "fundus"
         self.transform = make_transform(self.image_size, self.mean, self.std, train=False, cfg=dcfg)
+
+    def _check_graph(self, m: _Metadata) -> None:
+        """The graph's fixed input and output sizes agree with the metadata."""
+        (inp,), outs = self.session.get_inputs(), self.session.get_outputs()
+        shape = list(inp.shape)
+        if len(shape) != 4 or any(isinstance(got, int) and got != want
+                                  for got, want in zip(shape[1:], (3, self.image_size, self.image_size))):
+            raise m.fail("medsight_image_size", f"disagrees with the graph's input shape {shape}")
+        width = outs[0].shape[-1] if outs and outs[0].shape else None
+        if isinstance(width, int) and width not in (len(self.classes), self.task.num_outputs):
+            raise m.fail("medsight_classes", f"disagrees with the graph's {width} outputs")
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(["probabilities"], {"image": np.ascontiguousarray(batch, dtype=np.float32)})[0]

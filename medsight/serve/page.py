@@ -1,11 +1,11 @@
 """The web page (Gradio): upload an image or DICOM, see the probabilities, the overlay and any warning.
 
-What the page keeps: nothing beyond the request. Gradio writes each upload to disk before the page
-sees it; here that disk is a private folder of this server process (:class:`UploadFolder`, mode
-0700), each upload is deleted as soon as it is decoded (the decoded image stays in server memory for
-that browser session, at most an hour, so the method can be changed and run again), the overlay goes
-back inline rather than as a cached file, and the folder is removed when the server stops. Gradio's
-usage analytics are off.
+What the page keeps: nothing beyond the request. Each upload is written to a private folder of this
+server process under a name the server issues (:class:`UploadFolder`, mode 0700; the page's file values
+are those names, checked by ``guard.Guard`` before Gradio sees them), deleted as soon as it is decoded
+(the decoded image stays in server memory for that browser session, at most an hour, so the method can
+be changed and run again) or after a while unread; the overlay goes back inline rather than as a cached
+file, and the folder is removed when the server stops. Gradio's usage analytics are off.
 """
 
 from __future__ import annotations
