@@ -400,8 +400,11 @@ def test_verify_checks_the_image_arrays(source, tmp_path):
 
 def test_content_changed_with_the_same_size_and_time_makes_the_cache_stale(source, tmp_path):
     cache = tmp_path / "cache"
-    prepare_cache(cfg_of(source), cache)
     target = source.parent / "img1.png"
+    noise = np.random.default_rng(1).integers(0, 255, (96, 96), dtype=np.uint8)
+    Image.fromarray(noise).save(target)  # larger than both probes: the change below is in its last bytes only
+    assert target.stat().st_size > 2 * cache_mod.PROBE
+    prepare_cache(cfg_of(source), cache)
     st = target.stat()
     data = bytearray(target.read_bytes())
     data[-20] ^= 0xFF  # inside the last bytes: same size

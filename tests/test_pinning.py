@@ -457,6 +457,10 @@ def test_answers_of_each_task_kind_known_values():
     # margins: x (.4-.3)/.7 = 1/7, y (.8-.75)/.8 = 1/16, z (.9-.5)/.5 = .8 -> least sure y, confidence .5 + 1/32
     assert rec["confidence"] == pytest.approx(0.5 + 0.5 / 16) and rec["refer_to_clinician"] is True
     assert rec["least_certain_finding"] == "y"
+    # above its threshold a margin is the share of the way to 1: x (.35-.3)/.7 = 1/14, y (.95-.8)/.2 = .75,
+    # z (.5-.2)/.5 = .6 below it -> least sure x
+    rec = multi.answer(np.array([0.35, 0.95, 0.2]))
+    assert rec["least_certain_finding"] == "x" and rec["confidence"] == pytest.approx(0.5 + 0.5 / 14)
 
     graded = OrdinalTask(["0", "1", "2", "3"], decision={"refer_threshold": 0.4}, options={"refer_grade": 2})
     rec = graded.answer(np.array([0.1, 0.45, 0.3, 0.15]))
