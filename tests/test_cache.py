@@ -400,8 +400,11 @@ def test_verify_checks_the_image_arrays(source, tmp_path):
 
 def test_content_changed_with_the_same_size_and_time_makes_the_cache_stale(source, tmp_path):
     cache = tmp_path / "cache"
-    prepare_cache(cfg_of(source), cache)
     target = source.parent / "img1.png"
+    noise = np.random.default_rng(1).integers(0, 255, (96, 96), dtype=np.uint8)
+    Image.fromarray(noise).save(target)  # larger than both probes: the change below is in its last bytes only
+    assert target.stat().st_size > 2 * cache_mod.PROBE
+    prepare_cache(cfg_of(source), cache)
     st = target.stat()
     data = bytearray(target.read_bytes())
     data[-20] ^= 0xFF  # inside the last bytes: same size
@@ -444,3 +447,30 @@ def test_cache_labels_match_a_direct_read_label_for_label_after_skipped_files(so
     plain = ImageDataset(direct.splits["all"], eval_tf(cfg_of(source)))
     j = direct.splits["all"].paths.index(cached.paths[3])
     assert float((ds[3][0] - plain[j][0]).abs().max()) <= 0.5 / 255 + 1e-6
+
+
+def test_prepare_caches_what_the_plan_would_use_and_a_run_takes_the_caches_preprocessing(tmp_path, capsys):
+    from medsight.cli import main
+    from medsight.config import load_config
+    from medsight.planning import adopt_cache, plan_for
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "fundus"
+    for c in ("0", "1"):
+        (src / c).mkdir(parents=True)
+        for i in range(6):  # full-resolution, non-square photographs
+            Image.fromarray(rng.integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(src / c / f"{i}.jpg")
+    cache = tmp_path / "cache"
+    assert main(["prepare", "--data", str(src), "--out", str(cache), "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: data.image_size = 224" in out and "plan: data.resize = pad" in out
+    m = json.loads((cache / "manifest.json").read_text())
+    assert m["preprocessing"]["size"] == 224 and m["preprocessing"]["resize"] == "pad"
+    cfg = adopt_cache(load_config(None, [f"data.path={src}", f"data.cache={cache}"]))
+    assert cfg.data.image_size == 224 and cfg.data.resize == "pad"
+    decided = {d.key: d.value for d in plan_for(cfg).decisions}
+    assert decided["data.image_size"] == 224 and decided["data.resize"] == "pad"
+    assert load_data(cfg.data).splits["train"].prepared["size"] == 224
+    mine = adopt_cache(load_config(None, [f"data.path={src}", f"data.cache={cache}", "data.image_size=128"]))
+    with pytest.raises(CacheError, match=r"size: cache 224, run 128"):  # the user's own setting is not overridden
+        load_data(mine.data)

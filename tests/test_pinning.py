@@ -14,14 +14,15 @@ import torch
 from medsight.config import Config, EvalConfig
 from medsight.data.sources import DataBundle, SplitData
 from medsight.evaluation.subgroups import subgroup_metrics
-from medsight.evaluation.trust import decision_probs, fit_on_validation
+from medsight.evaluation.trust import decision_probs, fit_on_validation, measure
 from medsight.metrics.calibration import binary_ece, reliability_bins
 from medsight.metrics.classification import auc_score, classification_metrics, expected_calibration_error
-from medsight.metrics.conformal import conformal_quantile
+from medsight.metrics.conformal import conformal_quantile, fit_conformal
 from medsight.metrics.multilabel import finding_thresholds, multilabel_metrics
 from medsight.metrics.operating_points import choose_threshold, operating_point
 from medsight.metrics.ordinal import (apply_cutpoints, fast_auc, fit_cutpoints, ordinal_metrics, quadratic_kappa,
                                       refer_threshold, referable, weighted_kappa)
+from medsight.metrics.selective import abstention_threshold
 from medsight.planning import fingerprint, make_plan
 from medsight.planning.fingerprint import Fingerprint
 from medsight.planning.planner import CNN_BELOW, COATNET0_FROM, TARGET_STEPS
@@ -177,10 +178,11 @@ def test_multilabel_metrics_known_answers_with_masked_labels():
 
 
 def test_conformal_quantile_is_the_finite_sample_corrected_rank():
-    scores = np.arange(1, 20) / 20.0  # 19 scores .05 .. .95
-    # alpha .1: rank ceil((19 + 1) * 0.9) = 18 -> the 18th smallest score, .90
-    assert conformal_quantile(scores, 0.1) == pytest.approx(0.90)
-    assert conformal_quantile(scores, 0.25) == pytest.approx(0.75)  # ceil(20 * .75) = 15 -> .75
+    scores = np.arange(1, 11) / 10.0  # 10 scores .1 .. 1.0
+    # alpha .2: rank ceil((10 + 1) * .8) = ceil(8.8) = 9 -> the 9th smallest, .9 (without the +1: 8 -> .8)
+    assert conformal_quantile(scores, 0.2) == pytest.approx(0.9)
+    assert conformal_quantile(scores, 0.1) == pytest.approx(1.0)  # ceil(9.9) = 10
+    assert conformal_quantile(scores, 0.05) == float("inf")  # ceil(10.45) = 11 > 10: no finite quantile
 
 
 def test_cutpoints_fitted_where_rounding_is_wrong():
@@ -234,6 +236,29 @@ def test_temperature_fitted_on_validation_is_the_one_test_probabilities_use():
     assert abs(other.temperature - t_val) > 0.1  # the two splits call for different temperatures
     expected = torch.softmax(torch.as_tensor(tlog, dtype=torch.float32) / t_val, 1).numpy()
     np.testing.assert_allclose(decision_probs(task, tlog.astype(np.float32)), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", [None, 0.95])
+def test_trust_rules_fitted_on_validation_are_applied_unchanged_to_test(target):
+    vy, vp, ty, tp = _disagreeing_binary(3)
+    vlog, tlog = np.log(np.clip(vp, 1e-4, 1)).astype(np.float32), np.log(np.clip(tp, 1e-4, 1)).astype(np.float32)
+    ev = EvalConfig(target_sensitivity=target, abstain_fraction=0.2, bootstrap=0)
+    task = SingleLabelTask(["neg", "pos"])
+    vprobs = fit_on_validation(task, ev, vlog, vy)
+    (name, y, score), = task.binary_views(vy, vprobs)
+    t = choose_threshold(y, score, target)
+    m = measure(task, ev, tlog, ty)
+    op = m["operating_points"]["views"][name]
+    assert op["threshold"] == pytest.approx(t)
+    tprobs = decision_probs(task, tlog)
+    (_, ty_view, tscore), = task.binary_views(ty, tprobs)
+    assert op["sensitivity"] == pytest.approx((tscore[ty_view == 1] >= t).mean())
+    assert op["specificity"] == pytest.approx((tscore[ty_view == 0] < t).mean())
+    assert m["conformal"]["qhat"] == pytest.approx(fit_conformal(vy, vprobs, ev.conformal_coverage,
+                                                                 ev.conformal_score)["qhat"])
+    below = abstention_threshold(task.confidence(vprobs), 0.2)
+    assert m["selective"]["abstention"]["threshold"] == pytest.approx(below)
+    assert m["selective"]["abstention"]["referred"] == pytest.approx((task.confidence(tprobs) < below).mean())
 
 
 def test_multilabel_test_metrics_use_the_validation_thresholds():
@@ -415,3 +440,47 @@ def test_fingerprint_and_plan_of_a_synthetic_bundle_of_each_task_kind(kind):
     assert d["data.resize"] == "pad" and d["data.image_size"] == 64 and d["model.name"] == "resnet18"
     assert d["train.monitor"] == {"single_label": "auc", "multilabel": "auc", "ordinal": "qwk"}[kind]
     assert d["train.batch_size"] == 16  # at least 16 steps per epoch on 300 images
+
+
+# ------------------------------------------------------------------- what predict and the server answer
+
+def test_answers_of_each_task_kind_known_values():
+    single = SingleLabelTask(["a", "b", "c"], decision={"abstain_below": 0.6})
+    rec = single.answer(np.array([0.2, 0.5, 0.3]))
+    assert rec["label"] == "b" and rec["probability"] == pytest.approx(0.5)
+    assert rec["confidence"] == pytest.approx(0.5) and rec["refer_to_clinician"] is True
+    assert single.answer(np.array([0.1, 0.7, 0.2]))["refer_to_clinician"] is False
+
+    multi = MultiLabelTask(["x", "y", "z"], decision={"thresholds": [0.3, 0.8, 0.5], "abstain_below": 0.7})
+    rec = multi.answer(np.array([0.4, 0.75, 0.9]))
+    assert rec["findings"] == ["x", "z"] and rec["explained"] == "z"
+    # margins: x (.4-.3)/.7 = 1/7, y (.8-.75)/.8 = 1/16, z (.9-.5)/.5 = .8 -> least sure y, confidence .5 + 1/32
+    assert rec["confidence"] == pytest.approx(0.5 + 0.5 / 16) and rec["refer_to_clinician"] is True
+    assert rec["least_certain_finding"] == "y"
+    # above its threshold a margin is the share of the way to 1: x (.35-.3)/.7 = 1/14, y (.95-.8)/.2 = .75,
+    # z (.5-.2)/.5 = .6 below it -> least sure x
+    rec = multi.answer(np.array([0.35, 0.95, 0.2]))
+    assert rec["least_certain_finding"] == "x" and rec["confidence"] == pytest.approx(0.5 + 0.5 / 14)
+
+    graded = OrdinalTask(["0", "1", "2", "3"], decision={"refer_threshold": 0.4}, options={"refer_grade": 2})
+    rec = graded.answer(np.array([0.1, 0.45, 0.3, 0.15]))
+    assert rec["grade"] == 1 and rec["label"] == "1"
+    assert rec["refer_score"] == pytest.approx(0.45) and rec["refer"] is True  # P(grade >= 2) = .3 + .15
+    assert rec["expected_grade"] == pytest.approx(0.45 + 0.6 + 0.45)
+
+
+def test_split_fractions_and_patients_of_a_source_without_its_own_split():
+    from medsight.config import DataConfig
+    from medsight.data.sources import complete_splits
+
+    y = np.repeat([0, 1], 100)
+    groups = [f"p{i // 2}" for i in range(200)]
+    data = SplitData(labels=y, images=np.zeros((200, 4, 4), np.uint8))
+    out = complete_splits({"all": data}, DataConfig(val_fraction=0.1, test_fraction=0.15), [])
+    assert {k: len(v) for k, v in out.items()} == {"train": 150, "val": 20, "test": 30}
+    assert [int((v.labels == 1).sum()) for v in out.values()] == [75, 10, 15]  # stratified
+    grouped = complete_splits({"all": SplitData(labels=y, groups=groups, images=data.images)},
+                              DataConfig(val_fraction=0.1, test_fraction=0.15), [])
+    seen = [set(s.groups) for s in grouped.values()]
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+    assert sum(len(s) for s in grouped.values()) == 200 and 20 <= len(grouped["test"]) <= 40

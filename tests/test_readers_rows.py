@@ -197,3 +197,16 @@ def test_no_module_imports_another_modules_private_names():
                 found += [f"{path.name}: {node.module}.{a.name}" for a in node.names
                           if a.name.startswith("_") and not a.name.startswith("__")]
     assert found == []
+
+
+def test_a_grading_layouts_image_linking_outside_is_refused(tmp_path):
+    root = tmp_path / "aptos"
+    ids = [f"{i:04x}" for i in range(6)]
+    for i in ids[:-1]:
+        _png(root / "train_images" / f"{i}.png")
+    _png(tmp_path / "elsewhere.png")
+    os.symlink(tmp_path / "elsewhere.png", root / "train_images" / f"{ids[-1]}.png")
+    _write(root / "train.csv", ["id_code", "diagnosis"], [[i, str(k % 5)] for k, i in enumerate(ids)])
+    with pytest.raises(DataError, match=r"row 7: .* links outside"):
+        read_source(str(root))
+    assert len(read_source(str(root), allow_outside_paths=True).splits["all"]) == 6

@@ -117,7 +117,7 @@ def stratified_split(data: SplitData, fraction: float, seed: int) -> tuple[Split
         return data.subset(idx[~held]), data.subset(idx[held])
     if counts[counts > 0].min() < 2:
         raise DataError("a class has fewer than 2 images: too few to split into train/val/test")
-    n_held = max(len(counts), math.ceil(fraction * len(idx)))
+    n_held = max(len(counts), math.ceil(fraction * len(idx) - 1e-9))  # 0.1 / 0.85 * 170 is 20.000000000000004
     keep, held = train_test_split(idx, test_size=n_held, stratify=data.labels, random_state=seed)
     return data.subset(np.sort(keep)), data.subset(np.sort(held))
 

@@ -94,7 +94,7 @@ def read_source(path_str: str, *, allow_outside_paths: bool = False, path_column
         csv_path = next((path / g.csv for g in GRADED_LAYOUTS if graded_layout(path / g.csv) is not None), None)
     layout = graded_layout(csv_path) if csv_path is not None else None
     if layout is not None:
-        splits, classes = read_graded(csv_path, layout, notes, skipped)
+        splits, classes = read_graded(csv_path, layout, notes, skipped, allow_outside_paths=allow_outside_paths)
     elif path.is_dir() and is_tiny_imagenet(path):
         splits, classes = read_tiny_imagenet(path, notes, skipped)
     elif path.is_dir():

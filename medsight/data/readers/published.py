@@ -13,7 +13,7 @@ import numpy as np
 
 from medsight.data.imageio import IMAGE_EXTS
 from medsight.data.readers.folder import image_files
-from medsight.data.readers.rows import ManifestRows, listed, read_csv, select_rows
+from medsight.data.readers.rows import ManifestRows, PathRules, listed, read_csv, select_rows
 from medsight.data.sources import DataError, SplitData
 
 __all__ = ["GradedLayout", "GRADED_LAYOUTS", "DR_GRADES", "graded_layout", "read_graded", "is_tiny_imagenet",
@@ -60,9 +60,10 @@ def graded_layout(csv_path: Path) -> GradedLayout | None:
     return None
 
 
-def read_graded(csv_path: Path, layout: GradedLayout, notes: list[str], skipped: list[str]
-                ) -> tuple[dict[str, SplitData], list[str]]:
+def read_graded(csv_path: Path, layout: GradedLayout, notes: list[str], skipped: list[str], *,
+                allow_outside_paths: bool = False) -> tuple[dict[str, SplitData], list[str]]:
     table = read_csv(csv_path)
+    rules = PathRules(csv_path, csv_path.parent, allow_outside_paths)
     folder = csv_path.parent / layout.folder
     files = {p.stem: p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS}
     refs, paths, grades = [], [], []
@@ -72,6 +73,9 @@ def read_graded(csv_path: Path, layout: GradedLayout, notes: list[str], skipped:
             raise DataError(f"{csv_path}, row {line}: {layout.grade_column} must be a grade 0-4, got '{grade}'")
         refs.append(ident)
         paths.append(str(files.get(ident, folder / ident)))
+        if ident in files and not rules.inside(paths[-1]):
+            raise DataError(f"{csv_path}, row {line}: {paths[-1]} links outside {rules.base}; images must stay "
+                            f"inside it (data.allow_outside_paths=true allows others)")
         grades.append(int(grade))
     if not any(ident in files for ident in refs):
         raise DataError(f"{csv_path}: none of its {len(table.rows)} images is in {folder} "
