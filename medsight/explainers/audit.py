@@ -91,7 +91,9 @@ def audit_run(run: str | Path, out: str | Path, boxes: str | Path | None = None,
         store: also add the results to the run's metrics.json and redraw its model card and report.
     """
     from medsight.inference import Predictor
-    from medsight.reporting.localization import localization_page
+    from medsight.reporting.html import page
+    from medsight.reporting.localization import localization_sections, overlays_html
+    from medsight.reporting.model_card import to_html
 
     if boxes is None and not sanity:
         raise ValueError("nothing to check: give --boxes BOXES.csv and/or --sanity")
@@ -128,7 +130,9 @@ def audit_run(run: str | Path, out: str | Path, boxes: str | Path | None = None,
     from medsight.utils.files import write_text_atomic
 
     write_text_atomic(json.dumps(result, indent=2), out / "localization.json")
-    write_text_atomic(localization_page(result, out), out / "report.html")
+    body = to_html(localization_sections(result)) + overlays_html(result, out)
+    write_text_atomic(page(f"medsight explanation checks: {Path(result['checkpoint']).parent.name}", body),
+                      out / "report.html")
     if store:
         result["stored"] = store_in_run(run, result)
     return result
