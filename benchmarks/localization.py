@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import save_result  # noqa: E402
+from _results import RESULTS, save_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = Path(__file__).parent / "runs" / "localization"
@@ -200,7 +200,7 @@ def check(run: Path, out: Path, boxes: Path, images: Path, shuffled: Path | None
     from medsight.explainers.audit import audit_run
 
     t0 = time.perf_counter()
-    r = audit_run(run, out, boxes=boxes, images=[images], methods=methods, device="cpu")
+    r = audit_run(run, out, boxes=boxes, images=[images], methods=methods, device="cpu", max_overlays=9)
     t1 = time.perf_counter()
     s = audit_run(run, out / "sanity", sanity=True, shuffled_run=shuffled, images=[images], methods=SANITY_METHODS,
                   device="cpu", sanity_images=16)
@@ -247,10 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", choices=PARTS, help="with --train-only: one of the trainings")
     p.add_argument("--methods", nargs="+", help="CAM methods to score (default: every one)")
     p.add_argument("--table", action="store_true", help="print the README tables from the saved results")
+    p.add_argument("--part", choices=("synthetic", "nih"), help="score one part only (the results file keeps the other)")
+    p.add_argument("--max-boxes", type=int, help="score the first N boxes of the synthetic set only")
     args = p.parse_args(argv)
     if args.table:
-        from _results import RESULTS
-
         print(table(json.loads((RESULTS / "localization.json").read_text())))
         return 0
     if args.train_only:
@@ -261,23 +261,36 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods or list(choices(CamMethod))
     synth = RUNS / "synthetic-data"
     # the 64-px run where it finished, else the 32-px AdamW one; its shuffled-label twin where that finished
+    def save(part: str, trainings: dict, scores: dict) -> None:
+        """Into the results file as it is now (the other part may have been written meanwhile)."""
+        path = RESULTS / "localization.json"
+        result: dict = json.loads(path.read_text()) if path.is_file() else {}
+        result.update({"machine": "2-core x86-64 CPU", "detail": machine(),
+                       "command": "python benchmarks/localization.py --nih-dir DIR", part: scores})
+        result.setdefault("trainings", {}).update(trainings)
+        save_result("localization.json", result, echo=False)
+
+    known = commands(args.nih_dir)
+    if args.part in (None, "nih") and args.nih_dir is not None and usable(RUNS / "nih"):
+        save("nih", {"nih": describe(RUNS / "nih", known["nih"])},
+             check(RUNS / "nih", RUNS / "nih-checks", NINE, args.nih_dir, None, methods))
+    if args.part == "nih":
+        return 0
     order = [n for n in ("synthetic", "synthetic-fast") if finished(RUNS / n)] + ["synthetic", "synthetic-fast"]
     name = next(n for n in order if usable(RUNS / n))
     twin = RUNS / f"{name}-shuffled"
-    known = commands(args.nih_dir)
-    runs = {n: describe(RUNS / n, known.get(n)) for n in (name, twin.name, "nih") if usable(RUNS / n)}
-    result: dict = {"machine": "2-core x86-64 CPU", "detail": machine(), "trainings": runs,
-                    "command": "python benchmarks/localization.py --nih-dir DIR"}
-    a = check(RUNS / name, RUNS / f"{name}-checks", synth / "boxes.csv", synth / "images",
-              twin if usable(twin) else None, methods)
+    trainings = {n: describe(RUNS / n, known.get(n)) for n in (name, twin.name) if usable(RUNS / n)}
+    boxes = synth / "boxes.csv"
+    if args.max_boxes:
+        rows = boxes.read_text().splitlines()
+        boxes = synth / f"boxes_first{args.max_boxes}.csv"
+        boxes.write_text("\n".join(rows[: args.max_boxes + 1]) + "\n")
+    a = check(RUNS / name, RUNS / f"{name}-checks", boxes, synth / "images", twin if usable(twin) else None, methods)
     a["run"] = name
     g = a["localization"]["methods"]["gradcam"]["overall"]["pointing"]["mean"]
     a["targets"] = {"pointing_gradcam": g, "pointing_target": TARGET_POINTING, "pointing_met": bool(g >= TARGET_POINTING),
                     "randomization_curve_falls": a["sanity"]["gradcam"]["falls"]}
-    result["synthetic"] = a
-    if args.nih_dir is not None and usable(RUNS / "nih"):
-        result["nih"] = check(RUNS / "nih", RUNS / "nih-checks", NINE, args.nih_dir, None, methods)
-    save_result("localization.json", result)
+    save("synthetic", trainings, a)
     return 0
 
 

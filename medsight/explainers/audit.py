@@ -79,7 +79,7 @@ def audit_run(run: str | Path, out: str | Path, boxes: str | Path | None = None,
               target_layer: str | None = None, box_size: tuple[float, float] | None = None,
               tolerance: float | None = None, iou_threshold: float = 0.5, sanity: bool = False,
               shuffled_run: str | Path | None = None, sanity_images: int = 32, n_boot: int = 1000, seed: int = 0,
-              store: bool = False, device: str = "auto") -> dict[str, Any]:
+              store: bool = False, device: str = "auto", max_overlays: int | None = None) -> dict[str, Any]:
     """Localization against ``boxes`` and/or the sanity checks for a run; writes ``out/localization.json``,
     overlays (``out/boxes/``) and ``out/report.html``.
 
@@ -89,6 +89,7 @@ def audit_run(run: str | Path, out: str | Path, boxes: str | Path | None = None,
         box_size: the coordinates' image size for lists without width/height columns.
         shuffled_run: a run of the same model trained on shuffled labels, for the data-randomization test.
         store: also add the results to the run's metrics.json and redraw its model card and report.
+        max_overlays: draw the overlays of the first boxes only (default: every box).
     """
     from medsight.inference import Predictor
     from medsight.reporting.html import page
@@ -108,7 +109,7 @@ def audit_run(run: str | Path, out: str | Path, boxes: str | Path | None = None,
         folders, where = _image_folders(pred, images)
         paths = index_images(folders)
         loc = localize(pred, rows, paths, methods, target_layer, tolerance, iou_threshold, n_boot, seed,
-                       out=out / "boxes", where=where, problems=problems)
+                       out=out / "boxes", where=where, problems=problems, max_overlays=max_overlays)
         loc["box_list"] = str(boxes)
         for line in loc["skipped"]:
             log.warning("box list: %s", line)
