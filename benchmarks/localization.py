@@ -36,13 +36,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _results import save_result  # noqa: E402
+from _results import RESULTS, save_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = Path(__file__).parent / "runs" / "localization"
 NINE = ROOT / "tests" / "data" / "nih_bbox_nine.csv"
 SIZE, PATCH = 64, 6
 TARGET_POINTING = 0.9
+#: the sanity checks run for a gradient-based and a gradient-free method (each step redraws every map)
+SANITY_METHODS = ["gradcam", "eigencam"]
 
 
 def machine() -> str:
@@ -112,13 +114,27 @@ def finished(folder: Path) -> bool:
 
 
 def describe(folder: Path, args: list[str] | None) -> dict:
-    """A finished run: its command, wall time and test figures."""
+    """A run: its command, and wall time and test figures when it finished; an unfinished one (stopped for
+    time) is described by its history, and scored from the best.pt it has so far."""
+    out: dict = {"command": " ".join(["medsight train", *(args or [])]), "finished": finished(folder)}
+    if not finished(folder):
+        import csv as _csv
+
+        rows = list(_csv.DictReader(open(folder / "history.csv")))
+        plan = json.loads((folder / "plan.json").read_text())
+        epochs = next((d["value"] for d in plan.get("decisions", []) + plan.get("user_set", []) if d["key"] == "train.epochs"),
+                      None)
+        return {**out, "epochs_done": len(rows), "epochs_planned": epochs,
+                "val_auc_per_epoch": [_r(float(r["val_auc"])) for r in rows],
+                "seconds_so_far": round(sum(float(r["seconds"]) for r in rows), 1)}
     m = json.loads((folder / "metrics.json").read_text())
-    args = args or []
     t = m["test"]
-    return {"command": " ".join(["medsight train", *args]), "seconds": float((folder / "wall_seconds.txt").read_text()),
-            "test_auc": t.get("auc"), "test_accuracy": t.get("accuracy"), "epochs_run": m["epochs_run"],
-            "best_epoch": m["best_epoch"]}
+    return {**out, "seconds": float((folder / "wall_seconds.txt").read_text()), "test_auc": _r(t.get("auc")),
+            "test_accuracy": _r(t.get("accuracy")), "epochs_run": m["epochs_run"], "best_epoch": m["best_epoch"]}
+
+
+def usable(folder: Path) -> bool:
+    return (folder / "best.pt").is_file() and (folder / "history.csv").is_file()
 
 
 #: after training, the run's sharpness estimate and faithfulness curves are skipped (they do not change the model)
@@ -184,10 +200,43 @@ def check(run: Path, out: Path, boxes: Path, images: Path, shuffled: Path | None
     from medsight.explainers.audit import audit_run
 
     t0 = time.perf_counter()
-    r = audit_run(run, out, boxes=boxes, images=[images], methods=methods, sanity=True, shuffled_run=shuffled,
+    r = audit_run(run, out, boxes=boxes, images=[images], methods=methods, device="cpu", max_overlays=9)
+    t1 = time.perf_counter()
+    s = audit_run(run, out / "sanity", sanity=True, shuffled_run=shuffled, images=[images], methods=SANITY_METHODS,
                   device="cpu", sanity_images=16)
-    return {"seconds": round(time.perf_counter() - t0, 1), "localization": _compact(r["localization"]),
-            "sanity": _curves(r["sanity"])}
+    return {"seconds_localization": round(t1 - t0, 1), "seconds_sanity": round(time.perf_counter() - t1, 1),
+            "localization": _compact(r["localization"]), "sanity": _curves(s["sanity"])}
+
+
+def _cell(s: dict | None) -> str:
+    if not s or s.get("mean") is None:
+        return "n/a"
+    return f"{s['mean']:.2f} [{s['ci95'][0]:.2f}, {s['ci95'][1]:.2f}]"
+
+
+def table(result: dict) -> str:
+    """The README tables from a saved result."""
+    lines = []
+    for part in ("synthetic", "nih"):
+        if part not in result:
+            continue
+        loc = result[part]["localization"]
+        n = next(iter(loc["methods"].values()))["overall"]["pointing"]["n"]
+        lines += [f"**{part}** ({n} boxes, tolerance {loc['settings']['tolerance_px']:g} px, IoU at "
+                  f"{loc['settings']['iou_threshold']:g} × max)", "",
+                  "| map | pointing game | energy in box ÷ area share | IoU |", "|---|---|---|---|"]
+        for m, r in loc["methods"].items():
+            o = r["overall"]
+            lines.append(f"| {m} | {_cell(o['pointing'])} | {_cell(o['energy_ratio'])} | {_cell(o['iou'])} |")
+        lines.append("")
+        san = result[part]["sanity"]
+        for m, c in san.items():
+            steps = " → ".join(f"{v:.2f}" for v in c["spearman"])
+            extra = (f"; shuffled labels {c['shuffled_labels']['spearman']:.2f}" if "shuffled_labels" in c else "")
+            lines.append(f"- {m}: Spearman with the trained maps, randomizing {' → '.join(c['randomized'])}: "
+                         f"{steps} (SSIM {' → '.join(f'{v:.2f}' for v in c['ssim'])}; n {c['n']}){extra}")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-only", action="store_true", help="only the trainings")
     p.add_argument("--only", choices=PARTS, help="with --train-only: one of the trainings")
     p.add_argument("--methods", nargs="+", help="CAM methods to score (default: every one)")
+    p.add_argument("--table", action="store_true", help="print the README tables from the saved results")
+    p.add_argument("--part", choices=("synthetic", "nih"), help="score one part only (the results file keeps the other)")
+    p.add_argument("--max-boxes", type=int, help="score the first N boxes of the synthetic set only")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(json.loads((RESULTS / "localization.json").read_text())))
+        return 0
     if args.train_only:
         print(json.dumps(train_all(args.nih_dir, args.only), indent=2))
         return 0
@@ -206,22 +261,36 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods or list(choices(CamMethod))
     synth = RUNS / "synthetic-data"
     # the 64-px run where it finished, else the 32-px AdamW one; its shuffled-label twin where that finished
-    name = "synthetic" if finished(RUNS / "synthetic") else "synthetic-fast"
-    twin = RUNS / f"{name}-shuffled"
+    def save(part: str, trainings: dict, scores: dict) -> None:
+        """Into the results file as it is now (the other part may have been written meanwhile)."""
+        path = RESULTS / "localization.json"
+        result: dict = json.loads(path.read_text()) if path.is_file() else {}
+        result.update({"machine": "2-core x86-64 CPU", "detail": machine(),
+                       "command": "python benchmarks/localization.py --nih-dir DIR", part: scores})
+        result.setdefault("trainings", {}).update(trainings)
+        save_result("localization.json", result, echo=False)
+
     known = commands(args.nih_dir)
-    runs = {n: describe(RUNS / n, known.get(n)) for n in (name, twin.name, "nih") if finished(RUNS / n)}
-    result: dict = {"machine": "2-core x86-64 CPU", "detail": machine(), "trainings": runs,
-                    "command": "python benchmarks/localization.py --nih-dir DIR"}
-    a = check(RUNS / name, RUNS / f"{name}-checks", synth / "boxes.csv", synth / "images",
-              twin if finished(twin) else None, methods)
+    if args.part in (None, "nih") and args.nih_dir is not None and usable(RUNS / "nih"):
+        save("nih", {"nih": describe(RUNS / "nih", known["nih"])},
+             check(RUNS / "nih", RUNS / "nih-checks", NINE, args.nih_dir, None, methods))
+    if args.part == "nih":
+        return 0
+    order = [n for n in ("synthetic", "synthetic-fast") if finished(RUNS / n)] + ["synthetic", "synthetic-fast"]
+    name = next(n for n in order if usable(RUNS / n))
+    twin = RUNS / f"{name}-shuffled"
+    trainings = {n: describe(RUNS / n, known.get(n)) for n in (name, twin.name) if usable(RUNS / n)}
+    boxes = synth / "boxes.csv"
+    if args.max_boxes:
+        rows = boxes.read_text().splitlines()
+        boxes = synth / f"boxes_first{args.max_boxes}.csv"
+        boxes.write_text("\n".join(rows[: args.max_boxes + 1]) + "\n")
+    a = check(RUNS / name, RUNS / f"{name}-checks", boxes, synth / "images", twin if usable(twin) else None, methods)
     a["run"] = name
     g = a["localization"]["methods"]["gradcam"]["overall"]["pointing"]["mean"]
     a["targets"] = {"pointing_gradcam": g, "pointing_target": TARGET_POINTING, "pointing_met": bool(g >= TARGET_POINTING),
                     "randomization_curve_falls": a["sanity"]["gradcam"]["falls"]}
-    result["synthetic"] = a
-    if args.nih_dir is not None and finished(RUNS / "nih"):
-        result["nih"] = check(RUNS / "nih", RUNS / "nih-checks", NINE, args.nih_dir, None, methods)
-    save_result("localization.json", result)
+    save("synthetic", trainings, a)
     return 0
 
 

@@ -79,7 +79,7 @@ def audit_run(run: str | Path, out: str | Path, boxes: str | Path | None = None,
               target_layer: str | None = None, box_size: tuple[float, float] | None = None,
               tolerance: float | None = None, iou_threshold: float = 0.5, sanity: bool = False,
               shuffled_run: str | Path | None = None, sanity_images: int = 32, n_boot: int = 1000, seed: int = 0,
-              store: bool = False, device: str = "auto") -> dict[str, Any]:
+              store: bool = False, device: str = "auto", max_overlays: int | None = None) -> dict[str, Any]:
     """Localization against ``boxes`` and/or the sanity checks for a run; writes ``out/localization.json``,
     overlays (``out/boxes/``) and ``out/report.html``.
 
@@ -89,9 +89,12 @@ def audit_run(run: str | Path, out: str | Path, boxes: str | Path | None = None,
         box_size: the coordinates' image size for lists without width/height columns.
         shuffled_run: a run of the same model trained on shuffled labels, for the data-randomization test.
         store: also add the results to the run's metrics.json and redraw its model card and report.
+        max_overlays: draw the overlays of the first boxes only (default: every box).
     """
     from medsight.inference import Predictor
-    from medsight.reporting.localization import localization_page
+    from medsight.reporting.html import page
+    from medsight.reporting.localization import localization_sections, overlays_html
+    from medsight.reporting.model_card import to_html
 
     if boxes is None and not sanity:
         raise ValueError("nothing to check: give --boxes BOXES.csv and/or --sanity")
@@ -106,7 +109,7 @@ def audit_run(run: str | Path, out: str | Path, boxes: str | Path | None = None,
         folders, where = _image_folders(pred, images)
         paths = index_images(folders)
         loc = localize(pred, rows, paths, methods, target_layer, tolerance, iou_threshold, n_boot, seed,
-                       out=out / "boxes", where=where, problems=problems)
+                       out=out / "boxes", where=where, problems=problems, max_overlays=max_overlays)
         loc["box_list"] = str(boxes)
         for line in loc["skipped"]:
             log.warning("box list: %s", line)
@@ -128,7 +131,9 @@ def audit_run(run: str | Path, out: str | Path, boxes: str | Path | None = None,
     from medsight.utils.files import write_text_atomic
 
     write_text_atomic(json.dumps(result, indent=2), out / "localization.json")
-    write_text_atomic(localization_page(result, out), out / "report.html")
+    body = to_html(localization_sections(result)) + overlays_html(result, out)
+    write_text_atomic(page(f"medsight explanation checks: {Path(result['checkpoint']).parent.name}", body),
+                      out / "report.html")
     if store:
         result["stored"] = store_in_run(run, result)
     return result

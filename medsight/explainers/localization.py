@@ -338,7 +338,7 @@ def match_boxes(boxes: Sequence[Box], images: Mapping[str, Path], classes: Seque
 def localize(pred: Predictor, boxes: Sequence[Box], images: Mapping[str, Path], methods: Sequence[str] = ("gradcam",),
              target_layer: str | None = None, tolerance: float | None = None, iou_threshold: float = 0.5,
              n_boot: int = 1000, seed: int = 0, out: str | Path | None = None, where: str = "the images given",
-             problems: Sequence[str] = ()) -> dict[str, Any]:
+             problems: Sequence[str] = (), max_overlays: int | None = None) -> dict[str, Any]:
     """Score each method's heatmaps of the boxed findings against the boxes, beside a centre prior and a
     random map.
 
@@ -348,7 +348,8 @@ def localize(pred: Predictor, boxes: Sequence[Box], images: Mapping[str, Path], 
         methods: CAM methods (keys of :data:`medsight.explainers.EXPLAINERS`).
         tolerance: pointing-game tolerance in input pixels (default :func:`default_tolerance`).
         iou_threshold: the share of a map's maximum above which it counts as the map's region for IoU.
-        out: a folder for one overlay PNG per box (the box drawn on the image and on each method's map).
+        out: a folder for one overlay PNG per box (the box drawn on the image and on each method's map), for
+            the first ``max_overlays`` boxes (default: all).
         problems: rows already left out (from :func:`read_boxes`), carried into the result.
 
     Returns:
@@ -393,7 +394,7 @@ def localize(pred: Predictor, boxes: Sequence[Box], images: Mapping[str, Path], 
             maps[m].append(heat[m])
         rec = {"image": box.image, "finding": pred.classes[k], "row": box.row, "box_input": [round(c, 2) for c in v],
                "probability": float(pred.probabilities(img)[k])}
-        if out is not None:
+        if out is not None and (max_overlays is None or len(kept) < max_overlays):
             rec["overlay"] = _draw(pred, img, heat, v, box, Path(out))
         kept.append(rec)
     if not kept:

@@ -1,15 +1,15 @@
 """Report sections for heatmaps checked against boxes and the saliency sanity checks (see
 :mod:`medsight.explainers.localization` and :mod:`medsight.explainers.sanity`): one list of tables that the
-model card renders as markdown and HTML, and an HTML fragment (tables and box overlays) for report.html."""
+model card renders as markdown and HTML, and the box overlays as an HTML fragment."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from medsight.reporting.html import html_table, img_tag, page
+from medsight.reporting.html import img_tag
 
-__all__ = ["localization_sections", "localization_html", "localization_page", "fmt_score"]
+__all__ = ["localization_sections", "overlays_html", "fmt_score"]
 
 Part = str | tuple[list[str], list[list[Any]]]  # a paragraph or a table, as in the model card
 _NAMES = {"pointing": "pointing game", "energy_ratio": "energy in box ÷ area share", "iou": "IoU"}
@@ -77,20 +77,8 @@ def localization_sections(metrics: dict[str, Any]) -> list[tuple[str, list[Any]]
     return out
 
 
-def localization_html(metrics: dict[str, Any], folder: Path | None = None, overlays: int = 12) -> str:
-    """The sections as HTML, with up to ``overlays`` box overlays (from ``folder/boxes``) embedded."""
-    from medsight.reporting.model_card import to_html
-
-    body = to_html(localization_sections(metrics))
-    loc = metrics.get("localization")
-    if loc and folder is not None:
-        imgs = [img_tag(folder / "boxes" / b["overlay"]) for b in loc["boxes"][:overlays] if b.get("overlay")]
-        if any(imgs):
-            body += f"<h3>Boxes on the heatmaps (first {len(imgs)})</h3>" + " ".join(imgs)
-    return body
-
-
-def localization_page(result: dict[str, Any], folder: Path) -> str:
-    """A self-contained page of an ``explain --boxes/--sanity`` result."""
-    return page(f"medsight explanation checks: {Path(result['checkpoint']).parent.name}",
-                localization_html(result, folder))
+def overlays_html(result: dict[str, Any], folder: Path, limit: int = 12) -> str:
+    """Up to ``limit`` box overlays (from ``folder/boxes``) embedded, under a heading."""
+    loc = result.get("localization")
+    imgs = [img_tag(folder / "boxes" / b["overlay"]) for b in (loc or {}).get("boxes", [])[:limit] if b.get("overlay")]
+    return f"<h3>Boxes on the heatmaps (first {len(imgs)})</h3>" + " ".join(imgs) if any(imgs) else ""
