@@ -256,7 +256,8 @@ def test_loss_weights_must_be_finite_and_not_negative(setting, key):
     (["train.triplet_weight=0.1", "train.batch_size=1"], "train.triplet_weight"),
     (["train.manifold_mixup=1", "train.mixup=0.2"], "train.manifold_mixup"),
     (["data.task=ordinal", "train.ordinal=corn", "train.manifold_mixup=1"], "train.manifold_mixup"),
-    (["train.head=prototypical", "data.shots=1"], "data.shots")])
+    (["train.head=prototypical", "data.shots=1"], "data.shots"),
+    (["train.head=prototypical", "finetune.progressive=true", "train.epochs=4"], "train.head=prototypical")])
 def test_techniques_that_do_not_fit_are_refused_naming_the_option(settings, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         apply_overrides(Config(), settings)
