@@ -19,6 +19,7 @@ otherwise not confirmed; "incomplete" with fewer than 3 paired seeds.
 
     python benchmarks/techniques.py --datasets pneumonia500 --techniques plain          # the small-data row
     python benchmarks/techniques.py --datasets retinamnist --techniques plain corn sam
+    python benchmarks/techniques.py --import-measured   # rows other benchmarks measured (panel, ordinal, optimizers)
     python benchmarks/techniques.py --table          # the README table from benchmarks/results/techniques.json
 """
 
@@ -51,7 +52,8 @@ PANEL: dict[str, tuple[Path, tuple[str, ...]]] = {
 }
 SHOTS = (5, 10, 20)
 #: variants beyond the twelve: the plain default, SAM switched off, and the ordinal default (CORN, by the plan)
-EXTRA = {"plain": (), "sam_off": ("optim.name=adamw",), "corn": ("data.task=ordinal",)}
+EXTRA = {"plain": (), "sam_off": ("optim.name=adamw",), "corn": ("data.task=ordinal",),
+         "ordinal_ce": ("data.task=ordinal", "train.ordinal=ce")}
 #: where a technique is the plain default already, its baseline is the run without it
 BASELINE = {"sam": "sam_off"}
 SEEDS = (0, 1, 2)
@@ -68,7 +70,7 @@ def settings_of(variant: str) -> tuple[str, ...]:
 
 def applies(dataset: str, variant: str) -> str | None:
     """Why ``variant`` does not apply to ``dataset`` (None: it does)."""
-    multi, ordinal_only = dataset == "nih1000", variant in ("distance_smoothing", "corn")
+    multi, ordinal_only = dataset == "nih1000", variant in ("distance_smoothing", "corn", "ordinal_ce")
     if ordinal_only and dataset != "retinamnist":
         return "grades only (RetinaMNIST)"
     if multi and variant.split("-k")[0] in ("evidential", "prototypical", "triplet", "center", "manifold_mixup"):
@@ -220,6 +222,10 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
             keys = [("test_qwk", False)] if dataset == "retinamnist" else []
             keys += [("test_auc", False), ("test_acc", False), *CLAIMS.get(name, [])]
             cell = {k: g for k, lb in keys if (g := _gain(rs, a, base, k, lb)) is not None}
+            if name in ("corn", "distance_smoothing"):  # QWK: against the ordinal task's cross-entropy head
+                g = _gain(rs, name, "ordinal_ce", "test_qwk")
+                if g:
+                    cell["test_qwk_vs_ordinal_ce"] = g
             if name == "prototypical":
                 for k in SHOTS:
                     g = _gain(rs, f"prototypical-k{k}", f"plain-k{k}", "test_acc")
@@ -234,6 +240,36 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
                           "plain_seeds": sorted(r["seed"] for r in plain), "techniques": cells}
     machines = sorted({r["machine"] for r in rows if "machine" in r})
     return {"machine": machines, "table": table, "runs": rows}
+
+
+def import_measured() -> int:
+    """Rows of runs other benchmarks already made with the same commands and seeds, each marked with its
+    source file: the panel's plain default (panel.json), the ordinal heads on RetinaMNIST (retina_ordinal.json:
+    corn, smooth = distance-aware smoothing) and SAM off on PneumoniaMNIST (optimizers.json, seed 0).
+    Returns how many rows were written; a row this benchmark measured itself is never replaced."""
+    results = Path(__file__).parent / "results"
+    found: list[dict] = []
+    panel = json.loads((results / "panel.json").read_text())["sets"]
+    for dataset in ("pneumoniamnist", "retinamnist"):
+        found += [{**r, "variant": "plain", "dataset": dataset, "source": "panel.json"} for r in panel[dataset]["runs"]]
+    heads = {"corn": "corn", "smooth": "distance_smoothing", "ce": "ordinal_ce"}
+    for r in json.loads((results / "retina_ordinal.json").read_text())["runs"]:
+        if r.get("head") in heads:
+            found.append({**r, "variant": heads[r["head"]], "dataset": "retinamnist", "source": "retina_ordinal.json"})
+    for r in json.loads((results / "optimizers.json").read_text())["rows"]:
+        if r["command"] == "medsight train --optimizer adamw":
+            found.append({**r, "variant": "sam_off", "dataset": "pneumoniamnist", "seed": 0, "source": "optimizers.json"})
+    written = 0
+    for r in found:
+        path = RUNS / r["dataset"] / f"{r['variant']}-seed{r['seed']}.json"
+        if path.is_file() and "source" not in json.loads(path.read_text()):
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keep = {k: r.get(k) for k in ("command", "seconds", "test_auc", "test_acc", "test_qwk", "test_ece", "machine",
+                                      "dataset", "variant", "seed", "source")}
+        path.write_text(json.dumps(keep, indent=2) + "\n")
+        written += 1
+    return written
 
 
 def collect() -> list[dict]:
@@ -256,7 +292,7 @@ def table_md(results: dict) -> str:
 
 
 def main() -> int:
-    variants = ["plain", "sam_off", "corn", *[t.name for t in TECHNIQUES if t.name != "stacking"],
+    variants = ["plain", "sam_off", "corn", "ordinal_ce", *[t.name for t in TECHNIQUES if t.name != "stacking"],
                 *[f"{v}-k{k}" for k in SHOTS for v in ("plain", "prototypical")]]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=list(PANEL), choices=list(PANEL))
@@ -265,7 +301,14 @@ def main() -> int:
     ap.add_argument("--robustness", action="store_true", help="also run `medsight robustness` on the plain and "
                     "cosine runs (18 passes over the test split each)")
     ap.add_argument("--table", action="store_true", help="print the README table of the saved results")
+    ap.add_argument("--import-measured", action="store_true", help="take the rows other benchmarks measured with "
+                    "the same commands and seeds (panel, ordinal heads, optimizers), then write the table")
     args = ap.parse_args()
+    if args.import_measured:
+        print(f"{import_measured()} rows imported")
+        save_result("techniques.json", summarize(collect()), echo=False)
+        print(table_md(summarize(collect())))
+        return 0
     if args.table:
         print(table_md(summarize(collect())))
         return 0

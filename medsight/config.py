@@ -470,6 +470,9 @@ class Config(_Section):
                                  f"epochs exceed train.epochs={t.epochs}")
             if self.model.freeze_stages:
                 raise ValueError("finetune.progressive decides what trains; leave model.freeze_stages at 0")
+            if t.head == "prototypical":
+                raise ValueError("finetune.progressive trains the head alone first; the prototype head "
+                                 "(train.head=prototypical) has no weights to train: turn one of them off")
         return self
 
 

@@ -99,6 +99,12 @@ def test_evidential_kl_term_is_annealed_and_zero_only_for_the_uniform_dirichlet(
     assert loss.kl_weight.item() == pytest.approx(0.5)
     loss.set_epoch(9)
     assert loss.kl_weight.item() == 1.0 and loss(z, y).item() > early
+    # evidence on the true class only is not penalized: the KL term reads α with the target's entry removed
+    right = torch.tensor([[3.0, 0.0]]), torch.tensor([0])
+    loss.set_epoch(0)
+    no_kl = loss(*right).item()
+    loss.set_epoch(9)
+    assert loss(*right).item() == pytest.approx(no_kl, abs=1e-6)
 
 
 def test_evidential_strength_falls_on_out_of_distribution_images():
@@ -183,13 +189,16 @@ def test_batch_hard_triplet_uses_the_hardest_pairs():
     y = torch.tensor([0, 0, 1, 1])
     far = torch.tensor([[1.0, 0], [1.0, 0.01], [-1.0, 0], [-1.0, 0.01]])
     assert batch_hard_triplet(far, y, margin=0.2).item() == pytest.approx(0.0)
-    # anchor 0's hardest positive is at 90°, its hardest negative at 0°: the loss is positive
-    close = torch.tensor([[1.0, 0], [0.0, 1.0], [1.0, 0.001], [-1.0, 0]])
-    hp, hn = math.sqrt(2), 0.001
-    assert batch_hard_triplet(close, y, margin=0.2).item() > 0
-    expected = max(0.0, hp - hn + 0.2)
-    per_anchor0 = batch_hard_triplet(close[[0, 1, 2]], y[[0, 1, 2]], margin=0.2)  # anchors 0, 1 have both
-    assert per_anchor0.item() == pytest.approx((expected + max(0, hp - math.sqrt(2) + 0.2)) / 2, abs=1e-3)
+    # two negatives at different distances from anchor 0: the nearer one is the hard one
+    z = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.995, 0.0998], [-1.0, 0.0]])
+    zn = nn.functional.normalize(z, dim=1)
+    d = [[float((zn[i] - zn[j]).norm()) for j in range(4)] for i in range(4)]
+    expected = []
+    for a in range(4):
+        pos = [d[a][j] for j in range(4) if j != a and y[j] == y[a]]
+        neg = [d[a][j] for j in range(4) if y[j] != y[a]]
+        expected.append(max(0.0, max(pos) - min(neg) + 0.3))
+    assert batch_hard_triplet(z, y, margin=0.3).item() == pytest.approx(sum(expected) / 4, abs=1e-4)
     assert batch_hard_triplet(far, torch.zeros(4, dtype=torch.long)).item() == 0  # one class: no negatives
 
 
@@ -256,7 +265,8 @@ def test_loss_weights_must_be_finite_and_not_negative(setting, key):
     (["train.triplet_weight=0.1", "train.batch_size=1"], "train.triplet_weight"),
     (["train.manifold_mixup=1", "train.mixup=0.2"], "train.manifold_mixup"),
     (["data.task=ordinal", "train.ordinal=corn", "train.manifold_mixup=1"], "train.manifold_mixup"),
-    (["train.head=prototypical", "data.shots=1"], "data.shots")])
+    (["train.head=prototypical", "data.shots=1"], "data.shots"),
+    (["train.head=prototypical", "finetune.progressive=true", "train.epochs=4"], "train.head=prototypical")])
 def test_techniques_that_do_not_fit_are_refused_naming_the_option(settings, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         apply_overrides(Config(), settings)
