@@ -108,3 +108,24 @@ def test_training_batches_are_augmented_per_image_and_follow_the_seed(cache):
     # each augmented image is one of the data set's images, turned or flipped: never all of them unchanged
     unchanged = sum(any(torch.allclose(x, p, atol=1e-5) for p in plain) for x in a[0])
     assert unchanged < len(ds) // 2
+
+
+def test_robustness_on_a_prepared_cache_corrupts_after_the_framing_and_does_not_depend_on_workers(cache):
+    # regression: robustness on a cached split failed (its corruption took the place of the geometric step)
+    from medsight.evaluation.robustness import CorruptedImages, corrupt, robustness
+    from medsight.models import create_model
+    from medsight.tasks import build_task
+
+    ds = dataset(cache, "test", train=False)
+    img = ds.load(3)
+    x, y = CorruptedImages(ds, "gaussian_noise", 2, seed=5)[3]
+    want = ds._apply(corrupt(img, "gaussian_noise", 2, torch.Generator().manual_seed(5 * 1_000_003 + 3)))
+    assert torch.equal(x, want) and x.shape == (3, SIZE, SIZE) and y == int(ds.data.labels[3])
+    assert not torch.equal(x, CorruptedImages(ds, "gaussian_noise", 2, seed=6)[3][0])
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=2, img_size=SIZE).eval()
+    task = build_task("auto", ["a", "b"], ds.data.labels)
+    kw = {"corruptions": ["gaussian_noise", "blur"], "severities": (1, 3), "seed": 1}
+    one = robustness(model, task, ds.data, ds.transform, torch.device("cpu"), batch_size=5, **kw)
+    two = robustness(model, task, ds.data, ds.transform, torch.device("cpu"), batch_size=4, num_workers=2, **kw)
+    assert one == two and one["n"] == len(ds) and set(one["corruptions"]) == {"gaussian_noise", "blur"}

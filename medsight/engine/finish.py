@@ -114,7 +114,8 @@ def finish_run(run: Run, state: EpochState) -> dict[str, Any]:
     if cfg.eval.robustness:
         with timer("robustness"):
             metrics["robustness"] = robustness(model, task, run.datasets["test"].data,
-                                               run.datasets["test"].transform, device, seed=cfg.train.seed)
+                                               run.datasets["test"].transform, device, seed=cfg.train.seed,
+                                               num_workers=run.loader.num_workers if run.loader else 0)
             plot_robustness(metrics["robustness"], out / "robustness.png")
             metrics["figures"].append("robustness.png")
     metrics.update(_explain(run, model, tp, tl, timer))
