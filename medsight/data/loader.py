@@ -88,6 +88,8 @@ class BatchAugment(torch.nn.Module):
         super().__init__()
         self.mean, self.std = list(mean), list(std)
         self.hflip, self.vflip, self.degrees = hflip, vflip, degrees
+        self.register_buffer("_mean", torch.tensor(self.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.std).view(1, -1, 1, 1), persistent=False)
 
     @property
     def random(self) -> bool:
@@ -108,8 +110,7 @@ class BatchAugment(torch.nn.Module):
             x = x[:, :3]
         if params is not None:
             x = self._augment(x, {k: v.to(x.device, non_blocking=True) for k, v in params.items()})
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        mean, std = self._mean.to(x.device), self._std.to(x.device)  # on the device already after .to(device)
         return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
     def _augment(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
