@@ -70,3 +70,19 @@ def test_quick_suite_measures_every_section_on_the_cpu(tmp_path):
     assert abs(sum(steps.values()) - sec["end_of_run"]) < 0.01
     assert e2e["robustness_mean_drop"] is not None
     assert "--set data.cache=" in e2e["command"] and "--set optim.name=sam-adamw" in e2e["command"]
+
+
+def test_run_timing_splits_each_epoch_into_training_and_validation():
+    from medsight.engine.finish import StepTimer, run_timing
+
+    timer = StepTimer()
+    with timer("predict"):
+        pass
+    timer.seconds.update({"predict": 2.0, "report": 1.0})
+    history = [{"train_seconds": 10.0, "seconds": 12.0}, {"train_seconds": 11.0, "seconds": 14.0}]
+    t = run_timing(history, timer.seconds)
+    assert (t["train_seconds"], t["validation_seconds"], t["end_of_run_seconds"]) == (21.0, 5.0, 3.0)
+    assert t["end_of_run_share"] == round(3 / 29, 4) and t["end_of_run_steps"] == {"predict": 2.0, "report": 1.0}
+    with timer("report"):  # a step timed twice adds up
+        pass
+    assert timer.seconds["report"] >= 1.0
