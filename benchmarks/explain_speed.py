@@ -31,6 +31,37 @@ def memory_mb(device: torch.device) -> float:
         return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def device_name(device: torch.device) -> str:
+    return (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+
+
+def gradcam_speed(model_name: str, image_size: int, batch: int, images: int, method: str,
+                  device: torch.device) -> dict:
+    """Images/s of ``explain`` on ``images`` random images in batches of ``batch``, memory along the way and
+    the hooks left on the model after it."""
+    model = create_model(model_name, num_classes=2, img_size=image_size).to(device).eval()
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    explain(model, x, method=method)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    mem = [memory_mb(device)]
+    done, t0 = 0, time.perf_counter()
+    while done < images:
+        maps = explain(model, x, method=method)
+        done += len(maps)
+        mem.append(memory_mb(device))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    hooks = sum(len(m._forward_hooks) + len(m._backward_hooks) + len(getattr(m, "_forward_pre_hooks", {}))
+                for m in model.modules())
+    return {"model": model_name, "image_size": image_size, "batch": batch, "images": done,
+            "method": method, "images_per_s": round(done / seconds, 1),
+            "memory_mb_first_last_max": [round(mem[0], 1), round(mem[-1], 1), round(max(mem), 1)],
+            "hooks_left": hooks, "device": device_name(device)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="coatnet_tiny")
@@ -40,28 +71,7 @@ def main() -> int:
     p.add_argument("--method", default="gradcam")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = create_model(args.model, num_classes=2, img_size=args.image_size).to(device).eval()
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
-    explain(model, x, method=args.method)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    mem = [memory_mb(device)]
-    done, t0 = 0, time.perf_counter()
-    while done < args.images:
-        maps = explain(model, x, method=args.method)
-        done += len(maps)
-        mem.append(memory_mb(device))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    hooks = sum(len(m._forward_hooks) + len(m._backward_hooks) + len(getattr(m, "_forward_pre_hooks", {}))
-                for m in model.modules())
-    row = {"model": args.model, "image_size": args.image_size, "batch": args.batch, "images": done,
-           "method": args.method, "images_per_s": round(done / seconds, 1),
-           "memory_mb_first_last_max": [round(mem[0], 1), round(mem[-1], 1), round(max(mem), 1)],
-           "hooks_left": hooks,
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-           else f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"}
+    row = gradcam_speed(args.model, args.image_size, args.batch, args.images, args.method, device)
     save_result(f"explain_speed_{'gpu' if device.type == 'cuda' else 'cpu'}.json", row)
     return 0
 

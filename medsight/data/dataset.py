@@ -124,11 +124,14 @@ def label_tensor(ys: Any) -> torch.Tensor:
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_workers: int,
-                seed: int = 0, sampler: Any = None, drop_last: bool = False) -> DataLoader:
-    """A loader whose batches are ``(images, labels, skipped_paths)``."""
+                seed: int = 0, sampler: Any = None, drop_last: bool = False, pin_memory: bool | None = None,
+                prefetch_factor: int | None = None) -> DataLoader:
+    """A loader whose batches are ``(images, labels, skipped_paths)``; ``pin_memory`` None: pinned when workers
+    load for a CUDA machine (``medsight.data.loader.loader_settings`` chooses both for a run)."""
     g = torch.Generator()
     g.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=num_workers, collate_fn=_collate, generator=g,
                       persistent_workers=num_workers > 0, drop_last=drop_last,
-                      pin_memory=num_workers > 0 and torch.cuda.is_available())
+                      pin_memory=num_workers > 0 and torch.cuda.is_available() if pin_memory is None else pin_memory,
+                      prefetch_factor=prefetch_factor if num_workers > 0 else None)

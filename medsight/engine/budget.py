@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medsight.data import make_loader
 from medsight.engine.build import Run
 from medsight.engine.step import train_step
 from medsight.optim import create_optimizer
@@ -51,8 +52,7 @@ def measure_speed(run: Run, steps: int = 3) -> tuple[float, float]:
     states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
     model = copy.deepcopy(run.model).train()
     opt = create_optimizer(model, run.cfg.optim)
-    loader = torch.utils.data.DataLoader(run.datasets["train"], batch_size=run.loaders["train"].batch_size,
-                                         shuffle=False, collate_fn=run.loaders["train"].collate_fn)
+    loader = make_loader(run.datasets["train"], run.loaders["train"].batch_size, False, 0)
     batches = []
     for x, y, _ in loader:
         if len(x):

@@ -6,7 +6,6 @@ fixed, so the same config and seed give the same run on any machine.
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +20,7 @@ from torch import nn
 from medsight.checkpoint import FORMAT
 from medsight.config import Config, ConfigError, check_task_kind, config_to_dict
 from medsight.data import DataBundle, ImageDataset, load_data, make_loader, make_transform
+from medsight.data.loader import LoaderSettings, build_loader, loader_settings
 from medsight.engine.distributed import DistInfo
 from medsight.engine.step import StepOptions
 from medsight.losses import EmbeddingLoss, PrototypicalLoss
@@ -132,7 +132,7 @@ class Run:
     mean: list[float]
     std: list[float]
     datasets: dict[str, ImageDataset]  # train (augmented), val, test, train_eval (train split, eval transform)
-    loaders: dict[str, torch.utils.data.DataLoader]
+    loaders: dict[str, Any]  # DataLoader, or data.loader.DeviceLoader (a prepared cache, augmented on the device)
     sampler: Any
     loss_fn: nn.Module
     eval_loss_fn: nn.Module
@@ -142,6 +142,7 @@ class Run:
     plan: Plan | None = None
     budget: Any = None  # the time-budget fit (engine.budget.BudgetFit), when train.time_budget is set
     before_eval: Callable[[], None] | None = None  # refreshes the model before validation (the prototype head)
+    loader: LoaderSettings | None = None  # workers, pinned memory, prefetch: chosen for the device
 
     @property
     def n_params(self) -> int:
@@ -155,21 +156,21 @@ class Run:
 
 
 def _loaders(cfg: Config, datasets: dict[str, ImageDataset], dinfo: DistInfo, device: torch.device
-             ) -> tuple[dict[str, torch.utils.data.DataLoader], Any]:
-    t, nw = cfg.train, cfg.data.num_workers
-    if nw is None:  # a GPU waits on data loaded in the training process; a CPU needs its cores for compute
-        nw = min(8, max(0, (os.cpu_count() or 1) // dinfo.world_size - 1)) if device.type == "cuda" else 0
+             ) -> tuple[dict[str, Any], Any, LoaderSettings]:
+    t = cfg.train
+    # a GPU waits on data loaded in the training process; a CPU needs its cores for compute
+    settings = loader_settings(device, cfg.data.num_workers, dinfo.world_size)
     train_ds = datasets["train"]
     sampler = (torch.utils.data.DistributedSampler(train_ds, dinfo.world_size, dinfo.rank, shuffle=True,
                                                    seed=t.seed) if dinfo.enabled else None)
     per_step = t.batch_size * t.accum_steps
     shard = len(train_ds) // dinfo.world_size if dinfo.enabled else len(train_ds)
     # a final batch of one image cannot be trained with BatchNorm: drop it (it is reshuffled next epoch)
-    loaders = {"train": make_loader(train_ds, per_step, True, nw, seed=t.seed, sampler=sampler,
-                                    drop_last=shard % per_step == 1),
-               "val": make_loader(datasets["val"], t.batch_size * 2, False, nw),
-               "test": make_loader(datasets["test"], t.batch_size * 2, False, nw)}
-    return loaders, sampler
+    loaders = {"train": build_loader(train_ds, per_step, True, settings, device, seed=t.seed, sampler=sampler,
+                                     drop_last=shard % per_step == 1),
+               "val": build_loader(datasets["val"], t.batch_size * 2, False, settings, device),
+               "test": build_loader(datasets["test"], t.batch_size * 2, False, settings, device)}
+    return loaders, sampler, settings
 
 
 def training_loss(cfg: Config, task: Task, model: nn.Module, train_labels: Any) -> nn.Module:
@@ -216,7 +217,7 @@ def build_run(cfg: Config, out: Path, dinfo: DistInfo, device: torch.device) -> 
     datasets = {"train": ImageDataset(bundle.splits["train"], make_transform(size, mean, std, train=True, cfg=cfg.data)),
                 "val": ImageDataset(bundle.splits["val"], eval_tf), "test": ImageDataset(bundle.splits["test"], eval_tf),
                 "train_eval": ImageDataset(bundle.splits["train"], eval_tf)}
-    loaders, sampler = _loaders(cfg, datasets, dinfo, device)
+    loaders, sampler, settings = _loaders(cfg, datasets, dinfo, device)
     phases = Phases(cfg, model, len(loaders["train"]), fused=device.type == "cuda")
     loss_fn = training_loss(cfg, task, model, bundle.splits["train"].labels).to(device)
     mixer = make_mixer(cfg, task.num_outputs, model)
@@ -234,4 +235,4 @@ def build_run(cfg: Config, out: Path, dinfo: DistInfo, device: torch.device) -> 
     return Run(cfg=cfg, out=out, dinfo=dinfo, device=device, bundle=bundle, task=task, model=model,
                step_model=step_model, frozen=frozen, mean=mean, std=std, datasets=datasets, loaders=loaders,
                sampler=sampler, loss_fn=loss_fn, eval_loss_fn=task.eval_loss(), mixer=mixer, opts=opts, phases=phases,
-               plan=plan, before_eval=refresh)
+               plan=plan, before_eval=refresh, loader=settings)

@@ -17,16 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from medsight.config import CorruptionName, choices
 from medsight.data import ImageDataset, make_loader
+from medsight.data.imageio import ImageReadError
 from medsight.data.sources import SplitData
 from medsight.inference.predictor import predict_loader
 from medsight.tasks import Task
 
-__all__ = ["CORRUPTIONS", "Corruption", "corrupt", "robustness"]
+__all__ = ["CORRUPTIONS", "Corruption", "CorruptedImages", "corrupt", "robustness"]
 
 
 def _noise(x: torch.Tensor, s: float, g: torch.Generator) -> torch.Tensor:
@@ -108,17 +108,42 @@ def _score(task: Task, labels: np.ndarray, probs: np.ndarray) -> dict[str, float
     return {"auc": m.get("auc"), "accuracy": m.get("accuracy")}
 
 
+class CorruptedImages(torch.utils.data.Dataset):
+    """``ds``'s images under one corruption, before the rest of its transform; the noise of image i is drawn
+    from a generator seeded by (seed, i), so an image gets the same picture whatever the batch size, order or
+    number of loader workers."""
+
+    def __init__(self, ds: ImageDataset, name: str, severity: int, seed: int = 0) -> None:
+        self.ds, self.name, self.severity, self.seed = ds, name, severity, seed
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, Any]:
+        try:
+            img = self.ds.load(i)  # as read (a prepared cache's: already framed, as the data set's transform skips)
+        except ImageReadError:
+            return None, self.ds.data.describe(i)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        y = self.ds.data.labels[i]
+        # ds._apply: the transform's steps after what ds.load gives (the whole transform for files and arrays)
+        return self.ds._apply(corrupt(img, self.name, self.severity, g)), (y if y.ndim else int(y))
+
+
 def robustness(model: nn.Module, task: Task, split: SplitData, transform: Any, device: torch.device, *,
                corruptions: list[str] | None = None, severities: tuple[int, ...] = (1, 2, 3), metric: str = "auc",
-               batch_size: int = 128, seed: int = 0) -> dict[str, Any]:
+               batch_size: int = 128, seed: int = 0, num_workers: int = 0) -> dict[str, Any]:
     """The task's AUC and accuracy on ``split`` clean and under each corruption × severity, the drop of
-    ``metric`` from clean for each, and the mean drop over all of them."""
-    def run(tf: Any) -> dict[str, float | None]:
-        loader = make_loader(ImageDataset(split, tf), batch_size, False, 0)
+    ``metric`` from clean for each, and the mean drop over all of them. ``num_workers`` loader processes
+    corrupt the images (the result does not depend on it)."""
+    clean_ds = ImageDataset(split, transform)
+
+    def run(ds: Any) -> dict[str, float | None]:
+        loader = make_loader(ds, batch_size, False, num_workers)
         probs, labels, _, _ = predict_loader(model, loader, device, task)
         return _score(task, labels, probs)
 
-    clean = run(transform)
+    clean = run(clean_ds)
     if clean[metric] is None:
         raise ValueError(f"the {metric} of the clean images is undefined (one class only): robustness needs both")
     out: dict[str, Any] = {"metric": metric, "clean": clean[metric], "clean_scores": clean, "corruptions": {},
@@ -127,7 +152,7 @@ def robustness(model: nn.Module, task: Task, split: SplitData, transform: Any, d
     for name in corruptions or list(CORRUPTIONS):
         rows = []
         for sev in severities:
-            scores = run(v2.Compose([Corruption(name, sev, seed), transform]))
+            scores = run(CorruptedImages(clean_ds, name, sev, seed))
             drop = None if scores[metric] is None else float(clean[metric] - scores[metric])
             rows.append({"severity": sev, "level": CORRUPTIONS[name][1][sev - 1], **scores, "drop": drop})
             if drop is not None:
