@@ -185,6 +185,12 @@ def test_conformal_quantile_is_the_finite_sample_corrected_rank():
     assert conformal_quantile(scores, 0.05) == float("inf")  # ceil(10.45) = 11 > 10: no finite quantile
 
 
+def test_abstention_threshold_refers_the_asked_share():
+    conf = np.linspace(0.5, 1.0, 11)  # .50 .55 ... 1.0: the 20% quantile is .6
+    assert abstention_threshold(conf, 0.2) == pytest.approx(0.6)
+    assert abstention_threshold(conf, 0.0) is None
+
+
 def test_cutpoints_fitted_where_rounding_is_wrong():
     # expected grades all shifted up by .6: the rounding cuts (.5, 1.5) misgrade every grade 0 and 1 image
     labels = np.repeat([0, 1, 2], 20)
@@ -257,6 +263,7 @@ def test_trust_rules_fitted_on_validation_are_applied_unchanged_to_test(target):
     assert m["conformal"]["qhat"] == pytest.approx(fit_conformal(vy, vprobs, ev.conformal_coverage,
                                                                  ev.conformal_score)["qhat"])
     below = abstention_threshold(task.confidence(vprobs), 0.2)
+    assert (task.confidence(vprobs) < below).mean() == pytest.approx(0.2, abs=0.02)  # a fifth of val is referred
     assert m["selective"]["abstention"]["threshold"] == pytest.approx(below)
     assert m["selective"]["abstention"]["referred"] == pytest.approx((task.confidence(tprobs) < below).mean())
 
@@ -380,6 +387,8 @@ def test_planner_single_label_rules_at_their_boundaries():
     tiny = _decided(_fp("single_label", 200, [5, 5]))
     assert tiny["train.batch_size"] == 8 and tiny["train.epochs"] == 12 and tiny["optim.lr"] == pytest.approx(2.5e-4)
     assert _decided(_fp("single_label", 200, [5, 0]))["train.monitor"] == "loss"  # one class in val
+    part = _decided(_fp("single_label", 1000, [5, 5]))  # batch 32, ceil(1000 / 32) = 32 steps: round(300 / 32) = 9
+    assert part["train.batch_size"] == 32 and part["train.epochs"] == 9
     assert _decided(_fp("single_label", 3000, [5, 5], side=600))["data.image_size"] == 224
 
 
