@@ -268,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         result.update({"machine": "2-core x86-64 CPU", "detail": machine(),
                        "command": "python benchmarks/localization.py --nih-dir DIR", part: scores})
         result.setdefault("trainings", {}).update(trainings)
-        save_result("localization.json", result, echo=False)
+        text = json.dumps(result)  # paths of this machine out: the repository's relative, the NIH folder as NIH_DIR
+        text = text.replace(str(ROOT) + os.sep, "").replace(str(args.nih_dir or "NIH_DIR"), "NIH_DIR")
+        save_result("localization.json", json.loads(text), echo=False)
 
     known = commands(args.nih_dir)
     if args.part in (None, "nih") and args.nih_dir is not None and usable(RUNS / "nih"):
