@@ -17,6 +17,7 @@ from medsight.checkpoint import load_model
 from medsight.config import CamMethod, choices, config_from_dict
 from medsight.data import (DataError, ImageDataset, ImageReadError, label_counts, label_policy, load_data,
                            load_eval_data, make_loader, read_image)
+from medsight.errors import MedsightError, UsageError
 from medsight.evaluation.robustness import robustness
 from medsight.evaluation.trust import decision_probs, measure
 from medsight.evaluation.sharpness import fixed_batches, sharpness
@@ -33,7 +34,7 @@ from medsight.utils.files import PRIVATE_DIR, make_private, write_text_atomic
 __all__ = ["evaluate", "predict", "explain_files", "checkpoint_sharpness", "robustness_check", "OutputExistsError"]
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(MedsightError, FileExistsError):
     """An output folder that holds results medsight must not overwrite."""
 
 
@@ -159,7 +160,7 @@ def explain_files(checkpoint: str | Path, inputs: Sequence[str | Path], out: str
     JSON line in ``out/explanations.jsonl``. ``compare`` draws every method side by side."""
     pred = load_predictor(checkpoint, device, onnx=False)
     if class_idx is not None and not 0 <= class_idx < len(pred.classes):
-        raise ValueError(f"class index {class_idx} is out of range: the model has {len(pred.classes)} classes "
+        raise UsageError(f"class index {class_idx} is out of range: the model has {len(pred.classes)} classes "
                          f"({', '.join(f'{i}={c}' for i, c in enumerate(pred.classes))})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,9 +201,9 @@ def checkpoint_sharpness(checkpoint: str | Path, data: str | None = None, rho: f
     With ``write``, the result is added under ``"sharpness"`` to the metrics.json beside the checkpoint.
     """
     if not rho > 0:
-        raise ValueError(f"--rho must be > 0, got {rho}")
+        raise UsageError(f"--rho must be > 0, got {rho}")
     if n_batches < 1:
-        raise ValueError(f"--batches must be >= 1, got {n_batches}")
+        raise UsageError(f"--batches must be >= 1, got {n_batches}")
     dev = resolve_device(device)
     model, ckpt = load_model(checkpoint, dev)
     task = task_from_checkpoint(ckpt)

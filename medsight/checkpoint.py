@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from medsight.config import Config, ConfigError, config_from_dict
+from medsight.errors import MedsightError
 from medsight.models import create_model
 from medsight.tasks import TaskConfigError, task_from_checkpoint
 from medsight.utils.files import save_atomic, write_text_atomic
@@ -23,7 +24,7 @@ __all__ = ["CheckpointError", "save_atomic", "write_text_atomic", "load_checkpoi
 FORMAT = "medsight-checkpoint-1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MedsightError, ValueError):
     """A file that is not a usable medsight checkpoint."""
 
 

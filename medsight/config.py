@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from medsight.errors import MedsightError
 from medsight.utils.files import write_text_atomic
 
 __all__ = [
@@ -80,7 +81,7 @@ def choices(literal: Any) -> tuple[str, ...]:
     return tuple(get_args(literal))
 
 
-class ConfigError(ValueError):
+class ConfigError(MedsightError, ValueError):
     """A configuration that cannot run: unknown key, wrong type or out-of-range value."""
 
 

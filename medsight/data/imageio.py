@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from medsight.errors import MedsightError
+
 __all__ = ["IMAGE_EXTS", "ImageReadError", "ImageTooLargeError", "read_image", "read_image_bytes", "MAX_PIXELS"]
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"}
@@ -31,7 +33,7 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom"
 MAX_PIXELS = 150_000_000
 
 
-class ImageReadError(ValueError):
+class ImageReadError(MedsightError, ValueError):
     """A file that is not a readable image (corrupt, empty, unsupported, or without pixel data)."""
 
 

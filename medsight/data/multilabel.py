@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from medsight.data.imageio import IMAGE_EXTS
+from medsight.errors import MedsightError
 
 __all__ = ["NIH_FINDINGS", "NO_FINDING", "METADATA_COLUMNS", "apply_label_policy", "multilabel_split",
            "is_nih_manifest", "read_nih_manifest", "finding_columns", "read_finding_columns", "MultiLabelDataError"]
@@ -47,7 +48,7 @@ _UNCERTAIN, _MASKED = -1.0, -1.0
 _POLICY_VALUE = {"ones": 1.0, "zeros": 0.0, "ignore": _MASKED}
 
 
-class MultiLabelDataError(ValueError):
+class MultiLabelDataError(MedsightError, ValueError):
     """Multi-label data that cannot be used (raised as :class:`medsight.data.DataError` by the readers)."""
 
 

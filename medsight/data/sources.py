@@ -30,6 +30,7 @@ from medsight.data.multilabel import (MultiLabelDataError, apply_label_policy, d
                                       is_nih_manifest, multilabel_split, patient_from_path, read_finding_columns,
                                       read_nih_manifest)
 from medsight.data.splits import stratified_group_fold
+from medsight.errors import MedsightError
 
 if TYPE_CHECKING:
     from medsight.config import DataConfig
@@ -45,7 +46,7 @@ DEFAULT_CLASSES = ["normal", "pneumonia"]
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
+class DataError(MedsightError, ValueError):
     """Data that cannot be used: missing path, unknown format, empty class, bad manifest."""
 
 

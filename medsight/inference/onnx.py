@@ -19,6 +19,7 @@ from torch import nn
 from medsight.checkpoint import load_model
 from medsight.config import DataConfig
 from medsight.data.transforms import make_transform, to_three_channels
+from medsight.errors import MedsightError, InputNotFoundError
 from medsight.inference.predictor import BasePredictor
 from medsight.inference.tta import tta_views
 from medsight.tasks import task_from_checkpoint, task_from_state
@@ -30,7 +31,7 @@ __all__ = ["export_onnx", "OnnxPredictor", "ExportError"]
 PREPROCESS = ("clahe", "clahe_clip", "resize", "preset", "graham")
 
 
-class ExportError(RuntimeError):
+class ExportError(MedsightError, RuntimeError):
     """The model could not be exported, or the exported graph disagrees with PyTorch."""
 
 
@@ -104,7 +105,7 @@ class OnnxPredictor(BasePredictor):
             raise ExportError("ONNX inference needs onnxruntime: pip install 'medsight[export]'") from exc
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"ONNX model not found: {p}")
+            raise InputNotFoundError(f"ONNX model not found: {p}")
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

@@ -21,6 +21,7 @@ from medsight.checkpoint import load_model
 from medsight.config import config_from_dict
 from medsight.data.imageio import IMAGE_EXTS
 from medsight.data.transforms import display_view, make_transform, to_three_channels
+from medsight.errors import MedsightError, InputNotFoundError
 from medsight.explainers.cam import border_score, explain
 from medsight.inference.tta import tta_views
 from medsight.tasks import Task, task_from_checkpoint
@@ -30,7 +31,7 @@ __all__ = ["BasePredictor", "Predictor", "collect_images", "eval_transform", "pr
            "NoImagesError"]
 
 
-class NoImagesError(ValueError):
+class NoImagesError(MedsightError, ValueError):
     """Nothing readable to predict on."""
 
 
@@ -131,9 +132,9 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
         elif p.is_file():
             paths.append(p)
         else:
-            raise FileNotFoundError(f"no such image or folder: {p}")
+            raise InputNotFoundError(f"no such image or folder: {p}")
     if not paths:
-        raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
+        raise InputNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
     return paths
 
 

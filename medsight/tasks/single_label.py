@@ -11,6 +11,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
+from medsight.errors import MedsightError
 from medsight.losses import ClassificationLoss, class_weights
 from medsight.metrics import auc_score, best_threshold, checklist, classification_metrics
 from medsight.reporting.plots import plot_confusion, plot_roc
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["SingleLabelTask", "TaskConfigError"]
 
 
-class TaskConfigError(ValueError):
+class TaskConfigError(MedsightError, ValueError):
     """Options that do not fit the task or its data (e.g. focal alphas for another class count)."""
 
 
