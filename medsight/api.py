@@ -24,6 +24,7 @@ from medsight.evaluation.sharpness import fixed_batches, sharpness
 from medsight.explainers.cam import overlay
 from medsight.inference import collect_images, eval_transform, load_predictor
 from medsight.inference.predictor import predict_logits
+from medsight.reporting.figures import task_figures
 from medsight.reporting.html import img_tag, page
 from medsight.reporting.model_card import model_card_sections, to_html, to_markdown
 from medsight.reporting.plots import plot_explanation, plot_robustness
@@ -96,7 +97,7 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path | None = None, d
         out_path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     result["trust"] = measure(task, cfg.eval, logits, labels, meta=split.meta, out=out_path, seed=cfg.train.seed)
     if out_path is not None:
-        figures = task.figures(out_path, {Path(source).name: (labels, probs)}, metrics, title=f"{source}")
+        figures = task_figures(task, out_path, {Path(source).name: (labels, probs)}, metrics, title=f"{source}")
         result["figures"] = figures + result["trust"].pop("figures")
         write_text_atomic(json.dumps(result, indent=2), out_path / "metrics.json")
         summary = {"source": source, "classes": task.classes,
