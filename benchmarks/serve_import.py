@@ -29,7 +29,8 @@ CODE = ("import sys, medsight.serve; print(' '.join(sorted(m for m in sys.module
 def one_run(tree: Path) -> tuple[float, list[str]]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, check=True)
+    # run inside the tree: ``python -c`` puts the working directory first on sys.path, before PYTHONPATH
+    done = subprocess.run([sys.executable, "-c", CODE], env=env, cwd=tree, capture_output=True, text=True, check=True)
     return time.perf_counter() - t0, done.stdout.split()
 
 

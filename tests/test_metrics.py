@@ -119,3 +119,12 @@ def test_confidence_intervals_are_formatted_in_one_place():
     assert format_ci([0.12345, 0.98765]) == "[0.1235, 0.9877]"
     assert format_ci([0.12345, 0.98765], 3) == "[0.123, 0.988]"
     assert format_ci(None) == ""
+
+
+def test_a_findings_rates_at_its_threshold_by_hand():
+    from medsight.metrics import multilabel_metrics
+
+    labels = np.array([[1], [1], [0], [0], [-1]], dtype=float)  # the last label is masked
+    probs = np.array([[0.9], [0.4], [0.5], [0.1], [0.99]])
+    f = multilabel_metrics(labels, probs, ["effusion"], [0.5], n_boot=0)["findings"]["effusion"]
+    assert (f["sensitivity"], f["specificity"]) == (0.5, 0.5)  # a score equal to the threshold is called positive
