@@ -13,27 +13,28 @@ from typing import Any
 
 import torch
 
-from medsight.checkpoint import load_model
-from medsight.config import CamMethod, choices, config_from_dict
+from medsight.checkpoint import Trained, load_trained
+from medsight.config import CamMethod, choices
 from medsight.data import (DataError, ImageDataset, ImageReadError, label_counts, label_policy, load_data,
                            load_eval_data, make_loader, read_image)
+from medsight.errors import MedsightError, UsageError
 from medsight.evaluation.robustness import robustness
 from medsight.evaluation.trust import decision_probs, measure
 from medsight.evaluation.sharpness import fixed_batches, sharpness
 from medsight.explainers.cam import overlay
-from medsight.inference import collect_images, eval_transform, load_predictor
+from medsight.inference import collect_images, load_predictor
 from medsight.inference.predictor import predict_logits
+from medsight.reporting.figures import task_figures
 from medsight.reporting.html import img_tag, page
 from medsight.reporting.model_card import model_card_sections, to_html, to_markdown
 from medsight.reporting.plots import plot_explanation, plot_robustness
-from medsight.tasks import task_from_checkpoint
 from medsight.utils.device import resolve_device
 from medsight.utils.files import PRIVATE_DIR, make_private, write_text_atomic
 
 __all__ = ["evaluate", "predict", "explain_files", "checkpoint_sharpness", "robustness_check", "OutputExistsError"]
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(MedsightError, FileExistsError):
     """An output folder that holds results medsight must not overwrite."""
 
 
@@ -56,11 +57,11 @@ def predict(checkpoint: str | Path, inputs: Sequence[str | Path], device: str = 
     return results
 
 
-def _eval_data(ckpt: dict[str, Any], data: str, classes: list[str], kind: str,
-               prefer: Sequence[str] = ("test", "all")) -> Any:
+def _eval_data(trained: Trained, data: str, prefer: Sequence[str] = ("test", "all")) -> Any:
     """Images of ``data`` for a checkpoint, read with the run's own multi-label policies."""
-    return load_eval_data(data, classes, prefer, multilabel=kind == "multilabel",
-                          label_policy=label_policy(config_from_dict(ckpt["config"]).data))
+    task = trained.task
+    return load_eval_data(data, task.classes, prefer, multilabel=task.kind == "multilabel",
+                          label_policy=label_policy(trained.config.data))
 
 
 def _check_eval_out(out: Path) -> None:
@@ -80,11 +81,10 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path | None = None, d
     if out is not None:
         _check_eval_out(Path(out))
     dev = resolve_device(device)
-    model, ckpt = load_model(checkpoint, dev)
-    task = task_from_checkpoint(ckpt)
-    cfg = config_from_dict(ckpt["config"])
-    split, source = _eval_data(ckpt, data, task.classes, task.kind)
-    ds = ImageDataset(split, eval_transform(ckpt))
+    trained = load_trained(checkpoint, dev)
+    model, ckpt, task, cfg = trained.model, trained.checkpoint, trained.task, trained.config
+    split, source = _eval_data(trained, data)
+    ds = ImageDataset(split, trained.transform())
     logits, labels, skipped = predict_logits(model, make_loader(ds, batch_size, False, 0), dev, tta=True)
     probs = decision_probs(task, logits)
     metrics = task.metrics(labels, probs, n_boot=1000)
@@ -95,7 +95,7 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path | None = None, d
         out_path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     result["trust"] = measure(task, cfg.eval, logits, labels, meta=split.meta, out=out_path, seed=cfg.train.seed)
     if out_path is not None:
-        figures = task.figures(out_path, {Path(source).name: (labels, probs)}, metrics, title=f"{source}")
+        figures = task_figures(task, out_path, {Path(source).name: (labels, probs)}, metrics, title=f"{source}")
         result["figures"] = figures + result["trust"].pop("figures")
         write_text_atomic(json.dumps(result, indent=2), out_path / "metrics.json")
         summary = {"source": source, "classes": task.classes,
@@ -122,10 +122,10 @@ def robustness_check(checkpoint: str | Path, data: str | None = None, out: str |
     ``"robustness"`` in the metrics.json beside the checkpoint (and its model card refers to it).
     """
     dev = resolve_device(device)
-    model, ckpt = load_model(checkpoint, dev)
-    task = task_from_checkpoint(ckpt)
+    trained = load_trained(checkpoint, dev)
+    model, task = trained.model, trained.task
     if data is None:
-        stored = config_from_dict(ckpt["config"]).data
+        stored = trained.config.data
         try:
             bundle = load_data(stored)
         except DataError as exc:
@@ -133,8 +133,8 @@ def robustness_check(checkpoint: str | Path, data: str | None = None, out: str |
                             f"(a folder, CSV or .npz with the classes {', '.join(task.classes)})") from None
         split, source = bundle.splits["test"], bundle.source
     else:
-        split, source = _eval_data(ckpt, data, task.classes, task.kind)
-    result = robustness(model, task, split, eval_transform(ckpt), dev, corruptions=list(corruptions or []) or None,
+        split, source = _eval_data(trained, data)
+    result = robustness(model, task, split, trained.transform(), dev, corruptions=list(corruptions or []) or None,
                         batch_size=batch_size, seed=seed)
     result["data"] = source
     if out is not None:
@@ -159,7 +159,7 @@ def explain_files(checkpoint: str | Path, inputs: Sequence[str | Path], out: str
     JSON line in ``out/explanations.jsonl``. ``compare`` draws every method side by side."""
     pred = load_predictor(checkpoint, device, onnx=False)
     if class_idx is not None and not 0 <= class_idx < len(pred.classes):
-        raise ValueError(f"class index {class_idx} is out of range: the model has {len(pred.classes)} classes "
+        raise UsageError(f"class index {class_idx} is out of range: the model has {len(pred.classes)} classes "
                          f"({', '.join(f'{i}={c}' for i, c in enumerate(pred.classes))})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,18 +200,18 @@ def checkpoint_sharpness(checkpoint: str | Path, data: str | None = None, rho: f
     With ``write``, the result is added under ``"sharpness"`` to the metrics.json beside the checkpoint.
     """
     if not rho > 0:
-        raise ValueError(f"--rho must be > 0, got {rho}")
+        raise UsageError(f"--rho must be > 0, got {rho}")
     if n_batches < 1:
-        raise ValueError(f"--batches must be >= 1, got {n_batches}")
+        raise UsageError(f"--batches must be >= 1, got {n_batches}")
     dev = resolve_device(device)
-    model, ckpt = load_model(checkpoint, dev)
-    task = task_from_checkpoint(ckpt)
+    trained = load_trained(checkpoint, dev)
+    model, task = trained.model, trained.task
     if data is None:
-        bundle = load_data(config_from_dict(ckpt["config"]).data)
+        bundle = load_data(trained.config.data)
         split, source = bundle.splits["train"], bundle.source
     else:
-        split, source = _eval_data(ckpt, data, task.classes, task.kind, prefer=("train", "all", "val", "test"))
-    ds = ImageDataset(split, eval_transform(ckpt))
+        split, source = _eval_data(trained, data, prefer=("train", "all", "val", "test"))
+    ds = ImageDataset(split, trained.transform())
     result = sharpness(model, fixed_batches(ds, n_batches, seed=seed), rho=rho, loss_fn=task.eval_loss(), seed=seed)
     result["data"] = source
     metrics_path = Path(checkpoint).parent / "metrics.json"

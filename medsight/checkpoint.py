@@ -11,6 +11,7 @@ import io
 import pickle
 import pickletools
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +19,17 @@ import torch
 from torch import nn
 
 from medsight.config import Config, ConfigError, config_from_dict
+from medsight.errors import MedsightError
 from medsight.models import create_model, install_head
-from medsight.tasks import TaskConfigError, task_from_checkpoint
+from medsight.tasks import Task, TaskConfigError, task_from_checkpoint
 from medsight.utils.files import save_atomic, write_text_atomic
 
-__all__ = ["CheckpointError", "save_atomic", "write_text_atomic", "load_checkpoint", "load_model", "FORMAT"]
+__all__ = ["CheckpointError", "save_atomic", "write_text_atomic", "load_checkpoint", "load_model", "load_trained", "Trained", "FORMAT"]
 
 FORMAT = "medsight-checkpoint-1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MedsightError, ValueError):
     """A file that is not a usable medsight checkpoint."""
 
 
@@ -127,8 +129,44 @@ def _mismatch(exc: RuntimeError, limit: int = 5) -> str:
     return "; ".join(ln[:300] for ln in lines[:limit]) + (f" (and {len(lines) - limit} more)" if len(lines) > limit else "")
 
 
+@dataclass(frozen=True)
+class Trained:
+    """A checkpoint loaded once: the model in eval mode, its task (with the rules fitted on validation), its
+    config, and the raw entries (input size, normalization) that :meth:`transform` is built from. What evaluate,
+    predict, explain, serve and export share instead of rebuilding each part from the checkpoint's dict."""
+
+    model: nn.Module
+    task: Task
+    config: Config
+    checkpoint: dict[str, Any]
+    path: Path
+
+    @property
+    def image_size(self) -> int:
+        return int(self.checkpoint["image_size"])
+
+    @property
+    def name(self) -> str:
+        """The backbone's name."""
+        return self.config.model.name
+
+    def transform(self) -> Any:
+        """The inference preprocessing: the input size, normalization and data options (e.g. CLAHE) it was
+        trained with."""
+        from medsight.data.transforms import make_transform
+
+        return make_transform(self.image_size, self.checkpoint["mean"], self.checkpoint["std"], train=False,
+                              cfg=self.config.data)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model of a checkpoint in eval mode; returns ``(model, checkpoint)``."""
+    trained = load_trained(path, device)
+    return trained.model, trained.checkpoint
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Trained:
+    """Read a checkpoint once into a :class:`Trained` (model on ``device``, in eval mode)."""
     ckpt = load_checkpoint(path)
     try:
         cfg: Config = config_from_dict(ckpt["config"])
@@ -143,4 +181,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit {cfg.model.name} with {task.num_outputs} outputs: "
                               f"{_mismatch(exc)}") from None
-    return model.to(device).eval(), ckpt
+    return Trained(model.to(device).eval(), task, cfg, ckpt, Path(path))

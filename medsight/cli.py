@@ -10,6 +10,8 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
+from medsight.errors import MedsightError, UsageError
+
 __all__ = ["main", "build_parser"]
 
 
@@ -40,7 +42,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         saved = Path(args.out) / "config.yaml"
         config_path = str(saved) if saved.exists() else None
     if args.synthetic and not args.dry_run:
-        raise ValueError("--synthetic only goes with --dry-run")
+        raise UsageError("--synthetic only goes with --dry-run")
     if args.dry_run:
         from medsight.engine import dry_run
 
@@ -72,7 +74,7 @@ def _train_many(args: argparse.Namespace, config_path: str | None) -> int:
     from medsight.evaluation.compare import compare
 
     if args.model or args.resume:
-        raise ValueError("--models trains several backbones; do not combine it with --model or --resume")
+        raise UsageError("--models trains several backbones; do not combine it with --model or --resume")
     base = Path(args.out or f"runs/multi-{datetime.now():%Y%m%d-%H%M%S}")
     cfgs = []
     for name in args.models:  # check every config before the first run starts
@@ -551,18 +553,9 @@ def _console_logging(verbose: bool) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from medsight.api import OutputExistsError
-    from medsight.checkpoint import CheckpointError
-    from medsight.config import ConfigError
-    from medsight.data import DataError, ImageReadError
-    from medsight.engine import TrainingError
-    from medsight.explainers.localization import BoxListError
-    from medsight.evaluation.runs import EnsembleError
-    from medsight.inference import EnsembleFileError, ExportError, NoImagesError
-    from medsight.models import ModelError
-    from medsight.tasks import TaskConfigError
-    from medsight.utils.device import DeviceError
-
+    """Run one command. An expected error (:class:`medsight.errors.MedsightError`: a bad option, a missing
+    file, unusable data) prints as one line and returns 2; any other exception is a bug and propagates with
+    its traceback."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if getattr(args, "resume", False) and not getattr(args, "out", None):
@@ -571,9 +564,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _console_logging(args.verbose):
             return args.func(args)
-    except (ConfigError, DataError, EnsembleError, EnsembleFileError, ExportError, ModelError, CheckpointError,
-            TrainingError, ImageReadError, TaskConfigError, DeviceError, NoImagesError, OutputExistsError,
-            BoxListError, FileNotFoundError, ValueError) as exc:
+    except MedsightError as exc:
         print(f"medsight: error: {exc}", file=sys.stderr)
         return 2
 

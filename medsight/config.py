@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from medsight.errors import MedsightError
 from medsight.utils.files import write_text_atomic
 
 __all__ = [
@@ -90,7 +91,7 @@ def choices(literal: Any) -> tuple[str, ...]:
     return tuple(get_args(literal))
 
 
-class ConfigError(ValueError):
+class ConfigError(MedsightError, ValueError):
     """A configuration that cannot run: unknown key, wrong type or out-of-range value."""
 
 

@@ -181,7 +181,7 @@ def test_an_interrupted_preparation_is_refused_then_resumed(source, tmp_path, mo
     monkeypatch.setattr(cache_mod, "_prepare_chunk", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare_cache(cfg_of(source), tmp_path / "cache")
-    with pytest.raises(CacheError, match=r"interrupted while being prepared \(2 of 4 chunks\)"):
+    with pytest.raises(CacheError, match=r"interrupted.*2 of 4 chunks"):
         open_cache(tmp_path / "cache")
     calls.clear()
     monkeypatch.setattr(cache_mod, "_prepare_chunk", lambda s, c: (calls.append(c), real(s, c))[1])
@@ -199,7 +199,7 @@ def test_a_full_disk_removes_the_partial_cache_with_a_clear_message(source, tmp_
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(cache_mod, "_write_rows", full)
-    with pytest.raises(CacheError, match="disk holding .* is full .*partial cache was removed"):
+    with pytest.raises(CacheError, match="full.*removed"):
         prepare_cache(cfg_of(source), tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []
 

@@ -4,8 +4,20 @@ from medsight.config import (CamMethod, Config, ConfigError, LoggerName, Optimiz
                              choices, config_from_dict, load_config, validate_config, with_values)
 
 
-def test_defaults_validate():
-    validate_config(Config())
+def test_defaults_validate(tmp_path):
+    """The embedded defaults pass validation unchanged and without a warning, are the documented run (CoAtNet-tiny
+    with SAM on the embedded PneumoniaMNIST), and come back the same from a saved config.yaml."""
+    import warnings
+
+    from medsight.config import config_to_dict, save_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = validate_config(Config())
+    assert config_to_dict(cfg) == config_to_dict(Config())
+    assert (cfg.model.name, cfg.optim.name, cfg.data.path, cfg.data.task) == ("coatnet_tiny", "sam-adamw", "", "auto")
+    save_config(cfg, tmp_path / "config.yaml")
+    assert config_to_dict(load_config(tmp_path / "config.yaml")) == config_to_dict(cfg)
 
 
 def test_set_overrides_parse_yaml_values():

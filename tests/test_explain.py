@@ -27,7 +27,7 @@ def test_every_method_shape_and_range(name, method):
 
 def test_class_index_out_of_range_is_clear():
     model = create_model("resnet18", num_classes=2, img_size=32)
-    with pytest.raises(ValueError, match="class index 5 is out of range: the model has 2 classes"):
+    with pytest.raises(ValueError, match="class index 5.*2 classes"):
         explain(model, torch.randn(1, 3, 32, 32), class_idx=5)
 
 

@@ -15,7 +15,7 @@ from medsight.data import load_data
 from medsight.engine.step import train_step
 from medsight.explainers import explain
 from medsight.inference import Predictor
-from medsight.metrics import best_threshold, expected_calibration_error
+from medsight.metrics import choose_threshold, expected_calibration_error
 from medsight.optim import SAM
 from medsight.tasks import SingleLabelTask
 
@@ -32,8 +32,8 @@ def _binary(p1):
 def test_decision_threshold_is_fitted_on_validation_not_test():
     val_labels, val_probs = np.array([0, 0, 0, 1, 1, 1]), _binary([0.1, 0.2, 0.3, 0.35, 0.8, 0.9])
     test_labels, test_probs = np.array([0, 0, 0, 1, 1, 1]), _binary([0.1, 0.2, 0.6, 0.7, 0.8, 0.9])
-    assert best_threshold(val_labels, val_probs) == pytest.approx(0.35)
-    assert best_threshold(test_labels, test_probs) == pytest.approx(0.7)
+    assert choose_threshold(val_labels == 1, val_probs[:, 1]) == pytest.approx(0.35)
+    assert choose_threshold(test_labels == 1, test_probs[:, 1]) == pytest.approx(0.7)
     task = SingleLabelTask(["normal", "pneumonia"])
     task.fit_decision(val_labels, val_probs)
     m = task.metrics(test_labels, test_probs, n_boot=0)
@@ -44,8 +44,8 @@ def test_decision_threshold_is_fitted_on_validation_not_test():
 def test_the_engine_fits_the_threshold_on_validation_predictions_not_test(tiny_run):
     """finish_run must call fit_decision with the validation predictions (the run's own files say which)."""
     with np.load(tiny_run / "predictions.npz") as z:
-        on_val = best_threshold(z["val_labels"], z["val_probs"])
-        on_test = best_threshold(z["test_labels"], z["test_probs"])
+        on_val = choose_threshold(z["val_labels"] == 1, z["val_probs"][:, 1])
+        on_test = choose_threshold(z["test_labels"] == 1, z["test_probs"][:, 1])
     assert on_val != on_test, "the fixture run no longer tells the two apart; give it other data"
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert metrics["test"]["threshold"] == pytest.approx(on_val)

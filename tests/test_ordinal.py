@@ -22,7 +22,7 @@ from medsight.data.transforms import (AspectResize, FovNotFoundWarning, FundusVi
 from medsight.explainers.cam import border_score, overlay
 from medsight.losses import CornLoss, DistanceSmoothedCE
 from medsight.losses.ordinal import corn_probabilities, distance_targets
-from medsight.metrics import (fast_auc, fit_cutpoints, ordinal_metrics, quadratic_kappa, refer_threshold,
+from medsight.metrics import (fast_auc, fit_cutpoints, ordinal_metrics, quadratic_kappa, choose_threshold,
                               weighted_kappa)
 from medsight.tasks import OrdinalTask, TaskConfigError, build_task, task_from_state
 
@@ -77,9 +77,9 @@ def test_refer_threshold_reaches_the_target_sensitivity_on_validation():
     labels = np.array([2, 3, 4, 2, 3, 4, 2, 3, 4, 2, 0, 1, 0, 1])
     scores = np.array(pos + neg)
     # 90% of ten: the ninth-highest referable score
-    assert refer_threshold(labels, scores, 2, 0.9) == 0.3
-    assert refer_threshold(labels, scores, 2, 0.5) == 0.7  # five of ten
-    assert refer_threshold(np.zeros(3, int), np.ones(3), 2, 0.9) is None
+    assert choose_threshold(labels >= 2, scores, 0.9) == 0.3
+    assert choose_threshold(labels >= 2, scores, 0.5) == 0.7  # five of ten
+    assert choose_threshold(np.zeros(3, int) >= 2, np.ones(3), 0.9) is None
     # through the task: P(grade >= 2) is the score; chosen on val, kept for test
     probs = np.zeros((14, 5))
     probs[:, 2], probs[:, 0] = scores, 1 - scores
@@ -314,7 +314,7 @@ def test_tiny_ordinal_runs_report_kappa_and_referral(graded_runs):
     expected = pred["val_probs"] @ np.arange(5)
     assert ckpt["task"]["decision"]["cutpoints"] == pytest.approx(fit_cutpoints(pred["val_labels"], expected, 5))
     assert ckpt["task"]["decision"]["refer_threshold"] == pytest.approx(
-        refer_threshold(pred["val_labels"], expected / 4, 2, 0.9))
+        choose_threshold(pred["val_labels"] >= 2, expected / 4, 0.9))
 
 
 def test_tiny_ordinal_run_predicts_exports_ensembles_and_explains(graded_runs, tmp_path):

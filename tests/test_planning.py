@@ -169,7 +169,7 @@ def test_speed_is_measured_on_a_copy_leaving_the_run_untouched(tmp_path, small_n
 def test_a_budget_too_short_for_one_epoch_says_how_much_is_needed(tmp_path, small_npz):
     cfg = apply_overrides(Config(), [f"data.path={small_npz}", f"out={tmp_path / 'run'}", "data.image_size=32",
                                      "plan=false", "train.time_budget=0.01"])
-    with pytest.raises(BudgetError, match=r"too short on this machine: one epoch takes about .* give at least \d+s"):
+    with pytest.raises(BudgetError, match=r"one epoch takes about .* at least \d+s"):
         train(cfg, progress=False)
     assert not (tmp_path / "run" / "last.pt").exists()
 

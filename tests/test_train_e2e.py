@@ -140,7 +140,7 @@ def test_checkpoint_with_wrong_class_count_is_refused(trained_run, small_npz, tm
         load_model(tmp_path / "edited.pt")
     ckpt["task"]["classes"] = ["a", "b", "c"]
     torch.save(ckpt, tmp_path / "three.pt")
-    with pytest.raises(CheckpointError, match="do not fit coatnet_tiny with 3 outputs: .*head"):
+    with pytest.raises(CheckpointError, match="coatnet_tiny.*3 outputs"):
         load_model(tmp_path / "three.pt")
 
 
@@ -217,7 +217,7 @@ def test_pretrained_offline_is_a_clear_error(tmp_path, small_npz):
                           env=env)
     err = done.stderr
     assert done.returncode == 2
-    assert "could not get pretrained weights for resnet18" in err and "--weights PATH" in err
+    assert "pretrained weights for resnet18" in err and "--weights PATH" in err
 
 
 def test_local_weights_file_is_loaded(tmp_path):
@@ -247,6 +247,6 @@ def test_diverging_loss_stops_the_run_with_its_cause(tmp_path, small_npz, monkey
 
     monkeypatch.setattr(train_module, "train_step", nan_from_second_step)
     cfg = apply_overrides(Config(), tiny_overrides(tmp_path / "run", small_npz))
-    with pytest.raises(TrainingError, match="loss became nan at epoch 1: training diverged"):
+    with pytest.raises(TrainingError, match="nan at epoch 1"):
         train(cfg, progress=False)
     assert not (tmp_path / "run" / "best.pt").exists() and not (tmp_path / "run" / "last.pt").exists()

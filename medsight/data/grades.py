@@ -12,10 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from medsight.errors import MedsightError
+
 __all__ = ["GradeOrderError", "order_grades"]
 
 
-class GradeOrderError(ValueError):
+class GradeOrderError(MedsightError, ValueError):
     """``data.grade_order`` that does not name the data's classes exactly once each."""
 
 

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from medsight.errors import MedsightError
+
 __all__ = ["IMAGE_EXTS", "ImageReadError", "ImageTooLargeError", "read_image", "read_image_bytes", "MAX_PIXELS",
            "pixel_limit"]
 
@@ -43,7 +45,7 @@ def pixel_limit() -> int:
     return min(MAX_PIXELS, int(pil)) if pil else MAX_PIXELS
 
 
-class ImageReadError(ValueError):
+class ImageReadError(MedsightError, ValueError):
     """A file that is not a readable image (corrupt, empty, unsupported, or without pixel data)."""
 
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from medsight.errors import MedsightError
 
 __all__ = ["NIH_FINDINGS", "NO_FINDING", "METADATA_COLUMNS", "apply_label_policy", "multilabel_split",
            "MultiLabelDataError"]
@@ -36,7 +37,7 @@ _UNCERTAIN, _MASKED = -1.0, -1.0
 _POLICY_VALUE = {"ones": 1.0, "zeros": 0.0, "ignore": _MASKED}
 
 
-class MultiLabelDataError(ValueError):
+class MultiLabelDataError(MedsightError, ValueError):
     """Multi-label data that cannot be used (raised as :class:`medsight.data.DataError` by the readers)."""
 
 

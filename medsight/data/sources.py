@@ -15,6 +15,7 @@ import numpy as np
 
 from medsight.data.multilabel import multilabel_split
 from medsight.data.splits import stratified_group_fold
+from medsight.errors import MedsightError
 
 if TYPE_CHECKING:
     from medsight.config import DataConfig
@@ -27,7 +28,7 @@ DEFAULT_CLASSES = ["normal", "pneumonia"]
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
+class DataError(MedsightError, ValueError):
     """Data that cannot be used: missing path, unknown format, empty class, bad manifest."""
 
 

@@ -21,6 +21,7 @@ import torch
 from medsight.data import make_loader
 from medsight.engine.build import Run
 from medsight.engine.step import train_step
+from medsight.errors import MedsightError
 from medsight.optim import create_optimizer
 
 __all__ = ["BudgetFit", "measure_speed", "epochs_for_budget", "BudgetError"]
@@ -29,7 +30,7 @@ __all__ = ["BudgetFit", "measure_speed", "epochs_for_budget", "BudgetError"]
 SAFETY = 0.85
 
 
-class BudgetError(ValueError):
+class BudgetError(MedsightError, ValueError):
     """A time budget too short for one epoch on this machine."""
 
 

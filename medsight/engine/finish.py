@@ -25,6 +25,7 @@ from medsight.evaluation.robustness import robustness
 from medsight.evaluation.trust import decision_probs, fit_on_validation, measure
 from medsight.inference.predictor import predict_logits
 from medsight.models import cam_target
+from medsight.reporting.figures import task_figures
 from medsight.reporting.html import baseline_table, write_report
 from medsight.reporting.model_card import model_card_sections, to_html, to_markdown
 from medsight.reporting.plots import plot_curves, plot_faithfulness, plot_gallery, plot_robustness
@@ -124,7 +125,8 @@ def finish_run(run: Run, state: EpochState) -> dict[str, Any]:
         test_m = task.metrics(tl, tp, n_boot=1000, seed=cfg.train.seed)
         metrics: dict[str, Any] = {}
         _optional(metrics, "curves", plot_curves, state.history, out / "curves.png", state.best_epoch)
-        figures = _optional(metrics, "figures", task.figures, out, {"val": (vl, vp), "test": (tl, tp)}, test_m) or []
+        figures = _optional(metrics, "figures", task_figures, task, out, {"val": (vl, vp), "test": (tl, tp)},
+                            test_m) or []
     metrics.update({
         "val": val_m, "test": test_m, "task": task.kind, "classes": task.classes, "best_epoch": state.best_epoch,
         "epochs_run": len(state.history), "monitor": cfg.train.monitor, "parameters": run.n_params,

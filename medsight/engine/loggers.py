@@ -13,6 +13,7 @@ from medsight.config import LoggerName, choices, config_to_dict
 from medsight.engine.build import Run
 from medsight.engine.callbacks import Callback
 from medsight.engine.loop import EpochState
+from medsight.errors import MedsightError
 from medsight.utils.files import make_private
 
 __all__ = ["TensorBoardLogger", "MLflowLogger", "LOGGERS", "make_loggers", "LoggerUnavailable"]
@@ -20,7 +21,7 @@ __all__ = ["TensorBoardLogger", "MLflowLogger", "LOGGERS", "make_loggers", "Logg
 _SCALARS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr")
 
 
-class LoggerUnavailable(RuntimeError):
+class LoggerUnavailable(MedsightError, RuntimeError):
     """A logger was asked for but its package is not installed."""
 
 

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from medsight.engine.build import Run, mix_batch
 from medsight.engine.distributed import check_replicas
 from medsight.engine.step import train_step
+from medsight.errors import MedsightError
 from medsight.inference.predictor import predict_loader
 
 __all__ = ["TrainingError", "EpochState", "train_one_epoch", "validate", "SYNC_EVERY"]
@@ -22,7 +23,7 @@ __all__ = ["TrainingError", "EpochState", "train_one_epoch", "validate", "SYNC_E
 SYNC_EVERY = 10
 
 
-class TrainingError(RuntimeError):
+class TrainingError(MedsightError, RuntimeError):
     """Training cannot go on: the loss diverged, the data is unusable, or the run folder would be overwritten."""
 
 

@@ -22,6 +22,7 @@ from medsight.evaluation.compare import diversity, diversity_html
 from medsight.evaluation.runs import EnsembleError, RunData, check_compatible, load_run, save_predictions
 from medsight.inference.ensemble import combine, features
 from medsight.tasks import task_from_state
+from medsight.reporting.figures import task_figures
 from medsight.reporting.html import checklist_html, html_table, img_tag, page
 from medsight.utils.files import PRIVATE_DIR, make_private, write_text_atomic
 
@@ -136,7 +137,7 @@ def ensemble(run_paths: list[str | Path], method: str, out: str | Path, meta: st
     if check:
         metrics["checklist"] = check
     save_predictions(out, vp, vl, tp, tl, classes)
-    metrics["figures"] = task.figures(out, {**{r.name: (tl, r.test_probs) for r in runs}, f"ensemble ({method})": (tl, tp)},
+    metrics["figures"] = task_figures(task, out, {**{r.name: (tl, r.test_probs) for r in runs}, f"ensemble ({method})": (tl, tp)},
                                       test_m, title=f"{method} ensemble")
     write_text_atomic(json.dumps(metrics, indent=2), out / "metrics.json")
     members = html_table(["member", "model", "test AUC", "test accuracy"],

@@ -23,6 +23,7 @@ from medsight.config import CorruptionName, choices
 from medsight.data import ImageDataset, make_loader
 from medsight.data.imageio import ImageReadError
 from medsight.data.sources import SplitData
+from medsight.errors import UsageError
 from medsight.inference.predictor import predict_loader
 from medsight.tasks import Task
 
@@ -83,10 +84,10 @@ assert tuple(CORRUPTIONS) == choices(CorruptionName), "medsight.config.Corruptio
 def corrupt(img: torch.Tensor, name: str, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """``img`` (float [3, H, W] in [0, 1]) under corruption ``name`` at ``severity`` 1..3, clipped to [0, 1]."""
     if name not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
+        raise UsageError(f"unknown corruption {name!r}; choose from {', '.join(CORRUPTIONS)}")
     fn, levels = CORRUPTIONS[name]
     if not 1 <= severity <= len(levels):
-        raise ValueError(f"severity must be 1..{len(levels)}, got {severity}")
+        raise UsageError(f"severity must be 1..{len(levels)}, got {severity}")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     return fn(img.float(), float(levels[severity - 1]), g).clamp(0, 1)
 
@@ -145,7 +146,7 @@ def robustness(model: nn.Module, task: Task, split: SplitData, transform: Any, d
 
     clean = run(clean_ds)
     if clean[metric] is None:
-        raise ValueError(f"the {metric} of the clean images is undefined (one class only): robustness needs both")
+        raise UsageError(f"the {metric} of the clean images is undefined (one class only): robustness needs both")
     out: dict[str, Any] = {"metric": metric, "clean": clean[metric], "clean_scores": clean, "corruptions": {},
                            "n": len(split)}
     drops = []

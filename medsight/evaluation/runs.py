@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 
 from medsight.checkpoint import load_checkpoint
+from medsight.errors import MedsightError
 from medsight.tasks import Task, task_from_checkpoint
 
 __all__ = ["RunData", "load_run", "check_compatible", "save_predictions", "EnsembleError"]
 
 
-class EnsembleError(ValueError):
+class EnsembleError(MedsightError, ValueError):
     """Runs that cannot be compared or combined (different classes or test sets, too few runs...)."""
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from medsight.data.dataset import label_tensor
+from medsight.errors import UsageError
 
 __all__ = ["sharpness", "fixed_batches"]
 
@@ -67,9 +68,9 @@ def sharpness(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tens
     by gradient ascent and the largest rise over random directions.
     """
     if not rho > 0:
-        raise ValueError(f"rho must be > 0, got {rho}")
+        raise UsageError(f"rho must be > 0, got {rho}")
     if not batches:
-        raise ValueError("sharpness needs at least one batch of images")
+        raise UsageError("sharpness needs at least one batch of images")
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from medsight.metrics import fast_auc
+from medsight.metrics import bootstrap
+from medsight.metrics.rates import binary_rates
 
 __all__ = ["detect_columns", "group_labels", "subgroup_metrics", "SUBGROUP_HINTS"]
 
@@ -56,14 +58,8 @@ def group_labels(column: str, values: list[str]) -> list[str]:
 
 
 def _rates(y: np.ndarray, s: np.ndarray, t: float | None) -> dict[str, float | None]:
-    called = s >= t if t is not None else None
-    return {"auc": fast_auc(y, s),
-            "sensitivity": float(called[y].mean()) if called is not None and y.any() else None,
-            "specificity": float((~called[~y]).mean()) if called is not None and (~y).any() else None}
-
-
-def _ci(values: list[float], n_boot: int) -> list[float] | None:
-    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if len(values) >= n_boot / 2 else None
+    rates = binary_rates(y, s >= t) if t is not None else {}
+    return {"auc": fast_auc(y, s), "sensitivity": rates.get("sensitivity"), "specificity": rates.get("specificity")}
 
 
 def subgroup_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float | None, groups: list[str], *,
@@ -91,14 +87,10 @@ def subgroup_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float | N
             row["note"] = (f"fewer than {min_size} images" if len(idx) < min_size
                            else "no positives" if not yy.any() else "no negatives") + ": no interval, not in the gaps"
         elif n_boot:
-            draws: dict[str, list[float]] = {"auc": [], "sensitivity": []}
-            for _ in range(n_boot):
-                b = rng.integers(0, len(idx), len(idx))
-                r = _rates(yy[b], ss[b], threshold)
-                for k in draws:
-                    draws[k].append(np.nan if r[k] is None else r[k])
-            boots[name] = {k: v for k, v in draws.items()}
-            row["ci95"] = {k: _ci([x for x in v if np.isfinite(x)], n_boot) for k, v in draws.items()}
+            draws = bootstrap.bootstrap_draws(lambda b: {k: v for k, v in _rates(yy[b], ss[b], threshold).items()
+                                               if k in ("auc", "sensitivity")}, len(idx), n_boot, rng)
+            boots[name] = {k: [np.nan if x is None else x for x in v] for k, v in draws.items()}
+            row["ci95"] = {k: bootstrap.percentile_ci(v, n_boot) for k, v in draws.items()}
         out["groups"][name] = row
     for metric in ("sensitivity", "auc"):
         ok = [n for n in names if out["groups"][n]["eligible"] and out["groups"][n][metric] is not None]
@@ -112,7 +104,7 @@ def subgroup_metrics(y_true: np.ndarray, score: np.ndarray, threshold: float | N
         if n_boot and best in boots and worst in boots:
             diff = np.array(boots[best][metric]) - np.array(boots[worst][metric])
             diff = diff[np.isfinite(diff)]
-            ci = _ci(diff.tolist(), n_boot)
+            ci = bootstrap.percentile_ci(diff.tolist(), n_boot)
             gap["ci95"] = ci
             gap["flagged"] = bool(ci is not None and (ci[0] > 0 or ci[1] < 0))
         out["gaps"][metric] = gap

@@ -26,6 +26,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from medsight.config import CamMethod, choices
+from medsight.errors import UsageError
 from medsight.models.targets import cam_target
 
 __all__ = ["EXPLAINERS", "explain", "overlay", "border_score", "BORDER_WARN", "resolve_classes"]
@@ -60,7 +61,7 @@ def resolve_classes(class_idx: int | Sequence[int] | torch.Tensor, n: int, num_c
         raise ValueError(f"class_idx has {len(idx)} entries for {n} images")
     for c in idx:
         if not 0 <= int(c) < num_classes:
-            raise ValueError(f"class index {c} is out of range: the model has {num_classes} classes "
+            raise UsageError(f"class index {c} is out of range: the model has {num_classes} classes "
                              f"(0..{num_classes - 1})")
     return [int(c) for c in idx]
 
@@ -81,7 +82,7 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
         (B, H, W) float tensor in [0, 1] on ``images.device``.
     """
     if method not in EXPLAINERS:
-        raise ValueError(f"unknown explanation method {method!r}; choose from {', '.join(EXPLAINERS)}")
+        raise UsageError(f"unknown explanation method {method!r}; choose from {', '.join(EXPLAINERS)}")
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
     was_training = model.training

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from medsight.errors import MedsightError
+
 if TYPE_CHECKING:
     from medsight.inference.predictor import Predictor
 
@@ -46,7 +48,7 @@ MAX_BYTES = 50_000_000
 _NIH_HEADER = ("image index", "finding label")
 
 
-class BoxListError(ValueError):
+class BoxListError(MedsightError, ValueError):
     """A box list medsight cannot use: the file, or every row in it, is at fault (the rows are named)."""
 
 

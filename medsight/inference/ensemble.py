@@ -10,13 +10,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from medsight.errors import MedsightError
 from medsight.inference.predictor import BasePredictor, Predictor
 from medsight.tasks import task_from_state
 
 __all__ = ["EnsemblePredictor", "combine", "features", "EnsembleFileError"]
 
 
-class EnsembleFileError(ValueError):
+class EnsembleFileError(MedsightError, ValueError):
     """An ensemble file that cannot be used."""
 
 

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from medsight.checkpoint import load_model
+from medsight.checkpoint import load_trained
 from medsight.config import MAX_IMAGE_SIZE, ConfigError, DataConfig, config_from_dict
 from medsight.data.transforms import make_transform, to_three_channels
+from medsight.errors import MedsightError, InputNotFoundError
 from medsight.inference.predictor import BasePredictor
 from medsight.inference.tta import tta_views
-from medsight.tasks import task_from_checkpoint, task_from_state
+from medsight.tasks import task_from_state
 
 __all__ = ["export_onnx", "OnnxPredictor", "ExportError"]
 
@@ -32,7 +33,7 @@ __all__ = ["export_onnx", "OnnxPredictor", "ExportError"]
 PREPROCESS = ("clahe", "clahe_clip", "resize", "preset", "graham")
 
 
-class ExportError(RuntimeError):
+class ExportError(MedsightError, RuntimeError):
     """The model could not be exported, the exported graph disagrees with PyTorch, or an ``.onnx`` file's
     metadata is not what medsight writes."""
 
@@ -123,9 +124,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18, check:
     except ImportError as exc:
         raise ExportError("ONNX export needs the onnx, onnxscript and onnxruntime packages: "
                           "pip install 'medsight[export]'") from exc
-    model, ckpt = load_model(checkpoint, "cpu")
-    task = task_from_checkpoint(ckpt)
-    size = int(ckpt["image_size"])
+    trained = load_trained(checkpoint, "cpu")
+    model, ckpt, task, size = trained.model, trained.checkpoint, trained.task, trained.image_size
     # calibrated probabilities: the fitted temperature divides the logits inside the graph
     wrapped = nn.Sequential(model, task.calibration_module(), task.activation_module()).eval()
     example = torch.randn(2, 3, size, size)
@@ -181,7 +181,7 @@ class OnnxPredictor(BasePredictor):
             raise ExportError("ONNX inference needs onnxruntime: pip install 'medsight[export]'") from exc
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"ONNX model not found: {p}")
+            raise InputNotFoundError(f"ONNX model not found: {p}")
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

@@ -17,25 +17,26 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from medsight.checkpoint import load_model
+from medsight.checkpoint import load_trained
 from medsight.config import config_from_dict
 from medsight.data.imageio import IMAGE_EXTS
 from medsight.data.transforms import display_view, make_transform, to_three_channels
+from medsight.errors import MedsightError, InputNotFoundError
 from medsight.explainers.cam import border_score, explain
 from medsight.inference.tta import tta_views
-from medsight.tasks import Task, task_from_checkpoint
+from medsight.tasks import Task
 from medsight.utils.device import resolve_device
 
 __all__ = ["BasePredictor", "Predictor", "collect_images", "eval_transform", "predict_loader", "predict_logits",
            "NoImagesError"]
 
 
-class NoImagesError(ValueError):
+class NoImagesError(MedsightError, ValueError):
     """Nothing readable to predict on."""
 
 
 def eval_transform(ckpt: dict[str, Any]) -> Any:
-    """A checkpoint's inference preprocessing: its input size, normalization and data options (e.g. CLAHE)."""
+    """A checkpoint's inference preprocessing from its raw dict (a loaded one has :meth:`Trained.transform`)."""
     return make_transform(int(ckpt["image_size"]), ckpt["mean"], ckpt["std"], train=False,
                           cfg=config_from_dict(ckpt["config"]).data)
 
@@ -80,14 +81,14 @@ class Predictor(BasePredictor):
 
     def __init__(self, checkpoint: str | Path, device: str = "auto") -> None:
         self.device = resolve_device(device)
-        self.model, self.ckpt = load_model(checkpoint, self.device)
-        self.task = task_from_checkpoint(self.ckpt)
+        trained = load_trained(checkpoint, self.device)
+        self.model, self.ckpt, self.task = trained.model, trained.checkpoint, trained.task
         self.classes: list[str] = list(self.task.classes)
-        self.image_size: int = int(self.ckpt["image_size"])
-        self.transform = eval_transform(self.ckpt)
-        self.data_cfg = config_from_dict(self.ckpt["config"]).data
+        self.image_size: int = trained.image_size
+        self.transform = trained.transform()
+        self.data_cfg = trained.config.data
         self.fov = self.data_cfg.preset == "fundus"
-        self.name = self.ckpt["config"]["model"]["name"]
+        self.name = trained.name
 
     def preprocess(self, img: torch.Tensor) -> torch.Tensor:
         """float [C, H, W] in [0, 1] -> normalized (1, 3, S, S) on the model's device."""
@@ -131,9 +132,9 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
         elif p.is_file():
             paths.append(p)
         else:
-            raise FileNotFoundError(f"no such image or folder: {p}")
+            raise InputNotFoundError(f"no such image or folder: {p}")
     if not paths:
-        raise FileNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
+        raise InputNotFoundError(f"no images found in {', '.join(map(str, inputs))}")
     return paths
 
 

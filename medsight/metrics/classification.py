@@ -8,8 +8,10 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
-__all__ = ["classification_metrics", "checklist", "expected_calibration_error", "auc_score", "bootstrap_ci",
-           "best_threshold"]
+from medsight.metrics.bootstrap import bootstrap_cis
+from medsight.metrics.calibration import reliability_bins
+
+__all__ = ["classification_metrics", "checklist", "expected_calibration_error", "auc_score", "bootstrap_ci"]
 
 
 def auc_score(labels: np.ndarray, probs: np.ndarray) -> float | None:
@@ -28,45 +30,21 @@ def auc_score(labels: np.ndarray, probs: np.ndarray) -> float | None:
 
 
 def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE with equal-width confidence bins (Guo et al., "On Calibration of Modern Neural
-    Networks", ICML 2017). Written here because scikit-learn has calibration curves but no ECE."""
-    conf = probs.max(1)
-    correct = (probs.argmax(1) == labels).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        mask = (conf > lo) & (conf <= hi)
-        if mask.any():
-            ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
-    return float(ece)
+    """Top-label ECE with equal-width confidence bins (Guo et al., ICML 2017): the most probable class's
+    probability against being right, binned by :func:`medsight.metrics.calibration.reliability_bins`."""
+    return reliability_bins(probs.max(1), (probs.argmax(1) == labels).astype(np.float64), n_bins)["ece"]
 
 
 def bootstrap_ci(labels: np.ndarray, probs: np.ndarray, n_boot: int = 1000, seed: int = 0,
                  level: float = 0.95) -> dict[str, list[float] | None]:
-    """Percentile bootstrap intervals for AUC and accuracy over resampled test cases."""
-    rng = np.random.default_rng(seed)
-    n = len(labels)
+    """Percentile bootstrap intervals (:mod:`medsight.metrics.bootstrap`) for AUC and accuracy of the most
+    probable class."""
     pred = probs.argmax(1)
-    aucs, accs = [], []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
-        accs.append(float((pred[idx] == labels[idx]).mean()))
-        a = auc_score(labels[idx], probs[idx])
-        if a is not None:
-            aucs.append(a)
-    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    return {
-        "auc": [float(np.percentile(aucs, lo)), float(np.percentile(aucs, hi))] if aucs else None,
-        "accuracy": [float(np.percentile(accs, lo)), float(np.percentile(accs, hi))],
-    }
 
+    def stats(idx: np.ndarray) -> dict[str, float | None]:
+        return {"auc": auc_score(labels[idx], probs[idx]), "accuracy": float((pred[idx] == labels[idx]).mean())}
 
-def best_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
-    """Binary only: the positive-class threshold that maximizes Youden's J (sensitivity + specificity - 1)."""
-    fpr, tpr, thr = skm.roc_curve(labels, probs[:, 1])
-    j = tpr - fpr
-    t = float(thr[int(np.argmax(j))])
-    return min(max(t, 0.0), 1.0)
+    return bootstrap_cis(stats, len(labels), n_boot, seed, level)
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], *,

@@ -5,7 +5,7 @@ prevalence, sensitivity and specificity at a threshold chosen on validation data
 probability. Summaries: mean AUC over the findings that can be scored (and which cannot, and why),
 micro AUC (every unmasked label pooled), mAP, exact-match and Hamming accuracy. AUC and AP come from
 scikit-learn; the bootstrap uses the rank-sum AUC (:func:`medsight.metrics.fast_auc`, equal to
-scikit-learn's) because it runs 1,000 × K times.
+scikit-learn's) because it runs 1,000 × K times; intervals follow :mod:`medsight.metrics.bootstrap`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
+from medsight.metrics.bootstrap import bootstrap_cis
 from medsight.metrics.calibration import binary_ece
 from medsight.metrics.operating_points import choose_threshold
 from medsight.metrics.ordinal import fast_auc
+from medsight.metrics.rates import binary_rates
 
 __all__ = ["multilabel_metrics", "multilabel_epoch_metrics", "finding_thresholds", "unscoreable_reason",
            "binary_ece", "mean_auc"]
@@ -35,12 +37,6 @@ def unscoreable_reason(y: np.ndarray) -> str | None:
     if neg == 0:
         return "no negative images"
     return None
-
-
-def _sens_spec(y: np.ndarray, p: np.ndarray, t: float) -> tuple[float | None, float | None]:
-    pred = p >= t
-    pos, neg = y == 1, y == 0
-    return (float(pred[pos].mean()) if pos.any() else None, float((~pred[neg]).mean()) if neg.any() else None)
 
 
 def finding_thresholds(labels: np.ndarray, probs: np.ndarray, rule: str = "youden", target: float = 0.9
@@ -91,32 +87,20 @@ def multilabel_epoch_metrics(labels: np.ndarray, probs: np.ndarray, decided: np.
             "accuracy": exact, "hamming_accuracy": hamming}
 
 
-def _ci(values: list[float], level: float = 0.95) -> list[float] | None:
-    if len(values) < 2:
-        return None
-    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    return [float(np.percentile(values, lo)), float(np.percentile(values, hi))]
+def _bootstrap(labels: np.ndarray, probs: np.ndarray, n_boot: int, seed: int) -> tuple[list[list[float] | None],
+                                                                                   list[float] | None]:
+    """Per finding, the interval of its AUC over ``n_boot`` resamples of the images; and that of the
+    resamples' mean AUC over the findings they can score."""
+    k = labels.shape[1]
 
-
-def _bootstrap(labels: np.ndarray, probs: np.ndarray, n_boot: int, seed: int) -> tuple[list[list[float]], list[float]]:
-    """Per finding, the AUCs of ``n_boot`` resamples of the images; and the resamples' mean AUC."""
-    rng = np.random.default_rng(seed)
-    n, k = labels.shape
-    per: list[list[float]] = [[] for _ in range(k)]
-    means = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, n)
+    def stats(idx: np.ndarray) -> dict[str, float | None]:
         y, p = labels[idx], probs[idx]
-        aucs = []
-        for j in range(k):
-            keep = y[:, j] >= 0
-            a = fast_auc(y[keep, j] == 1, p[keep, j])
-            if a is not None:
-                per[j].append(a)
-                aucs.append(a)
-        if aucs:
-            means.append(float(np.mean(aucs)))
-    return per, means
+        aucs = {str(j): fast_auc(y[y[:, j] >= 0, j] == 1, p[y[:, j] >= 0, j]) for j in range(k)}
+        scored = [a for a in aucs.values() if a is not None]
+        return {**aucs, "mean": float(np.mean(scored)) if scored else None}
+
+    cis = bootstrap_cis(stats, len(labels), n_boot, seed)
+    return [cis[str(j)] for j in range(k)], cis["mean"]
 
 
 def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[str], thresholds: Sequence[float],
@@ -130,7 +114,7 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[
     probs = np.asarray(probs, dtype=np.float64)
     t = np.asarray(thresholds, dtype=np.float64)
     decided = (probs >= t[None, :]).astype(np.float64)
-    boot_per, boot_mean = _bootstrap(labels, probs, n_boot, seed) if n_boot else ([[] for _ in classes], [])
+    ci_per, ci_mean = _bootstrap(labels, probs, n_boot, seed) if n_boot else ([None for _ in classes], None)
     findings: dict[str, dict[str, Any]] = {}
     unscoreable: dict[str, str] = {}
     aucs, aps, eces = [], [], []
@@ -141,15 +125,15 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[
             keep = y_all >= 0
             y, p = y_all[keep].astype(int), probs[keep, k]
             why = unscoreable_reason(y_all)
-            sens, spec = _sens_spec(y, p, float(t[k]))
+            rates = binary_rates(y == 1, p >= t[k])
             f: dict[str, Any] = {"n": int(keep.sum()), "positives": int((y == 1).sum()), "masked": int((~keep).sum()),
                                  "prevalence": float(y.mean()) if len(y) else None, "threshold": float(t[k]),
-                                 "sensitivity": sens, "specificity": spec,
+                                 "sensitivity": rates["sensitivity"], "specificity": rates["specificity"],
                                  "ece": binary_ece(y, p) if len(y) else None, "auc": None, "ap": None}
             if why is None:
                 f["auc"] = float(skm.roc_auc_score(y, p))
                 f["ap"] = float(skm.average_precision_score(y, p))
-                f["ci95"] = {"auc": _ci(boot_per[k])} if n_boot else {}
+                f["ci95"] = {"auc": ci_per[k]} if n_boot else {}
                 aucs.append(f["auc"])
                 aps.append(f["ap"])
             else:
@@ -174,5 +158,5 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, classes: Sequence[
                       for c, f in findings.items()},
     }
     if n_boot:
-        out["ci95"] = {"auc": _ci(boot_mean)}
+        out["ci95"] = {"auc": ci_mean}
     return out

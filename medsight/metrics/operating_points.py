@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
-__all__ = ["choose_threshold", "operating_point", "describe_target"]
+from medsight.metrics.bootstrap import bootstrap_cis
+from medsight.metrics.rates import RATES, binary_rates
 
-RATES = ("sensitivity", "specificity", "ppv", "npv")
+__all__ = ["choose_threshold", "operating_point", "describe_target", "RATES"]
 
 
 def describe_target(target_sensitivity: float | None, target_specificity: float | None) -> str:
@@ -58,35 +59,14 @@ def choose_threshold(y_true: np.ndarray, score: np.ndarray, target_sensitivity: 
     return float(min(max(thr[int(np.argmax(tpr - fpr))], 0.0), 1.0 if s.max() <= 1 else np.inf))
 
 
-def _rates(y: np.ndarray, called: np.ndarray) -> dict[str, float | None]:
-    tp = float((called & y).sum())
-    fp = float((called & ~y).sum())
-    fn = float((~called & y).sum())
-    tn = float((~called & ~y).sum())
-
-    def ratio(a: float, b: float) -> float | None:
-        return a / (a + b) if a + b else None
-
-    return {"sensitivity": ratio(tp, fn), "specificity": ratio(tn, fp), "ppv": ratio(tp, fp), "npv": ratio(tn, fn)}
-
-
 def operating_point(y_true: np.ndarray, score: np.ndarray, threshold: float, *, n_boot: int = 1000, seed: int = 0,
                     level: float = 0.95) -> dict[str, Any]:
     """Sensitivity, specificity, PPV and NPV of ``score >= threshold``, with percentile bootstrap intervals
-    (None where a resample leaves a rate undefined too often to say: fewer than half of them defined)."""
+    (:mod:`medsight.metrics.bootstrap`: None where fewer than half of the resamples define a rate)."""
     y = np.asarray(y_true).astype(bool)
     called = np.asarray(score, dtype=np.float64) >= threshold
     out: dict[str, Any] = {"threshold": float(threshold), "n": int(len(y)), "n_positive": int(y.sum()),
-                           **_rates(y, called)}
+                           **binary_rates(y, called)}
     if n_boot and len(y):
-        rng = np.random.default_rng(seed)
-        draws: dict[str, list[float]] = {k: [] for k in RATES}
-        for _ in range(n_boot):
-            idx = rng.integers(0, len(y), len(y))
-            for k, v in _rates(y[idx], called[idx]).items():
-                if v is not None:
-                    draws[k].append(v)
-        lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-        out["ci95"] = {k: [float(np.percentile(v, lo)), float(np.percentile(v, hi))] if len(v) >= n_boot / 2 else None
-                       for k, v in draws.items()}
+        out["ci95"] = bootstrap_cis(lambda idx: binary_rates(y[idx], called[idx]), len(y), n_boot, seed, level)
     return out

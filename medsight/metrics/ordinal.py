@@ -1,6 +1,7 @@
 """Metrics for ordered grades: weighted kappa, accuracy within one grade, mean absolute grade error, per-grade
 AUC, and the referable view (grade ≥ r: sensitivity, specificity and AUC at a threshold chosen on
-validation data for a target sensitivity), each with a percentile bootstrap interval.
+validation data for a target sensitivity), each with a percentile bootstrap interval
+(:mod:`medsight.metrics.bootstrap`).
 
 Quadratic weighted kappa (Cohen 1968) is the metric of the Kaggle/EyePACS (2015) and APTOS (2019)
 diabetic-retinopathy competitions: disagreements cost the square of their distance in grades. The point
@@ -10,16 +11,17 @@ confusion counts and ranks, which gives the same numbers (tested) a hundred time
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import cohen_kappa_score
 
+from medsight.metrics.bootstrap import bootstrap_cis
 from medsight.metrics.classification import auc_score, checklist, classification_metrics
+from medsight.metrics.rates import binary_rates
 
-__all__ = ["weighted_kappa", "quadratic_kappa", "fast_auc", "refer_threshold", "referable", "ordinal_metrics",
+__all__ = ["weighted_kappa", "quadratic_kappa", "fast_auc", "referable", "ordinal_metrics",
            "ordinal_checklist", "fit_cutpoints", "apply_cutpoints"]
 
 
@@ -63,25 +65,14 @@ def _macro_auc(labels: np.ndarray, probs: np.ndarray) -> float | None:
     return float(np.mean([fast_auc(labels == c, probs[:, c]) for c in present]))
 
 
-def refer_threshold(labels: np.ndarray, scores: np.ndarray, grade: int, target: float) -> float | None:
-    """The highest threshold on ``scores`` at which at least ``target`` of the images of grade ≥ ``grade``
-    are referred (score ≥ threshold); None when there are no such images."""
-    pos = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(labels) >= grade])[::-1]
-    if not len(pos):
-        return None
-    m = max(1, math.ceil(target * len(pos) - 1e-9))
-    return float(pos[m - 1])
-
-
 def referable(labels: np.ndarray, scores: np.ndarray, grade: int, threshold: float | None) -> dict[str, Any]:
     """Sensitivity, specificity (at ``threshold``) and AUC of ``scores`` for "grade ≥ ``grade``"."""
     positive = np.asarray(labels) >= grade
     out: dict[str, Any] = {"grade": grade, "n_refer": int(positive.sum()), "n": int(len(positive)),
                            "auc": fast_auc(positive, scores), "threshold": threshold}
     if threshold is not None:
-        refer = np.asarray(scores) >= threshold
-        out["sensitivity"] = float(refer[positive].mean()) if positive.any() else None
-        out["specificity"] = float((~refer[~positive]).mean()) if (~positive).any() else None
+        rates = binary_rates(positive, np.asarray(scores) >= threshold)
+        out["sensitivity"], out["specificity"] = rates["sensitivity"], rates["specificity"]
     return out
 
 
@@ -129,35 +120,17 @@ def fit_cutpoints(labels: np.ndarray, scores: np.ndarray, k: int, passes: int = 
     return [float(c) for c in cuts]
 
 
-def _boot(values: list[float | None], level: float = 0.95) -> list[float] | None:
-    v = np.array([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
-    if not len(v):
-        return None
-    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    return [float(np.percentile(v, lo)), float(np.percentile(v, hi))]
-
-
 def _bootstrap(labels: np.ndarray, probs: np.ndarray, pred: np.ndarray, k: int, refer_scores: np.ndarray,
                refer_grade: int, threshold: float | None, n_boot: int, seed: int) -> dict[str, list[float] | None]:
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    names = ("qwk", "linear_kappa", "accuracy", "within_one", "mae", "auc",
-             "refer_sensitivity", "refer_specificity", "refer_auc")
-    samples: dict[str, list[float | None]] = {name: [] for name in names}
-    for _ in range(n_boot):
-        i = rng.integers(0, n, n)
+    def stats(i: np.ndarray) -> dict[str, float | None]:
         y, p, err = labels[i], pred[i], np.abs(labels[i] - pred[i])
-        samples["qwk"].append(weighted_kappa(y, p, k, 2))
-        samples["linear_kappa"].append(weighted_kappa(y, p, k, 1))
-        samples["accuracy"].append(float((err == 0).mean()))
-        samples["within_one"].append(float((err <= 1).mean()))
-        samples["mae"].append(float(err.mean()))
-        samples["auc"].append(_macro_auc(y, probs[i]))
         r = referable(y, refer_scores[i], refer_grade, threshold)
-        samples["refer_auc"].append(r["auc"])
-        samples["refer_sensitivity"].append(r.get("sensitivity"))
-        samples["refer_specificity"].append(r.get("specificity"))
-    return {name: _boot(v) for name, v in samples.items()}
+        return {"qwk": weighted_kappa(y, p, k, 2), "linear_kappa": weighted_kappa(y, p, k, 1),
+                "accuracy": float((err == 0).mean()), "within_one": float((err <= 1).mean()), "mae": float(err.mean()),
+                "auc": _macro_auc(y, probs[i]), "refer_sensitivity": r.get("sensitivity"),
+                "refer_specificity": r.get("specificity"), "refer_auc": r["auc"]}
+
+    return bootstrap_cis(stats, len(labels), n_boot, seed)
 
 
 def ordinal_metrics(labels: np.ndarray, probs: np.ndarray, pred: np.ndarray, classes: list[str], *,
@@ -181,10 +154,9 @@ def ordinal_metrics(labels: np.ndarray, probs: np.ndarray, pred: np.ndarray, cla
         "auc_per_grade": {c: fast_auc(labels == g, probs[:, g]) for g, c in enumerate(classes)},
         "refer": referable(labels, refer_scores, refer_grade, refer_at),
     })
-    refer_pred = pred >= refer_grade
-    positive = labels >= refer_grade
-    out["refer"]["sensitivity_at_grade"] = float(refer_pred[positive].mean()) if positive.any() else None
-    out["refer"]["specificity_at_grade"] = float((~refer_pred[~positive]).mean()) if (~positive).any() else None
+    at_grade = binary_rates(labels >= refer_grade, pred >= refer_grade)
+    out["refer"]["sensitivity_at_grade"] = at_grade["sensitivity"]
+    out["refer"]["specificity_at_grade"] = at_grade["specificity"]
     if n_boot:
         ci = _bootstrap(labels, probs, pred, k, np.asarray(refer_scores, dtype=np.float64), refer_grade, refer_at,
                         n_boot, seed)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from medsight.config import OptimizerName, choices
+from medsight.errors import UsageError
 from medsight.optim.sam import SAM, LookSAM, bn_update_disabled
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def create_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False,
     from timm.optim import param_groups_weight_decay
 
     if cfg.name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {cfg.name!r}; choose from {', '.join(OPTIMIZERS)}")
+        raise UsageError(f"unknown optimizer {cfg.name!r}; choose from {', '.join(OPTIMIZERS)}")
     base, wrapper = OPTIMIZERS[cfg.name]
     if lr_scales is None:
         params = param_groups_weight_decay(model, cfg.weight_decay)

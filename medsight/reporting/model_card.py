@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from medsight.metrics.bootstrap import format_ci
 from medsight.reporting.html import html_table
 from medsight.reporting.localization import localization_sections
 
@@ -78,7 +79,7 @@ def _f(v: Any, digits: int = 3) -> str:
 
 
 def _ci(ci: Any) -> str:
-    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+    return format_ci(ci, 3)
 
 
 def _data_section(data: dict[str, Any], kind: str) -> Section:

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from medsight.errors import MedsightError, UsageError
+
 __all__ = ["BatchSettings", "MicroBatcher", "Admission", "Ticket", "ServerBusyError"]
 
 
@@ -37,14 +39,14 @@ class BatchSettings:
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {self.max_batch}")
+            raise UsageError(f"max_batch must be at least 1, got {self.max_batch}")
         if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be 0 or more, got {self.max_wait_ms}")
+            raise UsageError(f"max_wait_ms must be 0 or more, got {self.max_wait_ms}")
         if self.queue_limit < 1:
-            raise ValueError(f"queue_limit must be at least 1, got {self.queue_limit}")
+            raise UsageError(f"queue_limit must be at least 1, got {self.queue_limit}")
 
 
-class ServerBusyError(RuntimeError):
+class ServerBusyError(MedsightError, RuntimeError):
     """More requests than the server's queue limit: try again after ``retry_after`` seconds."""
 
     def __init__(self, message: str, retry_after: int = 1) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from medsight.config import CamMethod, choices
 from medsight.data.imageio import ImageReadError, ImageTooLargeError, read_image_bytes
+from medsight.errors import MedsightError
 from medsight.explainers.cam import border_score, overlay
 from medsight.inference import OnnxPredictor, load_predictor
 from medsight.serve.batching import Admission, BatchSettings, MicroBatcher, ServerBusyError
@@ -26,15 +27,15 @@ MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 METHODS = choices(CamMethod)
 
 
-class UnknownMethodError(ValueError):
+class UnknownMethodError(MedsightError, ValueError):
     """An explanation method that medsight does not have."""
 
 
-class UnknownClassError(ValueError):
+class UnknownClassError(MedsightError, ValueError):
     """A class or finding the model does not have."""
 
 
-class ExplainUnavailableError(RuntimeError):
+class ExplainUnavailableError(MedsightError, RuntimeError):
     """Explanations need the PyTorch model (an exported ONNX model has no gradients to follow)."""
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from medsight.errors import MedsightError
 from medsight.serve.batching import ServerBusyError
 
 __all__ = ["UploadFolder", "UploadRefusedError", "REFUSED", "UPLOAD_TTL_S", "MAX_PENDING_BYTES"]
@@ -49,7 +50,7 @@ _PREFIX = "medsight-uploads-"
 _TOKEN_BYTES = 24
 
 
-class UploadRefusedError(ValueError):
+class UploadRefusedError(MedsightError, ValueError):
     """A file reference that names no upload of this server."""
 
     def __init__(self) -> None:

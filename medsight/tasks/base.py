@@ -12,7 +12,6 @@ A new task kind is a subclass in its own module of this folder, registered in ``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -240,11 +239,6 @@ class Task(ABC):
         """PASS/FAIL lines for the configured thresholds, or None when none is set."""
 
     # ------------------------------------------------------------------------------------- reports
-    @abstractmethod
-    def figures(self, out: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], test: dict[str, Any],
-                title: str = "") -> list[str]:
-        """Write this task's figures for (labels, probs) per split name; returns the file names."""
-
     @abstractmethod
     def report_tables(self, metrics: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
         """(title, header, rows) tables for the HTML report."""

@@ -23,7 +23,6 @@ clinician when its confidence is below the abstention threshold.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,10 +30,10 @@ import torch
 from torch import nn
 
 from medsight.losses import AsymmetricLoss, BinaryFocal, MaskedBCE, positive_weights
-from medsight.metrics import checklist, finding_thresholds, multilabel_epoch_metrics, multilabel_metrics
+from medsight.metrics import (checklist, finding_thresholds, format_ci, multilabel_epoch_metrics,
+                              multilabel_metrics)
 from medsight.metrics.calibration import fit_temperature, reliability_bins
 from medsight.metrics.conformal import binary_set_metrics, binary_sets, fit_binary_conformal
-from medsight.reporting.plots import plot_roc_grid
 from medsight.tasks.base import BinaryView, GalleryGroup, Task
 from medsight.tasks.single_label import TaskConfigError
 
@@ -245,7 +244,7 @@ class MultiLabelTask(Task):
 
     def summary(self, m: dict[str, Any]) -> str:
         ci = (m.get("ci95") or {}).get("auc")
-        line = (f"mean AUC {_f(m['auc'])}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+        line = (f"mean AUC {_f(m['auc'])}" + (f" {format_ci(ci)}" if ci else "")
                 + f" over {len(m['scored'])} findings · micro AUC {_f(m['micro_auc'])} · mAP {_f(m['map'])} · "
                   f"exact match {m['exact_match']:.4f} · Hamming {m['hamming_accuracy']:.4f}")
         if m["unscoreable"]:
@@ -257,15 +256,10 @@ class MultiLabelTask(Task):
         return checklist(scored, **{k: thresholds.get(k) for k in ("min_accuracy", "min_auc", "min_recall", "max_ece")})
 
     # ------------------------------------------------------------------------------------- reports
-    def figures(self, out: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], test: dict[str, Any],
-                title: str = "") -> list[str]:
-        plot_roc_grid(curves, self.classes, out / "roc_findings.png", thresholds=self.thresholds)
-        return ["roc_findings.png"]
-
     def report_tables(self, metrics: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
         test, val = metrics["test"], metrics.get("val", {})
         ci = (test.get("ci95") or {}).get("auc")
-        rows = [["mean AUC (scoreable findings)", val.get("auc"), test["auc"], f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""]]
+        rows = [["mean AUC (scoreable findings)", val.get("auc"), test["auc"], format_ci(ci)]]
         for key, label in (("micro_auc", "micro AUC"), ("map", "mAP"), ("exact_match", "exact-match accuracy"),
                            ("hamming_accuracy", "Hamming accuracy"), ("balanced_accuracy", "mean balanced accuracy"),
                            ("ece", "mean ECE")):
@@ -275,7 +269,7 @@ class MultiLabelTask(Task):
         for c, f in test["findings"].items():
             fc = (f.get("ci95") or {}).get("auc")
             per.append([c, f"{f['positives']} / {f['n']}", f["prevalence"], f["auc"],
-                        f"[{fc[0]:.3f}, {fc[1]:.3f}]" if fc else "", f["ap"], f["threshold"], f["sensitivity"],
+                        format_ci(fc, 3), f["ap"], f["threshold"], f["sensitivity"],
                         f["specificity"], f["ece"], (vf.get(c) or {}).get("auc"),
                         test["unscoreable"].get(c) or (f"threshold 0.5 (val: {not_fitted[c]})" if c in not_fitted else "")])
         notes = [[c, w] for c, w in test["unscoreable"].items()]

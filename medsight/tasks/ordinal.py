@@ -20,7 +20,6 @@ expected grade) reaches a threshold chosen on validation data for a target sensi
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,9 +30,8 @@ from medsight.config import OrdinalHead, choices
 from medsight.losses import (ClassificationLoss, CornLoss, CornProbabilities, DistanceSmoothedCE, ExpectedGradeMSE,
                              RegressionProbabilities, class_weights)
 from medsight.losses.ordinal import corn_probabilities, regression_probabilities
-from medsight.metrics import (apply_cutpoints, auc_score, fit_cutpoints, ordinal_checklist, ordinal_metrics,
-                              refer_threshold, weighted_kappa)
-from medsight.reporting.plots import plot_confusion, plot_roc
+from medsight.metrics import (apply_cutpoints, auc_score, choose_threshold, fit_cutpoints, format_ci,
+                              ordinal_checklist, ordinal_metrics, weighted_kappa)
 from medsight.tasks.base import GalleryGroup, Task, correct_and_wrong_groups
 from medsight.tasks.single_label import TaskConfigError
 
@@ -217,8 +215,8 @@ class OrdinalTask(Task):
         labels = np.asarray(val_labels, dtype=np.int64)
         if self.head == "regression" and len(np.unique(labels)) > 1:
             self.decision["cutpoints"] = fit_cutpoints(labels, self.expected(val_probs), len(self.classes))
-        t = refer_threshold(labels, self.refer_scores(val_probs), self.refer_grade,
-                            float(self.options["refer_sensitivity"]))
+        t = choose_threshold(labels >= self.refer_grade, self.refer_scores(val_probs),
+                             float(self.options["refer_sensitivity"]))
         if t is not None:
             self.decision["refer_threshold"] = t
 
@@ -256,7 +254,7 @@ class OrdinalTask(Task):
             if x is None:
                 return "n/a"
             c = (cis if cis is not None else ci).get(key) if key else None
-            return f"{x:.4f}" + (f" [{c[0]:.4f}, {c[1]:.4f}]" if c else "")
+            return f"{x:.4f}" + (f" {format_ci(c)}" if c else "")
 
         r = m["refer"]
         line = (f"QWK {v(m['qwk'], 'qwk')} · accuracy {v(m['accuracy'], 'accuracy')} · within one grade "
@@ -272,21 +270,11 @@ class OrdinalTask(Task):
         return ordinal_checklist(m, **thresholds)
 
     # ------------------------------------------------------------------------------------- reports
-    def figures(self, out: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], test: dict[str, Any],
-                title: str = "") -> list[str]:
-        plot_confusion(test["confusion_matrix"], self.classes, out / "confusion_matrix.png", title=title)
-        plot_roc(curves, self.classes, out / "roc.png")
-        refer = {name: ((np.asarray(y) >= self.refer_grade).astype(int),
-                        np.stack([1 - self.refer_scores(p), self.refer_scores(p)], 1)) for name, (y, p) in curves.items()}
-        plot_roc(refer, ["no referral", "refer"], out / "refer_roc.png")
-        return ["confusion_matrix.png", "roc.png", "refer_roc.png"]
-
     def report_tables(self, metrics: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
         test, val = metrics["test"], metrics.get("val", {})
 
         def ci(d: dict[str, Any], key: str) -> str:
-            c = d.get("ci95", {}).get(key)
-            return f"[{c[0]:.4f}, {c[1]:.4f}]" if c else ""
+            return format_ci(d.get("ci95", {}).get(key))
 
         names = {"qwk": "quadratic weighted kappa", "linear_kappa": "linear weighted kappa", "accuracy": "accuracy",
                  "within_one": "accuracy within one grade", "mae": "mean absolute grade error",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -11,10 +10,10 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
+from medsight.errors import MedsightError
 from medsight.losses import ClassificationLoss, EvidentialLoss, ExpectedNLL, class_weights
+from medsight.metrics import auc_score, checklist, choose_threshold, classification_metrics, format_ci
 from medsight.models.heads import EvidentialProbabilities, evidential_probabilities
-from medsight.metrics import auc_score, best_threshold, checklist, classification_metrics
-from medsight.reporting.plots import plot_confusion, plot_roc
 from medsight.tasks.base import GalleryGroup, Task, correct_and_wrong_groups
 
 if TYPE_CHECKING:
@@ -23,7 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["SingleLabelTask", "TaskConfigError"]
 
 
-class TaskConfigError(ValueError):
+class TaskConfigError(MedsightError, ValueError):
     """Options that do not fit the task or its data (e.g. focal alphas for another class count)."""
 
 
@@ -85,7 +84,7 @@ class SingleLabelTask(Task):
     def fit_decision(self, val_labels: np.ndarray, val_probs: np.ndarray) -> None:
         self.decision.pop("threshold", None)
         if len(self.classes) == 2 and len(np.unique(val_labels)) == 2:
-            self.decision["threshold"] = float(best_threshold(val_labels, val_probs))
+            self.decision["threshold"] = float(choose_threshold(val_labels == 1, val_probs[:, 1]))
 
     def decide(self, probs: np.ndarray) -> np.ndarray:
         return np.asarray(probs).argmax(1)
@@ -101,8 +100,8 @@ class SingleLabelTask(Task):
     def summary(self, m: dict[str, Any]) -> str:
         ci = m.get("ci95", {})
         acc_ci, auc_ci = ci.get("accuracy"), ci.get("auc")
-        auc = "n/a" if m["auc"] is None else f"{m['auc']:.4f}" + (f" [{auc_ci[0]:.4f}, {auc_ci[1]:.4f}]" if auc_ci else "")
-        line = (f"accuracy {m['accuracy']:.4f}" + (f" [{acc_ci[0]:.4f}, {acc_ci[1]:.4f}]" if acc_ci else "")
+        auc = "n/a" if m["auc"] is None else f"{m['auc']:.4f}" + (f" {format_ci(auc_ci)}" if auc_ci else "")
+        line = (f"accuracy {m['accuracy']:.4f}" + (f" {format_ci(acc_ci)}" if acc_ci else "")
                 + f" · balanced {m['balanced_accuracy']:.4f} · AUC {auc} · ECE {m['ece']:.4f}")
         if "accuracy_at_threshold" in m:
             line += f"\n  accuracy {m['accuracy_at_threshold']:.4f} at the threshold chosen on val ({m['threshold']:.3f})"
@@ -111,19 +110,13 @@ class SingleLabelTask(Task):
     def checklist(self, m: dict[str, Any], thresholds: dict[str, float | None]) -> dict[str, Any] | None:
         return checklist(m, **{k: thresholds.get(k) for k in ("min_accuracy", "min_auc", "min_recall", "max_ece")})
 
-    def figures(self, out: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], test: dict[str, Any],
-                title: str = "") -> list[str]:
-        plot_confusion(test["confusion_matrix"], self.classes, out / "confusion_matrix.png", title=title)
-        plot_roc(curves, self.classes, out / "roc.png")
-        return ["confusion_matrix.png", "roc.png"]
-
     def report_tables(self, metrics: dict[str, Any]) -> list[tuple[str, list[str], list[list[Any]]]]:
         test, val = metrics["test"], metrics.get("val", {})
         rows = []
         for key in ("accuracy", "balanced_accuracy", "auc", "ece", "accuracy_at_threshold"):
             if key in test:
                 ci = test.get("ci95", {}).get(key)
-                rows.append([key, val.get(key), test[key], f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""])
+                rows.append([key, val.get(key), test[key], format_ci(ci)])
         per_class = [[c] + [m[k] for k in ("precision", "recall", "specificity", "f1", "support")]
                      for c, m in test["per_class"].items()]
         return [("Metrics", ["metric", "val", "test", "95% CI"], rows),

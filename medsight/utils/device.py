@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from medsight.errors import MedsightError
+
 __all__ = ["resolve_device", "DeviceError"]
 
 
-class DeviceError(ValueError):
+class DeviceError(MedsightError, ValueError):
     """A device that this machine does not have."""
 
 

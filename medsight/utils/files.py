@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from medsight.errors import MedsightError
+
 __all__ = ["save_atomic", "write_text_atomic", "make_private", "check_writable", "OutputNotWritableError",
            "PRIVATE_FILE", "PRIVATE_DIR"]
 
@@ -25,7 +27,7 @@ __all__ = ["save_atomic", "write_text_atomic", "make_private", "check_writable",
 PRIVATE_FILE, PRIVATE_DIR = 0o600, 0o700
 
 
-class OutputNotWritableError(PermissionError, ValueError):
+class OutputNotWritableError(MedsightError, PermissionError, ValueError):
     """An output folder that cannot be created or written (a ValueError too, so every command reports it)."""
 
 
