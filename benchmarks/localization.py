@@ -197,7 +197,7 @@ def _curves(sanity: dict) -> dict:
 
 def check(run: Path, out: Path, boxes: Path, images: Path, shuffled: Path | None, methods: list[str]) -> dict:
     """``medsight explain RUN --boxes BOXES --compare --sanity [--shuffled-run]``, through the library."""
-    from medsight.explainers.audit import audit_run
+    from medsight.evaluation.explanations import audit_run
 
     t0 = time.perf_counter()
     r = audit_run(run, out, boxes=boxes, images=[images], methods=methods, device="cpu", max_overlays=9)

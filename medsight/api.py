@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from medsight.checkpoint import Trained, load_trained
 from medsight.config import CamMethod, choices
 from medsight.data import (DataError, ImageDataset, ImageReadError, label_counts, label_policy, load_data,

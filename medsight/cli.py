@@ -178,7 +178,7 @@ def _box_size(text: str) -> tuple[float, float]:
 def _cmd_explain_checks(args: argparse.Namespace) -> int:
     """--boxes / --sanity: heatmaps against a box list and the saliency sanity checks."""
     from medsight.config import CamMethod, choices
-    from medsight.explainers.audit import audit_run
+    from medsight.evaluation.explanations import audit_run
     from medsight.reporting.localization import fmt_score
 
     methods = list(choices(CamMethod)) if args.compare else [args.method]

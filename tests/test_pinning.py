@@ -21,7 +21,7 @@ from medsight.metrics.conformal import conformal_quantile, fit_conformal
 from medsight.metrics.multilabel import finding_thresholds, multilabel_metrics
 from medsight.metrics.operating_points import choose_threshold, operating_point
 from medsight.metrics.ordinal import (apply_cutpoints, fast_auc, fit_cutpoints, ordinal_metrics, quadratic_kappa,
-                                      refer_threshold, referable, weighted_kappa)
+                                      referable, weighted_kappa)
 from medsight.metrics.selective import abstention_threshold
 from medsight.planning import fingerprint, make_plan
 from medsight.planning.fingerprint import Fingerprint
@@ -127,7 +127,6 @@ def test_threshold_at_a_sensitivity_target_where_rounding_matters(n_pos, target,
     point = operating_point(y, s, t, n_boot=0)
     assert point["sensitivity"] == pytest.approx(expected_rank / n_pos)
     assert point["sensitivity"] >= target - 1e-12
-    assert refer_threshold(np.r_[np.full(n_pos, 2), np.zeros(3, int)], s, 2, target) == pytest.approx(t)
 
 
 def test_threshold_at_a_specificity_target_and_the_rates_it_gives():
@@ -319,7 +318,7 @@ def test_ordinal_test_metrics_use_the_validation_cutpoints_and_referral_threshol
     assert m["qwk"] == pytest.approx(quadratic_kappa(ty, pred, 4))
     refit = fit_cutpoints(ty, OrdinalTask.expected(tp), 4)
     assert quadratic_kappa(ty, apply_cutpoints(OrdinalTask.expected(tp), refit), 4) > m["qwk"] + 0.05
-    t_val = refer_threshold(vy, task.refer_scores(vp), 2, 0.9)
+    t_val = choose_threshold(vy >= 2, task.refer_scores(vp), target_sensitivity=0.9)
     assert m["refer"]["threshold"] == pytest.approx(t_val)
     scores = task.refer_scores(tp)
     assert m["refer"]["sensitivity"] == pytest.approx((scores[ty >= 2] >= t_val).mean())

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from medsight.inference.ensemble import EnsembleFileError, EnsemblePredictor, combine
 from medsight.inference.onnx import ExportError, OnnxPredictor, export_onnx

@@ -145,8 +145,8 @@ def rule_augmentation(fp: Fingerprint, chosen: dict[str, Any]) -> list[Decision]
 def rule_imbalance(fp: Fingerprint, chosen: dict[str, Any]) -> list[Decision]:
     ratio = f"imbalance {fp.imbalance:g}:1"
     if fp.task == "multilabel":  # each finding is its own binary problem: weigh its positives, not classes
-        return [Decision("train.class_weights", True, f"multi-label: per-finding positive weights (negatives / "
-                                                      f"positives in training), so rare findings are not ignored"),
+        return [Decision("train.class_weights", True, "multi-label: per-finding positive weights (negatives / "
+                                                      "positives in training), so rare findings are not ignored"),
                 Decision("train.class_weight_mode", "inverse", "(multi-label: unused, the weights are per finding)")]
     if fp.imbalance >= 10:
         return [Decision("train.class_weights", True, f"{ratio}: rare classes would be ignored without weights"),

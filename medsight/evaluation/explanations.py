@@ -2,7 +2,7 @@
 
 :func:`audit_run` is what ``medsight explain RUN --boxes BOXES.csv`` and ``--sanity`` call: it finds the boxed
 images (in the folders given, else beside the run's own data), scores every method against the boxes
-(:func:`medsight.explainers.localization.localize`), runs the cascading model-randomization test and, given
+(:func:`localize`), runs the cascading model-randomization test and, given
 a run trained on shuffled labels, the data-randomization test (:mod:`medsight.explainers.sanity`), and
 writes ``localization.json``, the overlays and a ``report.html``; with ``store``, the results also go into the
 run's metrics.json, model card and report.
@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from medsight.explainers.localization import BoxListError, index_images, localize, read_boxes
+from medsight.explainers.localization import (SCORES, Box, BoxListError, box_in_view, centre_prior, default_tolerance,
+                                              index_images,
+                                              match_boxes, random_maps, read_boxes, score_maps, summarize)
+from medsight.inference.predictor import Predictor
 from medsight.explainers.sanity import cascading_randomization, data_randomization
 
-__all__ = ["audit_run", "run_checkpoint", "store_in_run"]
+__all__ = ["audit_run", "run_checkpoint", "store_in_run", "localize"]
 
 log = logging.getLogger(__name__)
 
@@ -169,3 +172,101 @@ def store_in_run(run: str | Path, result: dict[str, Any]) -> str:
     write_report(folder, cfg, metrics, task_from_checkpoint(ckpt), title=f"medsight run: {folder.name}",
                  card=to_html(card))
     return str(path)
+
+
+def localize(pred: Predictor, boxes: Sequence[Box], images: Mapping[str, Path], methods: Sequence[str] = ("gradcam",),
+             target_layer: str | None = None, tolerance: float | None = None, iou_threshold: float = 0.5,
+             n_boot: int = 1000, seed: int = 0, out: str | Path | None = None, where: str = "the images given",
+             problems: Sequence[str] = (), max_overlays: int | None = None) -> dict[str, Any]:
+    """Score each method's heatmaps of the boxed findings against the boxes, beside a centre prior and a
+    random map.
+
+    Args:
+        pred: a loaded checkpoint (:class:`medsight.inference.Predictor`).
+        boxes: from :func:`read_boxes`; images: file name -> path (:func:`index_images`).
+        methods: CAM methods (keys of :data:`medsight.explainers.EXPLAINERS`).
+        tolerance: pointing-game tolerance in input pixels (default :func:`default_tolerance`).
+        iou_threshold: the share of a map's maximum above which it counts as the map's region for IoU.
+        out: a folder for one overlay PNG per box (the box drawn on the image and on each method's map), for
+            the first ``max_overlays`` boxes (default: all).
+        problems: rows already left out (from :func:`read_boxes`), carried into the result.
+
+    Returns:
+        ``settings``, ``methods`` (each method's and ``centre`` / ``random``'s scores overall and per finding),
+        ``boxes`` (per box: where it landed and its scores) and ``skipped`` (the rows left out, why).
+    """
+    from medsight.data.imageio import ImageReadError, read_image
+
+    from medsight.explainers.cam import EXPLAINERS
+
+    for m in methods:
+        if m not in EXPLAINERS:
+            raise ValueError(f"unknown explanation method {m!r}; choose from {', '.join(EXPLAINERS)}")
+    view = pred.data_cfg
+    if view.preset == "fundus":
+        raise BoxListError("boxes cannot be placed on fundus-preset runs (the field-of-view crop differs per image)")
+    size = pred.image_size
+    tol = default_tolerance(size) if tolerance is None else float(tolerance)
+    matched = match_boxes(boxes, images, pred.classes, where)
+    skipped = list(problems) + matched.problems
+    kept: list[dict[str, Any]] = []
+    maps: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    for box, path, k in matched.boxes:
+        try:
+            img = read_image(path)
+        except ImageReadError as exc:
+            skipped.append(f"{box.where()}: {exc}")
+            continue
+        h, w = img.shape[-2:]
+        if abs((box.width / box.height) / (w / h) - 1) > 0.02:
+            skipped.append(f"{box.where()}: its coordinates refer to a {box.width:g}x{box.height:g} image, but "
+                           f"{box.image} is {w}x{h} (another shape); give the coordinates' size (width,height "
+                           f"columns or --box-size)")
+            continue
+        v = box_in_view(box, (h, w), size, view.resize)
+        if v is None:
+            skipped.append(f"{box.where()}: the box lies outside the part of the image the model sees "
+                           f"(resize {view.resize})")
+            continue
+        heat = {m: pred.heatmap(img, m, target_layer, k) for m in methods}
+        for m in methods:
+            maps[m].append(heat[m])
+        rec = {"image": box.image, "finding": pred.classes[k], "row": box.row, "box_input": [round(c, 2) for c in v],
+               "probability": float(pred.probabilities(img)[k])}
+        if out is not None and (max_overlays is None or len(kept) < max_overlays):
+            rec["overlay"] = _draw(pred, img, heat, v, box, Path(out))
+        kept.append(rec)
+    if not kept:
+        raise BoxListError("no box could be scored: " + "; ".join(skipped[:20]))
+    rect = np.array([r["box_input"] for r in kept], dtype=np.float64)
+    findings = [r["finding"] for r in kept]
+    all_maps = {m: np.stack(maps[m]) for m in methods}
+    all_maps["centre"] = np.broadcast_to(centre_prior(size), (len(kept), size, size))
+    all_maps["random"] = random_maps(len(kept), size, seed)
+    result: dict[str, Any] = {}
+    for name, mm in all_maps.items():
+        s = score_maps(mm, rect, tol, iou_threshold)
+        result[name] = summarize(s, findings, n_boot, seed)
+        for r, *vals in zip(kept, *(s[k] for k in SCORES)):
+            r.setdefault("scores", {})[name] = dict(zip(SCORES, (float(x) for x in vals)))
+    settings = {"image_size": size, "resize": view.resize, "tolerance_px": round(tol, 3),
+                "iou_threshold": iou_threshold, "centre_sigma": 0.25, "n_boot": n_boot, "seed": seed,
+                "target_layer": target_layer}
+    return {"settings": settings, "methods": result, "boxes": kept, "skipped": skipped}
+
+
+def _draw(pred: Predictor, img: Any, heat: Mapping[str, np.ndarray], v: Sequence[float], box: Box, out: Path) -> str:
+    """The image and each method's overlay with the box drawn (in the display frame); returns the file name."""
+    from medsight.explainers.cam import overlay
+    from medsight.reporting.plots import plot_explanation
+
+    disp = pred.display(img, max_side=256)
+    dh, dw = disp.shape[:2]
+    s = pred.image_size
+    rect = (v[0] * dw / s, v[1] * dh / s, v[2] * dw / s, v[3] * dh / s)
+    overlays = {m: overlay(disp, hm) for m, hm in heat.items()}
+    stem = Path(box.image).stem
+    name = f"box_{box.row:05d}_{stem}.png"
+    out.mkdir(parents=True, exist_ok=True)
+    plot_explanation(disp, overlays, f"{box.image}: {box.finding} (row {box.row})", out / name, box=rect)
+    return name
