@@ -281,7 +281,7 @@ class _Server:
     def __init__(self, ckpt: Path, tmp: Path, *args: str) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.tmp = tmp
-        self.proc, self.url = start_server([str(ckpt), *args], env={"TMPDIR": str(tmp)})
+        self.proc, self.url = start_server([str(ckpt), *args], env={"TMPDIR": str(tmp)}, timeout=600)
         import httpx
 
         self.http = httpx.Client(base_url=self.url, timeout=120)
@@ -382,7 +382,7 @@ def test_an_upload_answers_through_every_route_and_no_answer_shows_the_folder(se
             answer = h.get("/gradio_api/queue/data", params={"session_hash": f"s{token[:8]}"}).text
             assert "process_completed" in answer and '"success":true' in answer.replace(" ", ""), answer[:300]
         else:
-            r = h.post(f"/gradio_api/{route}/run", json={"data": data})
+            r = h.post(f"/gradio_api/{route}/run", json={"data": [*data, None]})  # the full inputs: the State too
             answer = r.text
             assert r.status_code == 200 and "Prediction" in answer, answer[:300]
         assert folder not in answer
