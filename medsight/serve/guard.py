@@ -22,7 +22,7 @@ import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from starlette.responses import JSONResponse
+from fastapi.responses import JSONResponse
 
 from medsight.serve.batching import Admission, ServerBusyError, Ticket
 from medsight.serve.uploads import UploadFolder, UploadRefusedError
