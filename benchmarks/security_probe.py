@@ -178,7 +178,7 @@ def probe_admission(ckpt: str, work: Path) -> dict[str, Any]:
 
         def page(token: str) -> int:
             with httpx.Client(base_url=s.url, timeout=300) as c:
-                barrier.wait()
+                barrier.wait(timeout=300)
                 r = c.post("/gradio_api/call/run", json={"data": [_file(token), "gradcam"]})
                 if r.status_code == 200:
                     c.get(f"/gradio_api/call/run/{r.json()['event_id']}")
@@ -186,12 +186,13 @@ def probe_admission(ckpt: str, work: Path) -> dict[str, Any]:
 
         def rest(i: int) -> int:
             with httpx.Client(base_url=s.url, timeout=300) as c:
-                barrier.wait()
+                barrier.wait(timeout=300)
                 return c.post("/predict", files={"file": ("x.png", _png(64, seed=100 + i))}).status_code
 
         with concurrent.futures.ThreadPoolExecutor(40) as pool:
-            pages = list(pool.map(page, tokens))
+            pages_f = [pool.submit(page, t) for t in tokens]  # all 40 submitted before any is awaited
             rests_f = [pool.submit(rest, i) for i in range(10)]
+            pages = [f.result() for f in pages_f]
             rests = [f.result() for f in rests_f]
         return {"queue_limit": 2, "page_calls": dict(Counter(pages)), "rest_calls": dict(Counter(rests))}
     finally:

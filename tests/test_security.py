@@ -443,7 +443,7 @@ def test_page_and_rest_calls_share_the_queue_limit(tiny_run, tmp_path):
             import httpx
 
             with httpx.Client(base_url=s.url, timeout=120) as c:
-                barrier.wait()
+                barrier.wait(timeout=120)
                 r = c.post("/gradio_api/call/run", json={"data": [_file(token), "gradcam"]})
                 if r.status_code != 200:
                     return r.status_code, r.headers.get("retry-after")
@@ -453,12 +453,13 @@ def test_page_and_rest_calls_share_the_queue_limit(tiny_run, tmp_path):
             import httpx
 
             with httpx.Client(base_url=s.url, timeout=120) as c:
-                barrier.wait()
+                barrier.wait(timeout=120)
                 r = c.post("/explain", files={"file": ("x.png", _png(i % 2, seed=i))})
                 return r.status_code, r.headers.get("retry-after") if r.status_code == 429 else True
 
         with concurrent.futures.ThreadPoolExecutor(len(tokens) + 4) as pool:
-            answers = list(pool.map(page, tokens)) + list(pool.map(rest, range(4)))
+            pages, rests = pool.map(page, tokens), pool.map(rest, range(4))  # all submitted before any is awaited
+            answers = list(pages) + list(rests)
         busy = [a for a in answers if a[0] == 429]
         assert len(busy) >= len(answers) // 2, answers  # two places: most of 20 simultaneous calls are turned away
         assert all(int(retry) >= 1 for _, retry in busy)
