@@ -26,6 +26,7 @@ import io
 import json
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -143,21 +144,31 @@ def probe_file_reads(s: Server, work: Path) -> dict[str, Any]:
         "url-encoded": _file(quote(str(secret), safe="")), "windows": _file("..\\..\\" + rel.replace("/", "\\")),
         "url only": {"url": f"{s.url}/gradio_api/file={secret}", "meta": {"_type": "gradio.FileData"}},
         "bare string": str(secret), "extra fields": _file(str(secret), orig_name="mine.png", size=1, is_stream=False),
+        "bare missing": str(work / "missing.png"), "bare non-image": str(work / "notes.txt"),
     }
+    # an existence oracle: the same route answering a file that exists, one that does not and a non-image apart
+    trios = (("absolute", "missing", "non-image"), ("bare string", "bare missing", "bare non-image"))
+    by_spelling: dict[tuple[str, int, str], str] = {}
     reads, statuses, bodies, leaks, calls = 0, Counter(), set(), 0, 0
     for endpoint in s.endpoints:
-        for file in spellings.values():
-            for r in _every_way(s, endpoint, file):
+        for name, file in spellings.items():
+            for route, r in enumerate(_every_way(s, endpoint, file)):
                 calls += 1
                 text = _answer(s, r, endpoint)
+                norm = re.sub(r"[0-9a-f]{32}", "ID", text)
+                for p in (str(secret), str(work / "missing.png"), str(work / "notes.txt")):
+                    norm = norm.replace(p, "PATH")  # the client's own path echoed back is no oracle
+                by_spelling[(endpoint, route, name)] = f"{r.status_code} {norm}"
                 statuses[r.status_code] += 1
                 bodies.add(r.text if r.status_code != 200 else "200")
                 reads += ("Prediction" in text or '"label"' in text or "confidences" in text)
                 leaks += str(s.folder) in text
-    copied = [p.name for p in s.folder.iterdir() if p.name != token]
+    oracles = sorted({f"{e}/{route}" for (e, route, name) in by_spelling for trio in trios if name == trio[0]
+                      and len({by_spelling[(e, route, n)] for n in trio}) > 1})
+    copied = [p.name for p in s.folder.iterdir() if p.name != token and p.is_file()]
     return {"calls": calls, "endpoints": sorted(s.endpoints), "spellings": list(spellings), "answers_that_read_the_file":
             reads, "statuses": dict(statuses), "distinct_refusals": len(bodies), "answers_showing_the_folder": leaks,
-            "files_copied_into_the_folder": len(copied)}
+            "existence_oracles": oracles, "files_copied_into_the_folder": len(copied)}
 
 
 def probe_own_upload(s: Server) -> dict[str, Any]:
