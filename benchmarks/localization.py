@@ -139,7 +139,7 @@ def usable(folder: Path) -> bool:
 
 #: after training, the run's sharpness estimate and faithfulness curves are skipped (they do not change the model)
 NO_EXTRAS = ["--device", "cpu", "--set", "train.sharpness_batches=0", "--set", "explain.faithfulness_images=0"]
-SYNTH_TRAIN = ["--model", "coatnet_tiny", "--image-size", "64", "--epochs", "3", *NO_EXTRAS]
+SYNTH_TRAIN = ["--model", "coatnet_tiny", "--image-size", "64", "--epochs", "20", *NO_EXTRAS]
 #: the same at 32 px with AdamW (no SAM): a quarter of the compute per image and half per step, for a CPU
 #: shared with other jobs (the 64-px run is reported where it finished)
 FAST_TRAIN = ["--model", "coatnet_tiny", "--image-size", "32", "--epochs", "6", "--optimizer", "adamw", *NO_EXTRAS]

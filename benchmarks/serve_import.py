@@ -50,7 +50,7 @@ def main() -> None:
             loaded[name] = mods
     result = {
         "command": f"python benchmarks/serve_import.py --before BEFORE_TREE --repeats {args.repeats}",
-        "machine": f"{os.cpu_count()}-core {platform.machine()} CPU (shared, loaded)", "python": platform.python_version(),
+        "machine": f"{os.cpu_count()}-core {platform.machine()} CPU", "python": platform.python_version(),
         **{name: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "runs_s": v,
                   "loaded": loaded[name]} for name, v in times.items()},
     }
