@@ -81,10 +81,10 @@ def subgroup_demo(rd: RunData, seed: int = 0) -> dict:
 
     task, labels, probs = rd.task, rd.test_labels, rd.test_probs
     sites = np.where(np.random.default_rng(seed).random(len(labels)) < 0.5, "site A", "site B")
-    views = task.decision.get("operating_points", {}).get("views", {})
-    labelled = task.view_labelled(labels)  # a finding's masked labels leave images out of its view
+    views = (task.rules.operating_points or {}).get("views", {})
+    labelled = task.readout.view_labelled(labels)  # a finding's masked labels leave images out of its view
     out = {}
-    for v, (name, y, s) in enumerate(task.binary_views(labels, probs)):
+    for v, (name, y, s) in enumerate(task.readout.binary_views(labels, probs)):
         r = subgroup_metrics(y, s, views.get(name, {}).get("threshold"), sites[labelled[:, v]].tolist(), n_boot=1000,
                              seed=seed)
         out[name] = {"groups": {g: {k: (_r(v) if isinstance(v, float) else v) for k, v in row.items()
@@ -136,7 +136,7 @@ def exchangeable_check(rd: RunData, splits: int = 200, coverage: float = 0.9, se
             return torch.nn.functional.binary_cross_entropy_with_logits(z, y.to(z.dtype))
 
         views = []  # (labels, probability, log-odds) per finding
-        for _, y, s in rd.task.binary_views(labels, probs):
+        for _, y, s in rd.task.readout.binary_views(labels, probs):
             s = np.clip(s, 1e-12, 1 - 1e-12)
             views.append((y, s, np.log(s / (1 - s))))
         for _ in range(splits):

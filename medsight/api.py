@@ -172,8 +172,8 @@ def explain_files(checkpoint: str | Path, inputs: Sequence[str | Path], out: str
             lines.append(json.dumps(rec))
             continue
         probs = pred.probabilities(img)
-        record = pred.task.record(probs)
-        target = class_idx if class_idx is not None else pred.task.explained_output(probs)
+        record = pred.task.readout.record(probs)
+        target = class_idx if class_idx is not None else pred.task.readout.explained_output(probs)
         disp = pred.display(img)
         overlays, borders = {}, {}
         for m in methods:
@@ -210,7 +210,7 @@ def checkpoint_sharpness(checkpoint: str | Path, data: str | None = None, rho: f
     else:
         split, source = _eval_data(trained, data, prefer=("train", "all", "val", "test"))
     ds = ImageDataset(split, trained.transform())
-    result = sharpness(model, fixed_batches(ds, n_batches, seed=seed), rho=rho, loss_fn=task.eval_loss(), seed=seed)
+    result = sharpness(model, fixed_batches(ds, n_batches, seed=seed), rho=rho, loss_fn=task.head.eval_loss(), seed=seed)
     result["data"] = source
     metrics_path = Path(checkpoint).parent / "metrics.json"
     if write and metrics_path.is_file():

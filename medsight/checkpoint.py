@@ -173,12 +173,12 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
         task = task_from_checkpoint(ckpt)
     except (ConfigError, TaskConfigError) as exc:
         raise CheckpointError(f"{path}: its stored config is invalid: {exc}") from None
-    model = create_model(cfg.model.name, num_classes=task.num_outputs, img_size=ckpt["image_size"],
+    model = create_model(cfg.model.name, num_classes=task.head.num_outputs, img_size=ckpt["image_size"],
                          layout=cfg.model.layout)
-    install_head(model, cfg.train.head, task.num_outputs, cfg.train.cosine_scale, cfg.train.cosine_learn_scale)
+    install_head(model, cfg.train.head, task.head.num_outputs, cfg.train.cosine_scale, cfg.train.cosine_learn_scale)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit {cfg.model.name} with {task.num_outputs} outputs: "
+        raise CheckpointError(f"{path}: weights do not fit {cfg.model.name} with {task.head.num_outputs} outputs: "
                               f"{_mismatch(exc)}") from None
     return Trained(model.to(device).eval(), task, cfg, ckpt, Path(path))

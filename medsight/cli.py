@@ -114,14 +114,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from medsight.api import evaluate
 
     result = evaluate(args.checkpoint, args.data, out=args.out, device=args.device)
-    from medsight.tasks import task_from_checkpoint
     from medsight.checkpoint import load_checkpoint
+    from medsight.reporting.tables import summary_line
+    from medsight.tasks import task_from_checkpoint
 
     m = result["test"]
     task = task_from_checkpoint(load_checkpoint(args.checkpoint))
     if m.get("report"):
         print(m["report"])
-    print(f"{result['data']}: n {m['n']} · {task.summary(m)}")
+    print(f"{result['data']}: n {m['n']} · {summary_line(task, m)}")
     if result["skipped_files"]:
         print(f"skipped {len(result['skipped_files'])} unreadable file(s)")
     tr = result["trust"]

@@ -17,7 +17,7 @@ from medsight.config import Config, apply_overrides
 from medsight.engine import Callback, train
 from medsight.engine.loop import TrainingError
 from medsight.models import BACKBONES, create_model, freeze_stages, layer_groups
-from medsight.tasks import SingleLabelTask, task_from_checkpoint
+from medsight.tasks import FittedRules, SingleLabelTask, task_from_checkpoint
 
 from conftest import tiny_overrides, write_class_folders
 
@@ -31,17 +31,17 @@ def test_checkpoint_carries_the_task_and_every_command_restores_it(tiny_run):
     with np.load(tiny_run / "predictions.npz") as z:
         fresh = SingleLabelTask(["normal", "pneumonia"])
         fresh.fit_decision(z["val_labels"], z["val_probs"])
-        assert task.decision["threshold"] == fresh.decision["threshold"]
+        assert task.rules.threshold == fresh.rules.threshold
         other = SingleLabelTask(["normal", "pneumonia"])
         other.fit_decision(z["test_labels"], z["test_probs"])
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     if "threshold" in metrics["test"]:
-        assert metrics["test"]["threshold"] == task.decision["threshold"]
+        assert metrics["test"]["threshold"] == task.rules.threshold
 
 
 def test_old_checkpoints_without_a_task_are_single_label():
     task = task_from_checkpoint({"classes": ["a", "b"], "threshold": 0.3})
-    assert task.kind == "single_label" and task.decision == {"threshold": 0.3}
+    assert task.kind == "single_label" and task.rules == FittedRules(threshold=0.3)
 
 
 def test_best_pt_is_the_epoch_with_the_best_monitored_value(tmp_path, small_npz):

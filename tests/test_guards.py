@@ -169,7 +169,7 @@ def test_predictor_heatmap_defaults_to_the_predicted_class(tiny_run, tmp_path):
     pred = Predictor(tiny_run / "best.pt", "cpu")
     margin = np.array([np.log(p[1] / p[0]) for p in (pred.probabilities(img) for img in images)])
     bias = next(k for k, v in reversed(ckpt["model"].items()) if k.endswith("bias") and v.shape == (2,))
-    t = pred.task.temperature or 1.0  # the margins are of calibrated probabilities: logits / T
+    t = pred.task.rules.temperature or 1.0  # the margins are of calibrated probabilities: logits / T
     ckpt["model"][bias] = ckpt["model"][bias] + torch.tensor([0.0, -float(np.median(margin)) * t])
     torch.save(ckpt, tmp_path / "balanced.pt")
     pred = Predictor(tmp_path / "balanced.pt", "cpu")

@@ -330,7 +330,7 @@ def test_tiny_run_reports_every_finding(ml_runs):
     per = m["explain"]["border_score_per_class"]
     assert per and set(per) <= set(NIH_FINDINGS)
     best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
-    assert len(best["task"]["decision"]["thresholds"]) == 14 and best["task"]["kind"] == "multilabel"
+    assert len(best["task"]["rules"]["thresholds"]) == 14 and best["task"]["kind"] == "multilabel"
 
 
 def test_tiny_run_predicts_explains_exports_and_evaluates(ml_runs, tmp_path, nih_copy):
@@ -357,14 +357,14 @@ def test_tiny_run_predicts_explains_exports_and_evaluates(ml_runs, tmp_path, nih
     res = evaluate(run / "best.pt", str(manifest), device="cpu")
     assert res["task"] == "multilabel" and res["test"]["n"] == sum(r["split"] == "test" for r in _nih_rows())
     # the ONNX check above compares calibrated probabilities: the per-finding temperatures are really there
-    assert len(set(pred.task.temperature)) > 1
+    assert len(set(pred.task.rules.temperature)) > 1
 
 
 def test_tiny_run_fits_one_temperature_per_finding_and_the_trust_rules(ml_runs):
     from medsight.inference import Predictor
 
     root, (run, _), arrays = ml_runs
-    decision = torch.load(run / "best.pt", map_location="cpu", weights_only=True)["task"]["decision"]
+    decision = torch.load(run / "best.pt", map_location="cpu", weights_only=True)["task"]["rules"]
     temps, vy = decision["temperature"], arrays["val_labels"]
     one_answer = [n for k, n in enumerate(NIH_FINDINGS) if len(np.unique(vy[:, k])) < 2]
     assert len(temps) == 14 and all(t > 0 for t in temps) and decision["temperature_not_fitted"] == one_answer
@@ -374,7 +374,7 @@ def test_tiny_run_fits_one_temperature_per_finding_and_the_trust_rules(ml_runs):
     # probabilities are sigmoid((logit - log w) / T) finding by finding, w the training loss's positive weights
     from medsight.losses import positive_weights
 
-    offset = decision["loss_logit_offset"]
+    offset = decision["logit_offset"]
     np.testing.assert_allclose(offset, positive_weights(arrays["train_labels"]).log().numpy(), rtol=1e-5)
     assert max(offset) > 1  # rare findings: a shift a temperature alone could not undo
     pred = Predictor(run / "best.pt", "cpu")
@@ -412,7 +412,7 @@ def test_predict_refers_the_least_sure_images_to_a_clinician(ml_runs):
         margin = np.where(p >= t, (p - t) / (1 - t), (t - p) / t)  # by hand: the least sure finding decides
         assert rec["confidence"] == pytest.approx(0.5 + 0.5 * margin.min())
         assert rec["least_certain_finding"] == NIH_FINDINGS[int(np.argmin(margin))]
-        assert rec["refer_to_clinician"] == (rec["confidence"] < task.decision["abstain_below"])
+        assert rec["refer_to_clinician"] == (rec["confidence"] < task.rules.abstain_below)
         assert set(rec["uncertain_findings"]) <= set(NIH_FINDINGS)
 
 

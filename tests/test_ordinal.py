@@ -85,12 +85,12 @@ def test_refer_threshold_reaches_the_target_sensitivity_on_validation():
     probs[:, 2], probs[:, 0] = scores, 1 - scores
     task = OrdinalTask([str(g) for g in range(5)])
     task.fit_decision(labels, probs)
-    assert task.decision["refer_threshold"] == pytest.approx(0.3)
+    assert task.rules.refer_threshold == pytest.approx(0.3)
     m = task.metrics(labels, probs, n_boot=0)["refer"]
     assert m["sensitivity"] == pytest.approx(0.9) and m["specificity"] == pytest.approx(0.75)  # 0.35 is referred
     test_probs = np.zeros((2, 5))
     test_probs[:, 2], test_probs[:, 0] = [0.31, 0.29], [0.69, 0.71]
-    assert [r["refer"] for r in map(task.record, test_probs)] == [True, False]
+    assert [r["refer"] for r in map(task.readout.record, test_probs)] == [True, False]
 
 
 # ------------------------------------------------------------------------------------------ heads
@@ -113,7 +113,7 @@ def test_corn_probabilities_and_median_decoding():
     torch.testing.assert_close(corn_probabilities(z.clone().index_fill_(1, torch.tensor([0]), -3.0)), p)
     task = OrdinalTask(["0", "1", "2", "3"], options={"head": "corn", "refer_grade": 2})
     assert task.decide(p.numpy()).tolist() == [2]  # the median grade; the most probable would be 3
-    assert task.batch_correct(z, torch.tensor([2])).item() == 1
+    assert task.head.correct(z, torch.tensor([2]), task.rules).item() == 1
 
 
 def test_corn_loss_by_hand():
@@ -138,12 +138,12 @@ def test_cutpoints_are_fitted_on_validation_and_used_on_test():
     task = OrdinalTask(["0", "1", "2"], options={"head": "regression", "refer_grade": 1})
     assert task.decide(probs_of(val_s)).tolist() == [0, 0, 1, 1, 1, 1]  # before fitting: cuts 0.5, 1.5
     task.fit_decision(val_y, probs_of(val_s))
-    assert task.decision["cutpoints"] == pytest.approx(cuts)
+    assert task.rules.cutpoints == pytest.approx(cuts)
     assert task.metrics(val_y, probs_of(val_s), n_boot=0)["qwk"] == pytest.approx(1.0)
     # test images whose own best cuts lie elsewhere are still cut at the validation cuts
     assert task.decide(probs_of(np.array([0.5, 0.85, 1.4]))).tolist() == [1 if 0.5 > cuts[0] else 0, 2, 2]
     restored = task_from_state(json.loads(json.dumps(task.state())))
-    assert restored.decision == task.decision and restored.options["head"] == "regression"
+    assert restored.rules == task.rules and restored.options["head"] == "regression"
 
 
 # ---------------------------------------------------------------------------------------- fundus
@@ -312,8 +312,8 @@ def test_tiny_ordinal_runs_report_kappa_and_referral(graded_runs):
     ckpt = torch.load(root / "regression" / "best.pt", weights_only=True)
     pred = np.load(root / "regression" / "predictions.npz")
     expected = pred["val_probs"] @ np.arange(5)
-    assert ckpt["task"]["decision"]["cutpoints"] == pytest.approx(fit_cutpoints(pred["val_labels"], expected, 5))
-    assert ckpt["task"]["decision"]["refer_threshold"] == pytest.approx(
+    assert ckpt["task"]["rules"]["cutpoints"] == pytest.approx(fit_cutpoints(pred["val_labels"], expected, 5))
+    assert ckpt["task"]["rules"]["refer_threshold"] == pytest.approx(
         choose_threshold(pred["val_labels"] >= 2, expected / 4, 0.9))
 
 

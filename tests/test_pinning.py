@@ -14,7 +14,8 @@ import torch
 from medsight.config import Config, EvalConfig
 from medsight.data.sources import DataBundle, SplitData
 from medsight.evaluation.subgroups import subgroup_metrics
-from medsight.evaluation.trust import decision_probs, fit_on_validation, measure
+from medsight.evaluation.trust import decision_probs, fit_calibration, fit_on_validation, measure
+from medsight.engine.trainer import monitor_value
 from medsight.metrics.calibration import binary_ece, reliability_bins
 from medsight.metrics.classification import auc_score, classification_metrics, expected_calibration_error
 from medsight.metrics.conformal import conformal_quantile, fit_conformal
@@ -217,7 +218,7 @@ def test_single_label_test_metrics_use_the_validation_threshold(seed):
     vy, vp, ty, tp = _disagreeing_binary(seed)
     task = SingleLabelTask(["neg", "pos"])
     task.fit_decision(vy, vp)
-    t_val = task.threshold
+    t_val = task.rules.threshold
     assert t_val is not None and t_val > 0.55
     m = task.metrics(ty, tp, n_boot=0)
     assert m["threshold"] == pytest.approx(t_val)
@@ -235,10 +236,10 @@ def test_temperature_fitted_on_validation_is_the_one_test_probabilities_use():
     tlog = np.eye(3)[ty] * 6.0 + rng.normal(0, 1.0, (300, 3))
     task = SingleLabelTask(["a", "b", "c"])
     fit_on_validation(task, EvalConfig(), vlog.astype(np.float32), vy)
-    t_val = task.temperature
+    t_val = task.rules.temperature
     other = SingleLabelTask(["a", "b", "c"])
-    other.fit_temperature(tlog.astype(np.float32), ty)
-    assert abs(other.temperature - t_val) > 0.1  # the two splits call for different temperatures
+    fit_calibration(other, tlog.astype(np.float32), ty)
+    assert abs(other.rules.temperature - t_val) > 0.1  # the two splits call for different temperatures
     expected = torch.softmax(torch.as_tensor(tlog, dtype=torch.float32) / t_val, 1).numpy()
     np.testing.assert_allclose(decision_probs(task, tlog.astype(np.float32)), expected, atol=1e-5)
 
@@ -250,21 +251,21 @@ def test_trust_rules_fitted_on_validation_are_applied_unchanged_to_test(target):
     ev = EvalConfig(target_sensitivity=target, abstain_fraction=0.2, bootstrap=0)
     task = SingleLabelTask(["neg", "pos"])
     vprobs = fit_on_validation(task, ev, vlog, vy)
-    (name, y, score), = task.binary_views(vy, vprobs)
+    (name, y, score), = task.readout.binary_views(vy, vprobs)
     t = choose_threshold(y, score, target)
     m = measure(task, ev, tlog, ty)
     op = m["operating_points"]["views"][name]
     assert op["threshold"] == pytest.approx(t)
     tprobs = decision_probs(task, tlog)
-    (_, ty_view, tscore), = task.binary_views(ty, tprobs)
+    (_, ty_view, tscore), = task.readout.binary_views(ty, tprobs)
     assert op["sensitivity"] == pytest.approx((tscore[ty_view == 1] >= t).mean())
     assert op["specificity"] == pytest.approx((tscore[ty_view == 0] < t).mean())
     assert m["conformal"]["qhat"] == pytest.approx(fit_conformal(vy, vprobs, ev.conformal_coverage,
                                                                  ev.conformal_score)["qhat"])
-    below = abstention_threshold(task.confidence(vprobs), 0.2)
-    assert (task.confidence(vprobs) < below).mean() == pytest.approx(0.2, abs=0.02)  # a fifth of val is referred
+    below = abstention_threshold(task.readout.confidence(vprobs), 0.2)
+    assert (task.readout.confidence(vprobs) < below).mean() == pytest.approx(0.2, abs=0.02)  # a fifth of val is referred
     assert m["selective"]["abstention"]["threshold"] == pytest.approx(below)
-    assert m["selective"]["abstention"]["referred"] == pytest.approx((task.confidence(tprobs) < below).mean())
+    assert m["selective"]["abstention"]["referred"] == pytest.approx((task.readout.confidence(tprobs) < below).mean())
 
 
 def test_multilabel_test_metrics_use_the_validation_thresholds():
@@ -309,7 +310,7 @@ def test_ordinal_test_metrics_use_the_validation_cutpoints_and_referral_threshol
     ty, tp = _graded(80, -0.4, 1)  # test: shifted down
     task = OrdinalTask(["0", "1", "2", "3"], options={"head": "regression", "refer_grade": 2})
     task.fit_decision(vy, vp)
-    cuts = task.cutpoints
+    cuts = task.head.cutpoints(task.rules)
     assert cuts == pytest.approx(fit_cutpoints(vy, OrdinalTask.expected(vp), 4))
     assert cuts[0] > 0.6  # fitted to the upward shift, not the rounding cuts
     m = task.metrics(ty, tp, n_boot=0)
@@ -331,10 +332,10 @@ def test_ordinal_softmax_head_decides_the_most_probable_grade_and_epoch_qwk_sele
     em = task.epoch_metrics(y, probs)
     assert em["qwk"] == pytest.approx(13 / 23) and em["accuracy"] == pytest.approx(0.7)
     assert em["balanced_accuracy"] == pytest.approx((2 / 3 + 2 / 3 + 3 / 4) / 3)
-    assert task.monitor_value(em, val_loss=0.3, monitor="qwk") == pytest.approx(13 / 23)
-    assert task.monitor_value(em, val_loss=0.3, monitor="loss") == pytest.approx(-0.3)
+    assert monitor_value(em, val_loss=0.3, monitor="qwk") == pytest.approx(13 / 23)
+    assert monitor_value(em, val_loss=0.3, monitor="loss") == pytest.approx(-0.3)
     better = task.epoch_metrics(y, np.eye(3)[y] * 0.7 + 0.1)
-    assert task.monitor_value(better, 0.3, "qwk") > task.monitor_value(em, 0.3, "qwk")
+    assert monitor_value(better, 0.3, "qwk") > monitor_value(em, 0.3, "qwk")
 
 
 # ------------------------------------------------------------------------------------- grades as grades
@@ -343,7 +344,7 @@ def test_refer_grade_is_read_in_the_labels_units():
     task = OrdinalTask(["1", "2", "3", "4", "5"], options={"refer_grade": 3})
     y = np.array([1, 2, 3, 4, 5]) - 1  # label indices of grades 1..5
     probs = np.eye(5)[y]
-    (name, positive, score), = task.binary_views(y, probs)
+    (name, positive, score), = task.readout.binary_views(y, probs)
     assert name == "grade ≥ 3" and positive.tolist() == [0, 0, 1, 1, 1]  # grades 3, 4, 5 are referred
     assert score.tolist() == [0, 0, 1, 1, 1]
     assert OrdinalTask(["0", "1", "2", "3", "4"], options={"refer_grade": 2}).refer_grade == 2  # 0-based grades
@@ -453,25 +454,25 @@ def test_fingerprint_and_plan_of_a_synthetic_bundle_of_each_task_kind(kind):
 # ------------------------------------------------------------------- what predict and the server answer
 
 def test_answers_of_each_task_kind_known_values():
-    single = SingleLabelTask(["a", "b", "c"], decision={"abstain_below": 0.6})
-    rec = single.answer(np.array([0.2, 0.5, 0.3]))
+    single = SingleLabelTask(["a", "b", "c"], rules={"abstain_below": 0.6})
+    rec = single.readout.answer(np.array([0.2, 0.5, 0.3]))
     assert rec["label"] == "b" and rec["probability"] == pytest.approx(0.5)
     assert rec["confidence"] == pytest.approx(0.5) and rec["refer_to_clinician"] is True
-    assert single.answer(np.array([0.1, 0.7, 0.2]))["refer_to_clinician"] is False
+    assert single.readout.answer(np.array([0.1, 0.7, 0.2]))["refer_to_clinician"] is False
 
-    multi = MultiLabelTask(["x", "y", "z"], decision={"thresholds": [0.3, 0.8, 0.5], "abstain_below": 0.7})
-    rec = multi.answer(np.array([0.4, 0.75, 0.9]))
+    multi = MultiLabelTask(["x", "y", "z"], rules={"thresholds": [0.3, 0.8, 0.5], "abstain_below": 0.7})
+    rec = multi.readout.answer(np.array([0.4, 0.75, 0.9]))
     assert rec["findings"] == ["x", "z"] and rec["explained"] == "z"
     # margins: x (.4-.3)/.7 = 1/7, y (.8-.75)/.8 = 1/16, z (.9-.5)/.5 = .8 -> least sure y, confidence .5 + 1/32
     assert rec["confidence"] == pytest.approx(0.5 + 0.5 / 16) and rec["refer_to_clinician"] is True
     assert rec["least_certain_finding"] == "y"
     # above its threshold a margin is the share of the way to 1: x (.35-.3)/.7 = 1/14, y (.95-.8)/.2 = .75,
     # z (.5-.2)/.5 = .6 below it -> least sure x
-    rec = multi.answer(np.array([0.35, 0.95, 0.2]))
+    rec = multi.readout.answer(np.array([0.35, 0.95, 0.2]))
     assert rec["least_certain_finding"] == "x" and rec["confidence"] == pytest.approx(0.5 + 0.5 / 14)
 
-    graded = OrdinalTask(["0", "1", "2", "3"], decision={"refer_threshold": 0.4}, options={"refer_grade": 2})
-    rec = graded.answer(np.array([0.1, 0.45, 0.3, 0.15]))
+    graded = OrdinalTask(["0", "1", "2", "3"], rules={"refer_threshold": 0.4}, options={"refer_grade": 2})
+    rec = graded.readout.answer(np.array([0.1, 0.45, 0.3, 0.15]))
     assert rec["grade"] == 1 and rec["label"] == "1"
     assert rec["refer_score"] == pytest.approx(0.45) and rec["refer"] is True  # P(grade >= 2) = .3 + .15
     assert rec["expected_grade"] == pytest.approx(0.45 + 0.6 + 0.45)

@@ -77,12 +77,12 @@ def test_evidential_probabilities_and_uncertainty_follow_the_dirichlet():
 
 def test_evidential_task_confidence_is_one_minus_u_and_feeds_abstention():
     task = SingleLabelTask(["a", "b", "c"], options={"head": "evidential"})
-    assert not task.calibratable
+    assert not task.head.calibratable
     p = evidential_probabilities(torch.tensor([[6.0, 0.0, 0.0], [0.5, 0.0, 0.2]])).numpy()
     u = evidential_uncertainty(torch.from_numpy(p)).numpy()
-    assert np.allclose(task.confidence(p), 1 - u)
-    task.decision["abstain_below"] = float(np.mean(1 - u))
-    sure, unsure = task.answer(p[0]), task.answer(p[1])
+    assert np.allclose(task.readout.confidence(p), 1 - u)
+    task.rules.abstain_below = float(np.mean(1 - u))
+    sure, unsure = task.readout.answer(p[0]), task.readout.answer(p[1])
     assert sure["refer_to_clinician"] is False and unsure["refer_to_clinician"] is True
     assert unsure["uncertainty"] == pytest.approx(u[1], abs=1e-6)
     assert task_from_state(task.state()).evidential  # the checkpoint keeps the head

@@ -13,6 +13,7 @@ import torch
 from medsight.config import Config, ConfigError, apply_overrides
 from medsight.evaluation.robustness import CORRUPTIONS, corrupt
 from medsight.evaluation.subgroups import detect_columns, group_labels, subgroup_metrics
+from medsight.evaluation.trust import fit_calibration
 from medsight.metrics.calibration import fit_temperature, reliability_bins
 from medsight.metrics.classification import expected_calibration_error
 from medsight.metrics.conformal import conformal_quantile, fit_conformal, prediction_sets, set_metrics
@@ -162,23 +163,23 @@ def test_multilabel_temperature_is_fitted_per_finding_and_masked_labels_stay_out
 
     z, y = _multilabel_outputs(4000, seed=5)
     task = MultiLabelTask(["a", "b", "c"])
-    task.fit_temperature(z * np.array([3.0, 1.0, 0.5]), y)  # over-, well- and under-confident findings
-    t = task.temperature
+    fit_calibration(task, z * np.array([3.0, 1.0, 0.5]), y)  # over-, well- and under-confident findings
+    t = task.rules.temperature
     assert 2.6 < t[0] < 3.4 and 0.85 < t[1] < 1.15 and 0.4 < t[2] < 0.6
     y_all_neg = y.copy()
     y_all_neg[:, 2] = 0
-    task.fit_temperature(z, y_all_neg)
-    assert task.temperature[2] == 1.0 and task.decision["temperature_not_fitted"] == ["c"]
-    views = task.binary_views(y, 1 / (1 + np.exp(-z)))
+    fit_calibration(task, z, y_all_neg)
+    assert task.rules.temperature[2] == 1.0 and task.rules.temperature_not_fitted == ["c"]
+    views = task.readout.binary_views(y, 1 / (1 + np.exp(-z)))
     assert [v[0] for v in views] == ["a", "b", "c"] and len(views[1][1]) == (y[:, 1] >= 0).sum() < len(y)
-    assert (task.view_labelled(y).sum(0) == [len(v[1]) for v in views]).all()
+    assert (task.readout.view_labelled(y).sum(0) == [len(v[1]) for v in views]).all()
 
 
 def test_multilabel_calibration_undoes_the_positive_weights_shift():
     from medsight.config import Config, apply_overrides
     from medsight.metrics.calibration import binary_ece
     from medsight.tasks import MultiLabelTask
-    from medsight.tasks.base import Temperature
+    from medsight.tasks.rules import Temperature
 
     rng = np.random.default_rng(3)
     n = 6000
@@ -186,39 +187,38 @@ def test_multilabel_calibration_undoes_the_positive_weights_shift():
     y = (rng.random((n, 2)) < 1 / (1 + np.exp(-z))).astype(np.int64)
     cfg = apply_overrides(Config(), ["train.class_weights=true", "train.loss=ce"])
     task = MultiLabelTask(["a", "b"])
-    task.make_loss(cfg, y[: n // 2])
+    task.rules.logit_offset = task.head.logit_offset(cfg, y[: n // 2])
     w = (y[: n // 2] == 0).sum(0) / (y[: n // 2] == 1).sum(0)
-    np.testing.assert_allclose(task.decision["loss_logit_offset"], np.log(w), rtol=1e-5)
+    np.testing.assert_allclose(task.rules.logit_offset, np.log(w), rtol=1e-5)
     shifted = z + np.log(w)[None, :]  # what weighted BCE's minimizer outputs: logit(p) + log w
-    task.fit_temperature(shifted[: n // 2], y[: n // 2])
-    assert all(0.85 < t < 1.15 for t in task.temperature)  # the offset, not the temperature, does the work
+    fit_calibration(task, shifted[: n // 2], y[: n // 2])
+    assert all(0.85 < t < 1.15 for t in task.rules.temperature)  # the offset, not the temperature, does the work
     p_cal = task.probabilities(torch.as_tensor(shifted[n // 2:])).numpy()
     p_raw = 1 / (1 + np.exp(-shifted[n // 2:]))
     for k in range(2):
         assert binary_ece(y[n // 2:, k], p_raw[:, k]) > 0.2  # inflated by the weights
         assert binary_ece(y[n // 2:, k], p_cal[:, k]) < 0.03
-    mod = task.calibration_module()  # the ONNX graph's step: the same subtraction and division
+    mod = task.rules.calibration_module()  # the ONNX graph's step: the same subtraction and division
     assert isinstance(mod, Temperature)
     np.testing.assert_allclose(torch.sigmoid(mod(torch.as_tensor(shifted[:5], dtype=torch.float32))).numpy(),
                                task.probabilities(torch.as_tensor(shifted[:5])).numpy(), atol=1e-5)
-    task.make_loss(apply_overrides(Config(), ["train.class_weights=false"]), y)
-    assert task.decision["loss_logit_offset"] is None  # unweighted training: nothing to undo
+    assert task.head.logit_offset(apply_overrides(Config(), ["train.class_weights=false"]), y) is None  # unweighted training: nothing to undo
 
 
 def test_multilabel_confidence_errors_and_referral_by_hand():
     from medsight.tasks import MultiLabelTask
 
-    task = MultiLabelTask(["a", "b"], decision={"thresholds": [0.2, 0.5], "abstain_below": 0.7})
+    task = MultiLabelTask(["a", "b"], {"thresholds": [0.2, 0.5], "abstain_below": 0.7})
     p = np.array([[0.6, 0.9], [0.1, 0.55], [0.25, 0.05]])
     # margins from the thresholds: a (0.6-0.2)/0.8=0.5, b 0.8; a 0.5, b 0.1; a 0.0625, b 0.9
-    np.testing.assert_allclose(task.confidence(p), [0.75, 0.55, 0.53125])
+    np.testing.assert_allclose(task.readout.confidence(p), [0.75, 0.55, 0.53125])
     y = np.array([[1, 1], [0, 1], [-1, 1]])  # image 2: a right, b right; image 3: a masked, b decided absent
-    assert task.errors(y, p).tolist() == [0, 0, 1]
-    assert task.errors(np.array([[0, 0]]), p[:1]).tolist() == [1]  # both findings wrong
-    assert task.errors(np.array([[1, 0]]), p[:1]).tolist() == [0.5]  # one of two: the Hamming loss
-    rec = task.answer(p[1])
+    assert task.readout.errors(y, p).tolist() == [0, 0, 1]
+    assert task.readout.errors(np.array([[0, 0]]), p[:1]).tolist() == [1]  # both findings wrong
+    assert task.readout.errors(np.array([[1, 0]]), p[:1]).tolist() == [0.5]  # one of two: the Hamming loss
+    rec = task.readout.answer(p[1])
     assert rec["refer_to_clinician"] and rec["least_certain_finding"] == "b" and rec["findings"] == ["b"]
-    assert not task.answer(p[0])["refer_to_clinician"]
+    assert not task.readout.answer(p[0])["refer_to_clinician"]
 
 
 def test_multilabel_trust_fits_on_validation_and_covers_each_finding():
@@ -229,7 +229,7 @@ def test_multilabel_trust_fits_on_validation_and_covers_each_finding():
     task = MultiLabelTask(["a", "b", "c"])
     ev = Config().eval.model_copy(update={"bootstrap": 0})
     fit_on_validation(task, ev, z[:3000] * 2, y[:3000])
-    assert len(task.temperature) == 3 and "thresholds" in task.decision  # the decision rule keeps the temperature
+    assert len(task.rules.temperature) == 3 and task.rules.thresholds is not None  # the decision rule keeps the temperature
     sex = ["FM"[i % 2] for i in range(3000)]
     res = measure(task, ev, z[3000:] * 2, y[3000:], meta={"sex": sex})
     c = res["conformal"]
@@ -304,7 +304,7 @@ def test_unknown_corruption_and_severity_are_refused():
 def test_every_run_fits_and_stores_the_trust_rules(tiny_run):
     from medsight.checkpoint import load_checkpoint
 
-    decision = load_checkpoint(tiny_run / "best.pt")["task"]["decision"]
+    decision = load_checkpoint(tiny_run / "best.pt")["task"]["rules"]
     assert decision["temperature"] > 0
     assert decision["conformal"]["coverage"] == 0.9 and decision["conformal"]["method"] == "lac"
     assert decision["operating_points"]["target"].startswith("Youden")
@@ -332,12 +332,12 @@ def test_predict_applies_the_temperature_and_refers_unsure_images(tiny_run, tmp_
     img = torch.from_numpy(blob_image(1, np.random.default_rng(0))).float()[None] / 255
     with torch.no_grad():
         raw = torch.softmax(pred.model(pred.preprocess(img)), 1)[0].numpy()
-        scaled = torch.softmax(pred.model(pred.preprocess(img)) / pred.task.temperature, 1)[0].numpy()
+        scaled = torch.softmax(pred.model(pred.preprocess(img)) / pred.task.rules.temperature, 1)[0].numpy()
     np.testing.assert_allclose(pred.probabilities(img), scaled, atol=1e-6)
     assert not np.allclose(raw, scaled, atol=1e-4)  # the temperature is not 1: calibration is really applied
     Image.fromarray(blob_image(0, np.random.default_rng(1))).save(tmp_path / "x.png")
     rec = predict(tiny_run / "best.pt", [tmp_path / "x.png"], device="cpu")[0]
-    assert rec["refer_to_clinician"] == (rec["confidence"] < pred.task.decision["abstain_below"])
+    assert rec["refer_to_clinician"] == (rec["confidence"] < pred.task.rules.abstain_below)
 
 
 def test_onnx_graph_divides_the_logits_by_the_temperature(tiny_run, tmp_path):
@@ -349,7 +349,7 @@ def test_onnx_graph_divides_the_logits_by_the_temperature(tiny_run, tmp_path):
     with torch.no_grad():
         logits = pt.model(x)
     got = OnnxPredictor(tmp_path / "m.onnx").run(x.numpy())
-    np.testing.assert_allclose(got, torch.softmax(logits / pt.task.temperature, 1).numpy(), atol=1e-4)
+    np.testing.assert_allclose(got, torch.softmax(logits / pt.task.rules.temperature, 1).numpy(), atol=1e-4)
 
 
 def _manifest_with_sex(root, n_per_class=16):
@@ -414,7 +414,7 @@ def test_onnx_export_of_a_tta_run_averages_the_same_views_as_pytorch(tiny_run, t
     from medsight.inference import OnnxPredictor, Predictor, export_onnx
 
     ckpt = torch.load(tiny_run / "best.pt", map_location="cpu", weights_only=True)
-    ckpt["task"]["decision"]["tta"] = True
+    ckpt["task"]["rules"]["tta"] = True
     torch.save(ckpt, tmp_path / "tta.pt")
     export_onnx(tmp_path / "tta.pt", tmp_path / "m.onnx")
     imgs = [torch.rand(3, 40, 36, generator=torch.Generator().manual_seed(i)) for i in range(3)]

@@ -179,7 +179,7 @@ def training_loss(cfg: Config, task: Task, model: nn.Module, train_labels: Any) 
     t = cfg.train
     if t.head == "prototypical":
         return PrototypicalLoss(EmbeddingTap(model))
-    base = task.make_loss(cfg, train_labels)
+    base = task.head.loss(cfg, train_labels)
     if not (t.triplet_weight or t.center_weight):
         return base
     return EmbeddingLoss(base, EmbeddingTap(model), len(task.classes), t.triplet_weight, t.triplet_margin,
@@ -207,7 +207,7 @@ def build_run(cfg: Config, out: Path, dinfo: DistInfo, device: torch.device) -> 
         task = build_task(task.kind, bundle.classes, bundle.splits["train"].labels, cfg=cfg)  # the plan's head
     check_task_kind(cfg, task.kind)
     t = cfg.train
-    model, frozen = build_model(cfg, task.num_outputs)
+    model, frozen = build_model(cfg, task.head.num_outputs)
     dc = data_config(model)
     mean, std = list(dc["mean"]), list(dc["std"])
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -220,7 +220,9 @@ def build_run(cfg: Config, out: Path, dinfo: DistInfo, device: torch.device) -> 
     loaders, sampler, settings = _loaders(cfg, datasets, dinfo, device)
     phases = Phases(cfg, model, len(loaders["train"]), fused=device.type == "cuda")
     loss_fn = training_loss(cfg, task, model, bundle.splits["train"].labels).to(device)
-    mixer = make_mixer(cfg, task.num_outputs, model)
+    # the shift a weighted loss puts into the logits, undone by calibration (FittedRules.calibrate)
+    task.rules.logit_offset = task.head.logit_offset(cfg, bundle.splits["train"].labels)
+    mixer = make_mixer(cfg, task.head.num_outputs, model)
     refresh = (_prototype_refresh(model, datasets["train_eval"], t.batch_size * 2, device)
                if t.head == "prototypical" else None)
     scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" and t.grad_scaler is not False else None
@@ -234,5 +236,5 @@ def build_run(cfg: Config, out: Path, dinfo: DistInfo, device: torch.device) -> 
                        sam_bn=cfg.optim.sam_bn, sync_first_pass=cfg.optim.sam_sync_first_pass)
     return Run(cfg=cfg, out=out, dinfo=dinfo, device=device, bundle=bundle, task=task, model=model,
                step_model=step_model, frozen=frozen, mean=mean, std=std, datasets=datasets, loaders=loaders,
-               sampler=sampler, loss_fn=loss_fn, eval_loss_fn=task.eval_loss(), mixer=mixer, opts=opts, phases=phases,
+               sampler=sampler, loss_fn=loss_fn, eval_loss_fn=task.head.eval_loss(), mixer=mixer, opts=opts, phases=phases,
                plan=plan, before_eval=refresh, loader=settings)

@@ -50,7 +50,7 @@ def dry_run(cfg: Config, synthetic: bool = True, steps: int = 2) -> dict[str, An
         bundle = load_data(cfg.data)
         classes = bundle.classes
     task = build_task(cfg.data.task, classes, cfg=cfg)
-    model, frozen = build_model(cfg, task.num_outputs, pretrained=False)
+    model, frozen = build_model(cfg, task.head.num_outputs, pretrained=False)
     dc = data_config(model)
     size = cfg.data.image_size
     train_tf = make_transform(size, dc["mean"], dc["std"], train=True, cfg=cfg.data)
@@ -65,11 +65,11 @@ def dry_run(cfg: Config, synthetic: bool = True, steps: int = 2) -> dict[str, An
     model = model.to(device)
     optimizer = create_optimizer(model, cfg.optim)
     scheduler = create_scheduler(optimizer, cfg.schedule, cfg.train.epochs, 10, cfg.optim.lr)
-    loss_fn = task.make_loss(cfg, y.numpy() if synthetic else bundle.splits["train"].labels).to(device)
+    loss_fn = task.head.loss(cfg, y.numpy() if synthetic else bundle.splits["train"].labels).to(device)
     opts = StepOptions(grad_clip=cfg.train.grad_clip, accum_steps=min(cfg.train.accum_steps, len(y)),
                        precision=cfg.train.precision if device.type == "cuda" or cfg.train.precision == "bf16" else "fp32",
                        sam_bn=cfg.optim.sam_bn)
-    x_train, _, target = mix_batch(make_mixer(cfg, task.num_outputs), x_train.to(device), y.to(device))
+    x_train, _, target = mix_batch(make_mixer(cfg, task.head.num_outputs), x_train.to(device), y.to(device))
     model.train()
     losses = []
     for _ in range(steps):
@@ -80,8 +80,8 @@ def dry_run(cfg: Config, synthetic: bool = True, steps: int = 2) -> dict[str, An
         losses.append(float(loss))
     model.eval()
     with torch.no_grad():
-        probs = task.activation(model(x_eval.to(device))).cpu().numpy()
+        probs = task.head.activation(model(x_eval.to(device))).cpu().numpy()
     metrics = task.epoch_metrics(np.asarray(y), probs)
-    return {"model": cfg.model.name, "classes": task.num_outputs, "parameters": count_parameters(model),
+    return {"model": cfg.model.name, "classes": task.head.num_outputs, "parameters": count_parameters(model),
             "frozen": frozen, "losses": losses, "eval_accuracy": metrics["acc"], "images": len(y),
             "synthetic": synthetic, "pretrained_skipped": cfg.model.pretrained, "seconds": time.time() - t0}

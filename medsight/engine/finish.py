@@ -29,6 +29,7 @@ from medsight.reporting.figures import task_figures
 from medsight.reporting.html import baseline_table, write_report
 from medsight.reporting.model_card import model_card_sections, to_html, to_markdown
 from medsight.reporting.plots import plot_curves, plot_faithfulness, plot_gallery, plot_robustness
+from medsight.reporting.tables import summary_line, task_checklist
 from medsight.utils.files import make_private, save_atomic, write_text_atomic
 
 __all__ = ["finish_run", "StepTimer", "run_timing"]
@@ -75,7 +76,7 @@ def _explain(run: Run, model: torch.nn.Module, tp: Any, tl: Any, timer: StepTime
             sample = fixed_batches(run.datasets["test"], 1, batch_size=e.faithfulness_images, seed=cfg.train.seed)
             if sample:
                 faith = faithfulness(model, sample[0][0].to(run.device), e.faithfulness_methods, e.target_layer,
-                                     seed=cfg.train.seed, activation=run.task.activation)
+                                     seed=cfg.train.seed, activation=run.task.head.activation)
                 result["faithfulness"] = faith
                 plot_faithfulness(faith, out / "faithfulness.png")
     return result
@@ -145,14 +146,14 @@ def finish_run(run: Run, state: EpochState) -> dict[str, Any]:
                 plot_robustness(metrics["robustness"], out / "robustness.png")
                 metrics["figures"].append("robustness.png")
     metrics.update(_optional(metrics, "explain", _explain, run, model, tp, tl, timer) or {})
-    check = task.checklist(test_m, cfg.checklist.model_dump())
+    check = task_checklist(task, test_m, cfg.checklist.model_dump())
     if check:
         metrics["checklist"] = check
     if cfg.train.sharpness_batches:
         with timer("sharpness"):
             batches = fixed_batches(run.datasets["train_eval"], cfg.train.sharpness_batches, batch_size=64,
                                     seed=cfg.train.seed)
-            metrics["sharpness"] = sharpness(model, batches, rho=cfg.optim.rho, loss_fn=task.eval_loss(),
+            metrics["sharpness"] = sharpness(model, batches, rho=cfg.optim.rho, loss_fn=task.head.eval_loss(),
                                              seed=cfg.train.seed)
     if Path(run.bundle.source) == DEFAULT_DATA:
         metrics["baselines"] = baseline_table(cfg.model.name, test_m["auc"], test_m["accuracy"])
@@ -191,7 +192,7 @@ def _write_reports(run: Run, metrics: dict[str, Any]) -> None:
 
 
 def _log_summary(run: Run, metrics: dict[str, Any]) -> None:
-    log.info(f"test: {run.task.summary(metrics['test'])}")
+    log.info(f"test: {summary_line(run.task, metrics['test'])}")
     if "checklist" in metrics:
         failed = [f"{c['check']} {c['threshold']:g}" for c in metrics["checklist"]["checks"] if not c["pass"]]
         log.info(f"checklist: {'PASS' if not failed else 'FAIL (' + '; '.join(failed) + ')'}")

@@ -73,7 +73,7 @@ def train_one_epoch(run: Run, state: EpochState, epoch: int, progress: bool) -> 
         loss, logits = train_step(run.step_model, x, target, state.optimizer, run.loss_fn, opts=run.opts)
         state.scheduler.step()
         loss_dev += loss.detach().float() * len(y)
-        correct_dev += run.task.batch_correct(logits, y)  # against the unmixed labels
+        correct_dev += run.task.head.correct(logits, y, run.task.rules)  # against the unmixed labels
         sums["seen"] += len(y)
         if steps % SYNC_EVERY == 0:
             read()

@@ -116,6 +116,14 @@ def _restore(run: Run, state: EpochState, saved: dict[str, Any]) -> int:
     return epoch
 
 
+def monitor_value(epoch_metrics: dict[str, float | None], val_loss: float, monitor: str) -> float:
+    """The value that picks best.pt (higher is better): ``train.monitor``'s validation metric, or −loss."""
+    if monitor == "loss":
+        return -val_loss
+    v = epoch_metrics.get(monitor)
+    return float("-inf") if v is None else float(v)
+
+
 def _epoch(run: Run, state: EpochState, epoch: int, callbacks: list[Callback], progress: bool) -> None:
     t0 = time.time()
     if run.sampler is not None:
@@ -133,7 +141,7 @@ def _epoch(run: Run, state: EpochState, epoch: int, callbacks: list[Callback], p
     if "qwk" in val:  # graded labels: the validation kappa, shown each epoch
         row["val_qwk"] = val["qwk"] if val["qwk"] is not None else float("nan")
     state.history.append(row)
-    current = run.task.monitor_value(val, val_loss, run.cfg.train.monitor)
+    current = monitor_value(val, val_loss, run.cfg.train.monitor)
     improved = current > state.best
     if improved:
         state.best, state.best_epoch, state.since_best = current, epoch + 1, 0

@@ -26,7 +26,7 @@ def diversity(runs: list[RunData]) -> dict[str, Any]:
     Kuncheva & Whitaker, "Measures of Diversity in Classifier Ensembles", Machine Learning 51 (2003).
     """
     preds = {r.name: r.task.decide(r.test_probs) for r in runs}
-    correct = {r.name: r.task.per_image_correct(r.test_labels, r.test_probs) for r in runs}
+    correct = {r.name: r.task.readout.correct(r.test_labels, r.test_probs) for r in runs}
     pairs = []
     for a, b in itertools.combinations(runs, 2):
         ca, cb = correct[a.name], correct[b.name]

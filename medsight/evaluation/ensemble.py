@@ -21,9 +21,10 @@ from medsight.config import choices, config_from_dict
 from medsight.evaluation.compare import diversity, diversity_html
 from medsight.evaluation.runs import EnsembleError, RunData, check_compatible, load_run, save_predictions
 from medsight.inference.ensemble import combine, features
-from medsight.tasks import task_from_state
+from medsight.tasks import fresh_task
 from medsight.reporting.figures import task_figures
 from medsight.reporting.html import checklist_html, html_table, img_tag, page
+from medsight.reporting.tables import metric_tables, task_checklist
 from medsight.utils.files import PRIVATE_DIR, make_private, write_text_atomic
 
 __all__ = ["ensemble", "EnsembleMethod", "METHODS", "EnsembleError"]
@@ -118,7 +119,7 @@ def ensemble(run_paths: list[str | Path], method: str, out: str | Path, meta: st
     vp = combine(method, combiner, [r.val_probs for r in runs], k)
     tp = combine(method, combiner, [r.test_probs for r in runs], k)
     vl, tl = runs[0].val_labels, runs[0].test_labels
-    task = task_from_state({**runs[0].task.state(), "decision": {}})
+    task = fresh_task(runs[0].task)
     task.fit_decision(vl, vp)  # the ensemble's own decision rule, on validation predictions only
     val_m = task.metrics(vl, vp, n_boot=0)
     test_m = task.metrics(tl, tp, n_boot=1000, seed=seed)
@@ -128,7 +129,7 @@ def ensemble(run_paths: list[str | Path], method: str, out: str | Path, meta: st
             "members": [str((r.path / "best.pt").resolve()) for r in runs], "combiner": combiner}
     write_text_atomic(json.dumps(spec, indent=2), out / "ensemble.json")
     first_cfg = config_from_dict(load_checkpoint(runs[0].path / "best.pt")["config"])
-    check = task.checklist(test_m, first_cfg.checklist.model_dump())
+    check = task_checklist(task, test_m, first_cfg.checklist.model_dump())
     metrics: dict[str, Any] = {
         "val": val_m, "test": test_m, "classes": classes, "method": method, "task": task.kind,
         "members": [{"run": str(r.path), "model": r.model, "test_auc": r.metrics["test"]["auc"],
@@ -143,7 +144,7 @@ def ensemble(run_paths: list[str | Path], method: str, out: str | Path, meta: st
     members = html_table(["member", "model", "test AUC", "test accuracy"],
                          [[m["run"], m["model"], m["test_auc"], m["test_accuracy"]] for m in metrics["members"]])
     tables = "".join(f"<h3>{html.escape(name)}</h3>{html_table(header, rows)}"
-                     for name, header, rows in task.report_tables(metrics))
+                     for name, header, rows in metric_tables(task, metrics))
     figures = " ".join(img_tag(out / f) for f in metrics["figures"])
     body = (f"<h2>{html.escape(method)} ensemble of {len(runs)} runs</h2>{tables}{checklist_html(metrics.get('checklist'))}"
             f"<h2>Members</h2>{members}<pre>{html.escape(test_m.get('report', ''))}</pre>"

@@ -74,7 +74,7 @@ def _sanity_images(pred: Any, boxed: list[dict[str, Any]], paths: dict[str, Path
     x = torch.stack(xs).to(pred.device)
     with torch.no_grad():
         probs = pred.task.probabilities(pred.model(x)).cpu().numpy()
-    return x, [int(pred.task.explained_output(p)) for p in probs]
+    return x, [int(pred.task.readout.explained_output(p)) for p in probs]
 
 
 def audit_run(run: str | Path, out: str | Path, boxes: str | Path | None = None,

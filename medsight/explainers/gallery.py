@@ -30,11 +30,11 @@ def gradcam_gallery(model: torch.nn.Module, ds: ImageDataset, probs: np.ndarray,
     class (the marker on the positive cases), so the warning looks at the highest class mean.
     """
     rng = np.random.default_rng(seed)
-    groups = task.gallery_groups(labels, probs, per_class, rng)
+    groups = task.readout.gallery_groups(labels, probs, per_class, rng)
     sample = rng.choice(len(labels), size=min(len(labels), 256), replace=False)
     # (image, explained output) pairs: the border sample's (multi-label images are scored for each finding
-    # they carry, see Task.border_outputs) and the gallery's
-    outputs = {int(i): task.border_outputs(labels[int(i)], probs[int(i)]) for i in sample}
+    # they carry, see Readout.border_outputs) and the gallery's
+    outputs = {int(i): task.readout.border_outputs(labels[int(i)], probs[int(i)]) for i in sample}
     for _, ids, outs in groups:  # an image in several groups (one per finding it carries) keeps every output
         for i, o in zip(ids, outs):
             if o not in outputs.setdefault(i, []):
@@ -69,7 +69,7 @@ def gradcam_gallery(model: torch.nn.Module, ds: ImageDataset, probs: np.ndarray,
     allscores = torch.cat(scores).numpy() if scores else np.empty(0)
     cls = np.array(explained)
     ok = ~np.isnan(allscores)  # empty maps have no location
-    per = {task.classes[c]: float(allscores[ok & (cls == c)].mean()) for c in range(task.num_outputs)
+    per = {task.classes[c]: float(allscores[ok & (cls == c)].mean()) for c in range(task.head.num_outputs)
            if (ok & (cls == c)).sum() >= 3}
     mean = float(allscores[ok].mean()) if ok.any() else None
     worst = max(per.values()) if per else mean

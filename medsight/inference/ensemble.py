@@ -12,7 +12,7 @@ import torch
 
 from medsight.errors import MedsightError
 from medsight.inference.predictor import BasePredictor, Predictor
-from medsight.tasks import task_from_state
+from medsight.tasks import fresh_task, task_from_state
 
 __all__ = ["EnsemblePredictor", "combine", "features", "EnsembleFileError"]
 
@@ -108,7 +108,7 @@ class EnsemblePredictor(BasePredictor):
         if any(m.classes != self.classes for m in self.members):
             raise EnsembleFileError(f"{p}: a member's classes differ from the ensemble's {self.classes}")
         self.task = task_from_state(spec["task"]) if isinstance(spec.get("task"), dict) else \
-            task_from_state({**self.members[0].task.state(), "decision": {}})
+            fresh_task(self.members[0].task)
         self.image_size = self.members[0].image_size
         self.name = f"{spec['method']} ensemble of {', '.join(m.name for m in self.members)}"
 
@@ -126,7 +126,7 @@ class EnsemblePredictor(BasePredictor):
                 class_idx: int | None = None) -> np.ndarray:
         """Mean of the members' maps (each resized to the first member's input size) for one class."""
         if class_idx is None:
-            class_idx = self.task.explained_output(self.probabilities(img))
+            class_idx = self.task.readout.explained_output(self.probabilities(img))
         size = (self.image_size, self.image_size)
         maps = []
         for m in self.members:

@@ -127,7 +127,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 18, check:
     trained = load_trained(checkpoint, "cpu")
     model, ckpt, task, size = trained.model, trained.checkpoint, trained.task, trained.image_size
     # calibrated probabilities: the fitted temperature divides the logits inside the graph
-    wrapped = nn.Sequential(model, task.calibration_module(), task.activation_module()).eval()
+    wrapped = nn.Sequential(model, task.rules.calibration_module(), task.head.activation_module()).eval()
     example = torch.randn(2, 3, size, size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -213,7 +213,7 @@ class OnnxPredictor(BasePredictor):
                                   for got, want in zip(shape[1:], (3, self.image_size, self.image_size))):
             raise m.fail("medsight_image_size", f"disagrees with the graph's input shape {shape}")
         width = outs[0].shape[-1] if outs and outs[0].shape else None
-        if isinstance(width, int) and width not in (len(self.classes), self.task.num_outputs):
+        if isinstance(width, int) and width not in (len(self.classes), self.task.head.num_outputs):
             raise m.fail("medsight_classes", f"disagrees with the graph's {width} outputs")
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -224,6 +224,6 @@ class OnnxPredictor(BasePredictor):
 
     def probabilities_batch(self, prepared: Sequence[np.ndarray]) -> np.ndarray:
         x = np.stack(list(prepared))
-        if self.task.decision.get("tta"):  # the run chose test-time augmentation: the mean over its views, as
+        if self.task.rules.tta:  # the run chose test-time augmentation: the mean over its views, as
             return np.mean([self.run(v.numpy()) for v in tta_views(torch.from_numpy(x))], axis=0)  # in PyTorch
         return self.run(x)

@@ -73,7 +73,7 @@ class BasePredictor:
     def predict(self, img: torch.Tensor) -> dict[str, Any]:
         """The task's answer for one image (label, probabilities, ..., and whether to refer to a clinician when
         the model fitted an abstention threshold)."""
-        return self.task.answer(self.probabilities(img))
+        return self.task.readout.answer(self.probabilities(img))
 
 
 class Predictor(BasePredictor):
@@ -108,7 +108,7 @@ class Predictor(BasePredictor):
     @torch.no_grad()
     def probabilities_batch(self, prepared: Sequence[torch.Tensor]) -> np.ndarray:
         x = torch.stack(list(prepared)).to(self.device)
-        if self.task.decision.get("tta"):  # the run chose test-time augmentation: the mean over its views
+        if self.task.rules.tta:  # the run chose test-time augmentation: the mean over its views
             return torch.stack([self.task.probabilities(self.model(v)) for v in tta_views(x)]).mean(0).cpu().numpy()
         return self.task.probabilities(self.model(x)).cpu().numpy()
 
@@ -118,7 +118,7 @@ class Predictor(BasePredictor):
         x = self.preprocess(img)
         if class_idx is None:
             with torch.no_grad():
-                class_idx = self.task.explained_output(self.task.probabilities(self.model(x))[0].cpu().numpy())
+                class_idx = self.task.readout.explained_output(self.task.probabilities(self.model(x))[0].cpu().numpy())
         return explain(self.model, x, method=method, target_layer=target_layer, class_idx=class_idx)[0].cpu().numpy()
 
 
@@ -168,7 +168,7 @@ def predict_logits(model: nn.Module, loader: torch.utils.data.DataLoader, device
                    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Raw logits over a loader: ``(logits, labels, skipped files)``; logits are (N, K), or (V, N, K) with
     ``tta`` (one slice per view of :data:`medsight.inference.tta.TTA_VIEWS`, the first the plain image).
-    Calibration and decisions are fitted from these (see :meth:`medsight.tasks.Task.fit_temperature`)."""
+    Calibration and decisions are fitted from these (see :func:`medsight.evaluation.trust.fit_on_validation`)."""
     model.eval()
     logits, labels, skipped = [], [], []
     for x, y, bad in loader:

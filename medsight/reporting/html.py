@@ -11,6 +11,7 @@ import yaml
 
 from medsight.config import Config, config_to_dict
 from medsight.explainers.cam import BORDER_WARN
+from medsight.reporting.tables import metric_tables
 from medsight.utils.files import write_text_atomic
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ def write_report(out: Path, cfg: Config, metrics: dict[str, Any], task: Task, ti
     metric tables and test figures are the task's; ``card`` is the model card's HTML (a section of its own)."""
     test = metrics["test"]
     tables = "".join(f"<h3>{html.escape(name)}</h3>{html_table(header, rows)}"
-                     for name, header, rows in task.report_tables(metrics))
+                     for name, header, rows in metric_tables(task, metrics))
     figures = " ".join(img_tag(out / f) for f in metrics.get("figures", []))
     expl = metrics.get("explain", {})
     warn = ""

@@ -79,7 +79,7 @@ class Service:
     def _run_batch(self, prepared: list[Any]) -> list[dict[str, Any]]:
         with torch.inference_mode():
             probs = self.predictor.probabilities_batch(prepared)
-        return [self.predictor.task.answer(p) for p in probs]
+        return [self.predictor.task.readout.answer(p) for p in probs]
 
     def prepare(self, data: bytes, name: str) -> Any:
         """Decode an upload and fit it to the model's input (the per-image work, done in the request's thread)."""

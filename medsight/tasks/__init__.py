@@ -8,16 +8,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medsight.config import TaskKind, choices
-from medsight.tasks.base import GalleryGroup, Task
+from medsight.tasks.base import Task
+from medsight.tasks.heads import Head, TaskConfigError
 from medsight.tasks.multilabel import MultiLabelTask
 from medsight.tasks.ordinal import OrdinalTask
-from medsight.tasks.single_label import SingleLabelTask, TaskConfigError
+from medsight.tasks.readout import BinaryView, GalleryGroup, Readout
+from medsight.tasks.rules import FittedRules, RulesError
+from medsight.tasks.single_label import SingleLabelTask
 
 if TYPE_CHECKING:
     from medsight.config import Config
 
-__all__ = ["Task", "TASKS", "GalleryGroup", "SingleLabelTask", "OrdinalTask", "MultiLabelTask", "TaskConfigError", "build_task",
-           "task_from_state", "task_from_checkpoint", "infer_kind"]
+__all__ = ["Task", "TASKS", "GalleryGroup", "BinaryView", "Readout", "Head", "FittedRules", "RulesError",
+           "SingleLabelTask", "OrdinalTask", "MultiLabelTask", "TaskConfigError", "build_task", "task_from_state",
+           "task_from_checkpoint", "infer_kind", "fresh_task"]
 
 TASKS: dict[str, type[Task]] = {cls.kind: cls for cls in (SingleLabelTask, OrdinalTask, MultiLabelTask)}
 # every kind the config accepts has an implementation, and no implementation is unreachable
@@ -45,10 +49,18 @@ def build_task(kind: str, classes: list[str], labels: np.ndarray | None = None, 
 
 
 def task_from_state(state: dict[str, Any]) -> Task:
+    """The task a checkpoint stored (:meth:`Task.state`); checkpoints written before the fitted rules had a
+    type keep them under ``decision``, which is read the same way."""
     kind = state.get("kind")
     if kind not in TASKS:
         raise TaskConfigError(f"unknown task kind {kind!r} in the checkpoint; this medsight knows {', '.join(TASKS)}")
-    return TASKS[kind](list(state["classes"]), state.get("decision"), state.get("options"))
+    rules = state["rules"] if "rules" in state else state.get("decision")
+    return TASKS[kind](list(state["classes"]), rules, state.get("options"))
+
+
+def fresh_task(task: Task) -> Task:
+    """The same kind, classes and options with nothing fitted (an ensemble fits its own rules)."""
+    return TASKS[task.kind](list(task.classes), None, dict(task.options))
 
 
 def task_from_checkpoint(ckpt: dict[str, Any]) -> Task:
@@ -56,5 +68,5 @@ def task_from_checkpoint(ckpt: dict[str, Any]) -> Task:
     threshold, when present, sits at the top level)."""
     if isinstance(ckpt.get("task"), dict):
         return task_from_state(ckpt["task"])
-    decision = {"threshold": float(ckpt["threshold"])} if ckpt.get("threshold") is not None else {}
-    return SingleLabelTask(list(ckpt["classes"]), decision)
+    rules = {"threshold": float(ckpt["threshold"])} if ckpt.get("threshold") is not None else {}
+    return SingleLabelTask(list(ckpt["classes"]), rules)
