@@ -26,6 +26,7 @@ from medsight.reporting.figures import task_figures
 from medsight.reporting.html import img_tag, page
 from medsight.reporting.model_card import model_card_sections, to_html, to_markdown
 from medsight.reporting.plots import plot_explanation, plot_robustness
+from medsight.reporting.run_report import RunReport
 from medsight.utils.device import resolve_device
 from medsight.utils.files import PRIVATE_DIR, make_private, write_text_atomic
 
@@ -95,7 +96,7 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path | None = None, d
     if out_path is not None:
         figures = task_figures(task, out_path, {Path(source).name: (labels, probs)}, metrics, title=f"{source}")
         result["figures"] = figures + result["trust"].pop("figures")
-        write_text_atomic(json.dumps(result, indent=2), out_path / "metrics.json")
+        RunReport.of(result).write(out_path / "metrics.json")
         summary = {"source": source, "classes": task.classes,
                    "counts": {"external": label_counts(labels, len(task.classes))}, "images": {"external": len(labels)},
                    "patients": {"external": len(set(split.groups)) if split.groups else None},
@@ -143,9 +144,7 @@ def robustness_check(checkpoint: str | Path, data: str | None = None, out: str |
         make_private(o, only=["robustness.json", "robustness.png"])
     metrics_path = Path(checkpoint).parent / "metrics.json"
     if write and metrics_path.is_file():
-        metrics = json.loads(metrics_path.read_text())
-        metrics["robustness"] = result
-        write_text_atomic(json.dumps(metrics, indent=2), metrics_path)
+        RunReport.read(metrics_path).added(robustness=result).write(metrics_path)
         result["written"] = str(metrics_path)
     return result
 
@@ -214,8 +213,7 @@ def checkpoint_sharpness(checkpoint: str | Path, data: str | None = None, rho: f
     result["data"] = source
     metrics_path = Path(checkpoint).parent / "metrics.json"
     if write and metrics_path.is_file():
-        metrics = json.loads(metrics_path.read_text())
-        metrics["sharpness"] = {k: v for k, v in result.items() if k != "written"}
-        write_text_atomic(json.dumps(metrics, indent=2), metrics_path)
+        RunReport.read(metrics_path).added(sharpness={k: v for k, v in result.items() if k != "written"}).write(
+            metrics_path)
         result["written"] = str(metrics_path)
     return result

@@ -29,6 +29,7 @@ from medsight.reporting.figures import task_figures
 from medsight.reporting.html import baseline_table, write_report
 from medsight.reporting.model_card import model_card_sections, to_html, to_markdown
 from medsight.reporting.plots import plot_curves, plot_faithfulness, plot_gallery, plot_robustness
+from medsight.reporting.run_report import RunReport
 from medsight.reporting.tables import summary_line, task_checklist
 from medsight.utils.files import make_private, save_atomic, write_text_atomic
 
@@ -138,13 +139,7 @@ def finish_run(run: Run, state: EpochState) -> dict[str, Any]:
         _trust(run, metrics, tlog, tl, test_skipped)
     if cfg.eval.robustness:
         with timer("robustness"):
-            rob = _optional(metrics, "robustness", robustness, model, task, run.datasets["test"].data,
-                            run.datasets["test"].transform, device, seed=cfg.train.seed,
-                            num_workers=run.loader.num_workers if run.loader else 0)
-            if rob is not None:
-                metrics["robustness"] = rob
-                plot_robustness(metrics["robustness"], out / "robustness.png")
-                metrics["figures"].append("robustness.png")
+            _robustness(run, model, metrics)
     metrics.update(_optional(metrics, "explain", _explain, run, model, tp, tl, timer) or {})
     check = task_checklist(task, test_m, cfg.checklist.model_dump())
     if check:
@@ -166,6 +161,17 @@ def finish_run(run: Run, state: EpochState) -> dict[str, Any]:
     return metrics
 
 
+def _robustness(run: Run, model: torch.nn.Module, metrics: dict[str, Any]) -> None:
+    """The test metric under corruptions (eval.robustness), and its figure."""
+    test = run.datasets["test"]
+    rob = _optional(metrics, "robustness", robustness, model, run.task, test.data, test.transform, run.device,
+                    seed=run.cfg.train.seed, num_workers=run.loader.num_workers if run.loader else 0)
+    if rob is not None:
+        metrics["robustness"] = rob
+        plot_robustness(metrics["robustness"], run.out / "robustness.png")
+        metrics["figures"].append("robustness.png")
+
+
 def _trust(run: Run, metrics: dict[str, Any], tlog: Any, tl: Any, test_skipped: list[str]) -> None:
     """The trust measurements on test; without the subgroup table if that is the part that fails."""
     cfg, task = run.cfg, run.task
@@ -182,7 +188,8 @@ def _trust(run: Run, metrics: dict[str, Any], tlog: Any, tl: Any, test_skipped: 
 def _write_reports(run: Run, metrics: dict[str, Any]) -> None:
     """metrics.json first (it never depends on a plot), then the model card and report.html."""
     out = run.out
-    write_text_atomic(json.dumps(metrics, indent=2), out / "metrics.json")
+    report = RunReport.of(metrics)
+    report.write(out / "metrics.json")
     try:
         card = model_card_sections(metrics, config_to_dict(run.cfg), run.bundle.summary())
         write_text_atomic(to_markdown(card, out.name), out / "model_card.md")

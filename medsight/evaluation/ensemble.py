@@ -24,6 +24,7 @@ from medsight.inference.ensemble import combine, features
 from medsight.tasks import fresh_task
 from medsight.reporting.figures import task_figures
 from medsight.reporting.html import checklist_html, html_table, img_tag, page
+from medsight.reporting.run_report import RunReport
 from medsight.reporting.tables import metric_tables, task_checklist
 from medsight.utils.files import PRIVATE_DIR, make_private, write_text_atomic
 
@@ -140,7 +141,7 @@ def ensemble(run_paths: list[str | Path], method: str, out: str | Path, meta: st
     save_predictions(out, vp, vl, tp, tl, classes)
     metrics["figures"] = task_figures(task, out, {**{r.name: (tl, r.test_probs) for r in runs}, f"ensemble ({method})": (tl, tp)},
                                       test_m, title=f"{method} ensemble")
-    write_text_atomic(json.dumps(metrics, indent=2), out / "metrics.json")
+    RunReport.of(metrics).write(out / "metrics.json")
     members = html_table(["member", "model", "test AUC", "test accuracy"],
                          [[m["run"], m["model"], m["test_auc"], m["test_accuracy"]] for m in metrics["members"]])
     tables = "".join(f"<h3>{html.escape(name)}</h3>{html_table(header, rows)}"

@@ -150,6 +150,7 @@ def store_in_run(run: str | Path, result: dict[str, Any]) -> str:
     from medsight.data import DataError, load_data
     from medsight.reporting.html import write_report
     from medsight.reporting.model_card import model_card_sections, to_html, to_markdown
+    from medsight.reporting.run_report import RunReport
     from medsight.tasks import task_from_checkpoint
     from medsight.utils.files import write_text_atomic
 
@@ -157,9 +158,8 @@ def store_in_run(run: str | Path, result: dict[str, Any]) -> str:
     path = folder / "metrics.json"
     if not path.is_file():
         raise FileNotFoundError(f"{folder} holds no metrics.json: --store needs a run folder")
-    metrics = json.loads(path.read_text())
-    metrics.update({k: result[k] for k in ("localization", "sanity") if k in result})
-    write_text_atomic(json.dumps(metrics, indent=2), path)
+    metrics = RunReport.read(path).added(**{k: result[k] for k in ("localization", "sanity") if k in result})
+    metrics.write(path)
     ckpt = load_checkpoint(run_checkpoint(run))
     cfg = config_from_dict(ckpt["config"])
     try:

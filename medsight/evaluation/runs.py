@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 from medsight.checkpoint import load_checkpoint
 from medsight.errors import MedsightError
 from medsight.tasks import Task, task_from_checkpoint
+from medsight.reporting.run_report import RunReport
 
 __all__ = ["RunData", "load_run", "check_compatible", "save_predictions", "EnsembleError"]
 
@@ -47,7 +47,7 @@ def load_run(run: str | Path) -> RunData:
             raise EnsembleError(f"{p} is not a finished medsight run: {f.name} is missing")
     with np.load(pred_file, allow_pickle=False) as z:
         data = {k: z[k] for k in z.files}
-    metrics = json.loads(metrics_file.read_text())
+    metrics = RunReport.read(metrics_file).plain()
     ckpt = load_checkpoint(p / "best.pt")
     return RunData(path=p, name=p.name, model=ckpt["config"]["model"]["name"], classes=[str(c) for c in data["classes"]],
                    val_probs=data["val_probs"], val_labels=data["val_labels"], test_probs=data["test_probs"],

@@ -11,6 +11,7 @@ import yaml
 
 from medsight.config import Config, config_to_dict
 from medsight.explainers.cam import BORDER_WARN
+from medsight.reporting.run_report import RunReport
 from medsight.reporting.tables import metric_tables
 from medsight.utils.files import write_text_atomic
 
@@ -97,61 +98,67 @@ def page(title: str, body: str) -> str:
             f"<p class='warn'>Research software: not for clinical use.</p>{body}</body></html>")
 
 
-def write_report(out: Path, cfg: Config, metrics: dict[str, Any], task: Task, title: str = "medsight run",
-                 card: str = "") -> Path:
-    """A self-contained HTML page (figures embedded) with config, metrics, plots and the gallery; the
-    metric tables and test figures are the task's; ``card`` is the model card's HTML (a section of its own)."""
-    test = metrics["test"]
-    tables = "".join(f"<h3>{html.escape(name)}</h3>{html_table(header, rows)}"
-                     for name, header, rows in metric_tables(task, metrics))
-    figures = " ".join(img_tag(out / f) for f in metrics.get("figures", []))
-    expl = metrics.get("explain", {})
+def _faithfulness_html(faith: dict[str, Any] | None, out: Path) -> str:
+    if not faith:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(m)}</td><td>{v['deletion_auc']:.3f}</td><td>{v['insertion_auc']:.3f}</td></tr>"
+                   for m, v in faith["methods"].items())
+    return (f"<h3>Faithfulness ({faith['images']} test images)</h3><p>Deletion: the probability of the "
+            f"explained class as the hottest pixels are replaced by the mean colour (lower area = more faithful); "
+            f"insertion: as they are restored (higher = more faithful). The random map is the yardstick."
+            f"</p><table><tr><th>method</th><th>deletion AUC ↓</th><th>insertion AUC ↑</th></tr>{rows}"
+            f"</table>{img_tag(out / 'faithfulness.png')}")
+
+
+def _sharpness_html(sh: dict[str, Any] | None) -> str:
+    return (f"<h3>Sharpness</h3><p>max L(w+ε) − L(w) over ‖ε‖ ≤ {sh['rho']:g} on {sh['images']} training "
+            f"images: gradient ascent {sh['ascent']:.4f}, random directions {sh['random']:.4f} "
+            f"(loss at w {sh['loss']:.4f}). Flatter minima (smaller values) tend to generalize better.</p>"
+            if sh else "")
+
+
+def _gallery_html(expl: dict[str, Any], out: Path) -> str:
     warn = ""
     if expl.get("border_warning"):
         warn = (f'<p class="warn">⚠ Border score {expl["border_score_max_class"]:.3f} &gt; {BORDER_WARN} (highest class mean): the '
                 f'heatmaps concentrate on image borders/corners — check for shortcuts (markers, text, '
                 f'collimation).</p>')
-    baseline = metrics.get("baselines")
-    baseline_html = f"<h2>Published baselines</h2><pre>{html.escape(baseline)}</pre>" if baseline else ""
-    skipped = metrics.get("skipped_files", [])
+    return f"""<h2>Grad-CAM gallery ({html.escape(expl.get('method', ''))}, layer {html.escape(str(expl.get('target_layer')))})</h2>
+<p>Mean border score over {expl.get('n', 0)} test images: {fmt_cell(expl.get('border_score_mean'))}; per explained
+class: {html.escape(_fmt_scores(expl.get('border_score_per_class', {})))}
+(share of heat in the outer 10% band; a uniform map scores 0.36).</p>{warn}
+{img_tag(out / 'gradcam_gallery.png')}"""
+
+
+def write_report(out: Path, cfg: Config, metrics: RunReport | dict[str, Any], task: Task, title: str = "medsight run",
+                 card: str = "") -> Path:
+    """A self-contained HTML page (figures embedded) with config, metrics, plots and the gallery, from the run's
+    report; the metric tables and test figures are the task's; ``card`` is the model card's HTML."""
+    report = RunReport.of(metrics)
+    tables = "".join(f"<h3>{html.escape(name)}</h3>{html_table(header, rows)}"
+                     for name, header, rows in metric_tables(task, report.plain()))
+    figures = " ".join(img_tag(out / f) for f in report.figures)
+    baseline_html = (f"<h2>Published baselines</h2><pre>{html.escape(report.baselines)}</pre>"
+                     if report.baselines else "")
+    skipped = report.skipped_files
     skipped_html = (f"<p class='warn'>{len(skipped)} unreadable file(s) skipped: "
                     f"{html.escape(', '.join(skipped[:20]))}</p>") if skipped else ""
-    check_html = checklist_html(metrics.get("checklist"))
-    faith = metrics.get("faithfulness")
-    faith_html = ""
-    if faith:
-        rows_f = "".join(f"<tr><td>{html.escape(m)}</td><td>{v['deletion_auc']:.3f}</td><td>{v['insertion_auc']:.3f}</td></tr>"
-                         for m, v in faith["methods"].items())
-        faith_html = (f"<h3>Faithfulness ({faith['images']} test images)</h3><p>Deletion: the probability of the "
-                      f"explained class as the hottest pixels are replaced by the mean colour (lower area = more faithful); "
-                      f"insertion: as they are restored (higher = more faithful). The random map is the yardstick."
-                      f"</p><table><tr><th>method</th><th>deletion AUC ↓</th><th>insertion AUC ↑</th></tr>{rows_f}"
-                      f"</table>{img_tag(out / 'faithfulness.png')}")
-    sh = metrics.get("sharpness")
-    sharp_html = (f"<h3>Sharpness</h3><p>max L(w+ε) − L(w) over ‖ε‖ ≤ {sh['rho']:g} on {sh['images']} training "
-                  f"images: gradient ascent {sh['ascent']:.4f}, random directions {sh['random']:.4f} "
-                  f"(loss at w {sh['loss']:.4f}). Flatter minima (smaller values) tend to generalize better.</p>"
-                  if sh else "")
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{STYLE}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p class="note">Research use only — not for clinical use. Model {html.escape(cfg.model.name)} ·
-optimizer {html.escape(cfg.optim.name)} · best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')} ·
-{metrics.get('parameters', 0) / 1e6:.2f}M parameters · data {html.escape(str(metrics.get('data')))}</p>
+optimizer {html.escape(cfg.optim.name)} · best epoch {report.best_epoch} of {report.epochs_run} ·
+{(report.parameters or 0) / 1e6:.2f}M parameters · data {html.escape(str(report.data))}</p>
 {skipped_html}
 <h2>Metrics ({html.escape(task.kind.replace('_', '-'))})</h2>
 {tables}
-<pre>{html.escape(test.get('report', ''))}</pre>
-{check_html}{baseline_html}{sharp_html}
+<pre>{html.escape(report.test.get('report', ''))}</pre>
+{checklist_html(report.checklist)}{baseline_html}{_sharpness_html(report.sharpness)}
 <h2>Training curves</h2>{img_tag(out / 'curves.png')}
 <h2>Test figures</h2>{figures}
-<h2>Grad-CAM gallery ({html.escape(expl.get('method', ''))}, layer {html.escape(str(expl.get('target_layer')))})</h2>
-<p>Mean border score over {expl.get('n', 0)} test images: {fmt_cell(expl.get('border_score_mean'))}; per explained
-class: {html.escape(_fmt_scores(expl.get('border_score_per_class', {})))}
-(share of heat in the outer 10% band; a uniform map scores 0.36).</p>{warn}
-{img_tag(out / 'gradcam_gallery.png')}
-{faith_html}
+{_gallery_html(report.explain or {}, out)}
+{_faithfulness_html(report.faithfulness, out)}
 {f"<h2>Model card</h2>{card}" if card else ""}
 <h2>Configuration</h2><pre>{html.escape(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))}</pre>
 </body></html>

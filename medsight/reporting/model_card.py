@@ -17,6 +17,7 @@ from typing import Any
 from medsight.metrics.bootstrap import format_ci
 from medsight.reporting.html import html_table
 from medsight.reporting.localization import localization_sections
+from medsight.reporting.run_report import RunReport
 
 __all__ = ["model_card_sections", "to_markdown", "to_html", "code_version", "ANSWERED", "NOT_ANSWERED"]
 
@@ -211,41 +212,41 @@ def _robustness_section(rob: dict[str, Any] | None) -> Section:
                                                         "mean drop"], rows)]
 
 
-def model_card_sections(metrics: dict[str, Any], config: dict[str, Any], data: dict[str, Any] | None
+def model_card_sections(metrics: RunReport | dict[str, Any], config: dict[str, Any], data: dict[str, Any] | None
                         ) -> list[Section]:
-    """The card's sections from a run's (or an external evaluation's) metrics, resolved config and data summary."""
+    """The card's sections from a run's (or an external evaluation's) report, resolved config and data summary."""
+    report = RunReport.of(metrics)
     model, optim, train = config.get("model", {}), config.get("optim", {}), config.get("train", {})
     d = config.get("data", {})
     sections: list[Section] = [
         ("Intended use", [
             "Research and development of medical image classifiers. **Not for clinical use**: the model must not "
             "guide diagnosis or treatment.",
-            f"Task: {metrics.get('task', 'n/a')}; classes: {', '.join(metrics.get('classes', []))}."]),
+            f"Task: {report.task}; classes: {', '.join(report.classes)}."]),
     ]
     if data:
-        sections.append(_data_section(data, str(metrics.get("task", ""))))
+        sections.append(_data_section(data, report.task))
     sections.append(("Model and training settings", [(["setting", "value"], [
         ["model", model.get("name")], ["input size", d.get("image_size")],
         ["optimizer", f"{optim.get('name')} lr {optim.get('lr')}" + (f" rho {optim.get('rho')}" if 'sam' in
                                                                      str(optim.get('name')) else "")],
-        ["epochs (best)", f"{metrics.get('epochs_run', 'n/a')} ({metrics.get('best_epoch', 'n/a')})"],
+        ["epochs (best)", f"{_f(report.epochs_run)} ({_f(report.best_epoch)})"],
         ["loss / class weights", f"{train.get('loss')} / {train.get('class_weights')}"],
-        ["model selection", f"validation {metrics.get('monitor', train.get('monitor'))}"],
+        ["model selection", f"validation {report.monitor or train.get('monitor')}"],
         ["plan", "derived from the data (plan.json) for options not set" if config.get("plan") else "off"],
         ["seed", train.get("seed")]])]))
-    if "test" in metrics:
-        sections.append(_metrics_section(metrics["test"], str(metrics.get("task", ""))))
-    if "trust" in metrics:
-        sections += _trust_sections(metrics["trust"])
-    sections.append(_robustness_section(metrics.get("robustness")))
-    ex = metrics.get("explain")
+    sections.append(_metrics_section(report.test, report.task))
+    if report.trust is not None:
+        sections += _trust_sections(report.trust)
+    sections.append(_robustness_section(report.robustness))
+    ex = report.explain
     if ex:
         sections.append(("Shortcut check", [f"Grad-CAM border score (share of heat in the outer band; uniform "
                                             f"0.36): mean {_f(ex.get('border_score_mean'))}, highest class "
                                             f"{_f(ex.get('border_score_max_class'))}"
                                             + (" — **warning: possible shortcut**" if ex.get("border_warning") else "")
                                             + "."]))
-    sections += localization_sections(metrics)  # heatmaps against boxes, sanity checks: when measured
+    sections += localization_sections(report.plain())  # heatmaps against boxes, sanity checks: when measured
     sections.append(("Known limitations", [
         "Metrics come from one test split of the data named above; they need not transfer to other sites, "
         "scanners or populations (external validation: `medsight evaluate CHECKPOINT --data OTHER`).",
