@@ -457,16 +457,12 @@ def prepare_cache(cfg: DataConfig, out: str | Path, *, workers: int = 0, channel
     src, stats = _fingerprint(source, splits, options)
     pre = Preprocessing.from_config(cfg, channels)
     if manifest is not None:
-        reason = _stale_reason(manifest, src, pre)
-        if reason is None and manifest.get("preprocessing", {}).get("channels") != channels:
-            reason = f"it holds {manifest['preprocessing'].get('channels')} channel(s), not {channels}"
+        reason = _stale(folder, manifest, src, pre, channels, splits, stats)
         if reason is None and manifest.get("complete"):
             _check_integrity(folder, manifest)
             log.info("%s: the prepared cache is up to date", folder)
             return manifest
         if reason is not None:
-            changed = _changed_files(folder, manifest, splits, stats)
-            reason += f" (e.g. {', '.join(changed)})" if changed else ""
             if not rebuild:
                 raise CacheError(f"{folder} cannot be used: {reason}")
             log.warning("%s: rebuilding the prepared cache: %s", folder, reason)
@@ -486,6 +482,29 @@ def prepare_cache(cfg: DataConfig, out: str | Path, *, workers: int = 0, channel
     state = {"splits": splits, "geometry": geometric_step(pre.size, cfg), "channels": channels,
              "row_shape": row_shape, "files": {n: folder / f"{n}_images.npy" for n in splits},
              "offsets": {n: _header_size(folder / f"{n}_images.npy") for n in splits}}
+    _run_or_clean_up(folder, manifest, state, workers)
+    _finish(folder, manifest)
+    if manifest["skipped"]:
+        log.warning("%s: %d file(s) could not be read and were left out (listed in %s)", folder,
+                    len(manifest["skipped"]), folder / SKIPPED)
+    return manifest
+
+
+def _stale(folder: Path, manifest: dict[str, Any], src: dict[str, Any], pre: Preprocessing, channels: int,
+           splits: dict[str, SplitData], stats: dict[str, Stats]) -> str | None:
+    """Why the cache in ``folder`` does not fit this source and preprocessing (with files that changed, when
+    known), or None when it does."""
+    reason = _stale_reason(manifest, src, pre)
+    if reason is None and manifest.get("preprocessing", {}).get("channels") != channels:
+        reason = f"it holds {manifest['preprocessing'].get('channels')} channel(s), not {channels}"
+    if reason is not None:
+        changed = _changed_files(folder, manifest, splits, stats)
+        reason += f" (e.g. {', '.join(changed)})" if changed else ""
+    return reason
+
+
+def _run_or_clean_up(folder: Path, manifest: dict[str, Any], state: dict[str, Any], workers: int) -> None:
+    """Prepare the chunks still to do; a full disk removes the partial output and says so."""
     try:
         _run_chunks(folder, manifest, state, workers)
     except OSError as exc:
@@ -494,11 +513,6 @@ def prepare_cache(cfg: DataConfig, out: str | Path, *, workers: int = 0, channel
         _remove_output(folder, manifest)
         raise CacheError(f"the disk holding {folder} is full ({exc.strerror or exc}); the partial cache was "
                          f"removed. Free space or choose another --out") from None
-    _finish(folder, manifest)
-    if manifest["skipped"]:
-        log.warning("%s: %d file(s) could not be read and were left out (listed in %s)", folder,
-                    len(manifest["skipped"]), folder / SKIPPED)
-    return manifest
 
 
 def _header_size(path: Path) -> int:

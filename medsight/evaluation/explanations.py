@@ -95,9 +95,6 @@ def audit_run(run: str | Path, out: str | Path, boxes: str | Path | None = None,
         max_overlays: draw the overlays of the first boxes only (default: every box).
     """
     from medsight.inference import Predictor
-    from medsight.reporting.html import page
-    from medsight.reporting.localization import localization_sections, overlays_html
-    from medsight.reporting.model_card import to_html
 
     if boxes is None and not sanity:
         raise ValueError("nothing to check: give --boxes BOXES.csv and/or --sanity")
@@ -120,26 +117,43 @@ def audit_run(run: str | Path, out: str | Path, boxes: str | Path | None = None,
         boxed = loc["boxes"]
     if sanity:
         x, cls = _sanity_images(pred, boxed, paths, None if boxes is not None else images, sanity_images, seed)
-        result["sanity"] = {"cascading": cascading_randomization(pred.model, x, cls, methods, target_layer, seed,
-                                                                  n_boot)}
-        if shuffled_run is not None:
-            other = Predictor(run_checkpoint(shuffled_run), device)
-            if other.name != pred.name or other.classes != pred.classes:
-                raise ValueError(f"--shuffled-run {shuffled_run} is a {other.name} with classes "
-                                 f"{', '.join(other.classes)}; the data-randomization test needs the same model "
-                                 f"({pred.name}, {', '.join(pred.classes)}) trained on shuffled labels")
-            result["sanity"]["data"] = data_randomization(pred.model, other.model, x, cls, methods, target_layer,
-                                                          n_boot, seed)
-            result["sanity"]["data"]["shuffled_run"] = str(shuffled_run)
+        result["sanity"] = _sanity_checks(pred, x, cls, methods, target_layer, shuffled_run, device, n_boot, seed)
+    _write_checks(result, out)
+    if store:
+        result["stored"] = store_in_run(run, result)
+    return result
+
+
+def _sanity_checks(pred: Any, x: torch.Tensor, cls: list[int], methods: Sequence[str], target_layer: str | None,
+                   shuffled_run: str | Path | None, device: str, n_boot: int, seed: int) -> dict[str, Any]:
+    """The cascading model-randomization test and, given ``shuffled_run`` (the same model trained on shuffled
+    labels), the data-randomization test."""
+    from medsight.inference import Predictor
+
+    checks: dict[str, Any] = {"cascading": cascading_randomization(pred.model, x, cls, methods, target_layer, seed,
+                                                                   n_boot)}
+    if shuffled_run is not None:
+        other = Predictor(run_checkpoint(shuffled_run), device)
+        if other.name != pred.name or other.classes != pred.classes:
+            raise ValueError(f"--shuffled-run {shuffled_run} is a {other.name} with classes "
+                             f"{', '.join(other.classes)}; the data-randomization test needs the same model "
+                             f"({pred.name}, {', '.join(pred.classes)}) trained on shuffled labels")
+        checks["data"] = data_randomization(pred.model, other.model, x, cls, methods, target_layer, n_boot, seed)
+        checks["data"]["shuffled_run"] = str(shuffled_run)
+    return checks
+
+
+def _write_checks(result: dict[str, Any], out: Path) -> None:
+    """``out/localization.json`` and ``out/report.html``."""
+    from medsight.reporting.html import page
+    from medsight.reporting.localization import localization_sections, overlays_html
+    from medsight.reporting.model_card import to_html
     from medsight.utils.files import write_text_atomic
 
     write_text_atomic(json.dumps(result, indent=2), out / "localization.json")
     body = to_html(localization_sections(result)) + overlays_html(result, out)
     write_text_atomic(page(f"medsight explanation checks: {Path(result['checkpoint']).parent.name}", body),
                       out / "report.html")
-    if store:
-        result["stored"] = store_in_run(run, result)
-    return result
 
 
 def store_in_run(run: str | Path, result: dict[str, Any]) -> str:
@@ -195,8 +209,6 @@ def localize(pred: Predictor, boxes: Sequence[Box], images: Mapping[str, Path], 
         ``settings``, ``methods`` (each method's and ``centre`` / ``random``'s scores overall and per finding),
         ``boxes`` (per box: where it landed and its scores) and ``skipped`` (the rows left out, why).
     """
-    from medsight.data.imageio import ImageReadError, read_image
-
     from medsight.explainers.cam import EXPLAINERS
 
     for m in methods:
@@ -209,24 +221,37 @@ def localize(pred: Predictor, boxes: Sequence[Box], images: Mapping[str, Path], 
     tol = default_tolerance(size) if tolerance is None else float(tolerance)
     matched = match_boxes(boxes, images, pred.classes, where)
     skipped = list(problems) + matched.problems
+    kept, maps = _box_heatmaps(pred, matched.boxes, methods, target_layer, skipped, out, max_overlays)
+    if not kept:
+        raise BoxListError("no box could be scored: " + "; ".join(skipped[:20]))
+    all_maps = {m: np.stack(maps[m]) for m in methods}
+    all_maps["centre"] = np.broadcast_to(centre_prior(size), (len(kept), size, size))
+    all_maps["random"] = random_maps(len(kept), size, seed)
+    result = _score_boxes(kept, all_maps, tol, iou_threshold, n_boot, seed)
+    settings = {"image_size": size, "resize": view.resize, "tolerance_px": round(tol, 3),
+                "iou_threshold": iou_threshold, "centre_sigma": 0.25, "n_boot": n_boot, "seed": seed,
+                "target_layer": target_layer}
+    return {"settings": settings, "methods": result, "boxes": kept, "skipped": skipped}
+
+
+def _box_heatmaps(pred: Predictor, matched: Sequence[tuple[Box, Path, int]], methods: Sequence[str],
+                  target_layer: str | None, skipped: list[str], out: str | Path | None,
+                  max_overlays: int | None) -> tuple[list[dict[str, Any]], dict[str, list[np.ndarray]]]:
+    """The record of each box that can be scored and each method's heatmap of it (overlays drawn into ``out``
+    for the first ``max_overlays``); the boxes that cannot are added to ``skipped``, with the reason."""
+    from medsight.data.imageio import ImageReadError, read_image
+
     kept: list[dict[str, Any]] = []
     maps: dict[str, list[np.ndarray]] = {m: [] for m in methods}
-    for box, path, k in matched.boxes:
+    for box, path, k in matched:
         try:
             img = read_image(path)
         except ImageReadError as exc:
             skipped.append(f"{box.where()}: {exc}")
             continue
-        h, w = img.shape[-2:]
-        if abs((box.width / box.height) / (w / h) - 1) > 0.02:
-            skipped.append(f"{box.where()}: its coordinates refer to a {box.width:g}x{box.height:g} image, but "
-                           f"{box.image} is {w}x{h} (another shape); give the coordinates' size (width,height "
-                           f"columns or --box-size)")
-            continue
-        v = box_in_view(box, (h, w), size, view.resize)
-        if v is None:
-            skipped.append(f"{box.where()}: the box lies outside the part of the image the model sees "
-                           f"(resize {view.resize})")
+        v = _placed(box, img.shape[-2:], pred.image_size, pred.data_cfg.resize)
+        if isinstance(v, str):
+            skipped.append(v)
             continue
         heat = {m: pred.heatmap(img, m, target_layer, k) for m in methods}
         for m in methods:
@@ -236,23 +261,34 @@ def localize(pred: Predictor, boxes: Sequence[Box], images: Mapping[str, Path], 
         if out is not None and (max_overlays is None or len(kept) < max_overlays):
             rec["overlay"] = _draw(pred, img, heat, v, box, Path(out))
         kept.append(rec)
-    if not kept:
-        raise BoxListError("no box could be scored: " + "; ".join(skipped[:20]))
+    return kept, maps
+
+
+def _placed(box: Box, hw: tuple[int, int], size: int, resize: str) -> tuple[float, ...] | str:
+    """The box in the input frame of an image of ``hw`` pixels, or why it cannot be placed there."""
+    h, w = hw
+    if abs((box.width / box.height) / (w / h) - 1) > 0.02:
+        return (f"{box.where()}: its coordinates refer to a {box.width:g}x{box.height:g} image, but "
+                f"{box.image} is {w}x{h} (another shape); give the coordinates' size (width,height "
+                f"columns or --box-size)")
+    v = box_in_view(box, (h, w), size, resize)
+    if v is None:
+        return f"{box.where()}: the box lies outside the part of the image the model sees (resize {resize})"
+    return v
+
+
+def _score_boxes(kept: list[dict[str, Any]], all_maps: Mapping[str, np.ndarray], tol: float, iou_threshold: float,
+                 n_boot: int, seed: int) -> dict[str, Any]:
+    """Each map set's scores summarized (overall and per finding); each box's own scores added to its record."""
     rect = np.array([r["box_input"] for r in kept], dtype=np.float64)
     findings = [r["finding"] for r in kept]
-    all_maps = {m: np.stack(maps[m]) for m in methods}
-    all_maps["centre"] = np.broadcast_to(centre_prior(size), (len(kept), size, size))
-    all_maps["random"] = random_maps(len(kept), size, seed)
     result: dict[str, Any] = {}
     for name, mm in all_maps.items():
         s = score_maps(mm, rect, tol, iou_threshold)
         result[name] = summarize(s, findings, n_boot, seed)
         for r, *vals in zip(kept, *(s[k] for k in SCORES)):
             r.setdefault("scores", {})[name] = dict(zip(SCORES, (float(x) for x in vals)))
-    settings = {"image_size": size, "resize": view.resize, "tolerance_px": round(tol, 3),
-                "iou_threshold": iou_threshold, "centre_sigma": 0.25, "n_boot": n_boot, "seed": seed,
-                "target_layer": target_layer}
-    return {"settings": settings, "methods": result, "boxes": kept, "skipped": skipped}
+    return result
 
 
 def _draw(pred: Predictor, img: Any, heat: Mapping[str, np.ndarray], v: Sequence[float], box: Box, out: Path) -> str:

@@ -94,6 +94,25 @@ def read_boxes(path: str | Path, size: tuple[float, float] | None = None) -> tup
         BoxListError: the file is missing, too large, not a box list, or no row is usable.
     """
     p = Path(path)
+    rows = _read_rows(p, size)
+    header = [h.strip().lower() for h in rows[0]]
+    cols, default = _columns(p, rows[0], header, size)
+    boxes, problems = [], []
+    for line, r in enumerate(rows[1:], start=2):
+        if not any(c.strip() for c in r):
+            continue
+        found = _row_box(r, line, cols, default, len(header))
+        if isinstance(found, Box):
+            boxes.append(found)
+        else:
+            problems.append(found)
+    if not boxes:
+        raise BoxListError(f"no usable box in {p}: " + ("; ".join(problems[:20]) if problems else "it has no rows"))
+    return boxes, problems
+
+
+def _read_rows(p: Path, size: tuple[float, float] | None) -> list[list[str]]:
+    """The CSV rows of a box list (header first), the file and ``size`` checked."""
     if not p.is_file():
         raise BoxListError(f"box list not found: {p}")
     if p.stat().st_size > MAX_BYTES:
@@ -107,55 +126,51 @@ def read_boxes(path: str | Path, size: tuple[float, float] | None = None) -> tup
     rows = list(csv.reader(io.StringIO(text)))
     if not rows:
         raise BoxListError(f"box list {p} is empty")
-    header = [h.strip().lower() for h in rows[0]]
+    return rows
+
+
+def _columns(p: Path, first: list[str], header: list[str],
+             size: tuple[float, float] | None) -> tuple[dict[str, int], tuple[float, float] | None]:
+    """Where each field sits in a row (NIH's layout or named columns) and the coordinates' default image size."""
     if tuple(header[:2]) == _NIH_HEADER and len(header) == 6 and header[2].startswith("bbox"):
-        cols = {"image": 0, "finding": 1, "x": 2, "y": 3, "w": 4, "h": 5}
-        default = size or NIH_SIZE
-    else:
-        need = ("image", "finding", "x", "y", "w", "h")
-        missing = [c for c in need if c not in header]
-        if missing:
-            raise BoxListError(f"box list {p} lacks column(s) {', '.join(missing)}: expected NIH's "
-                               f"'Image Index,Finding Label,Bbox [x,y,w,h]' or image,finding,x,y,w,h[,width,height]; "
-                               f"its header is {','.join(rows[0])}")
-        cols = {c: header.index(c) for c in need}
-        if "width" in header and "height" in header:
-            cols.update(width=header.index("width"), height=header.index("height"))
-        elif size is None:
-            raise BoxListError(f"box list {p} does not say the image size its coordinates refer to: add width,height "
-                               f"columns or give the size (--box-size WxH)")
-        default = size
-    boxes, problems = [], []
-    for line, r in enumerate(rows[1:], start=2):
-        if not any(c.strip() for c in r):
-            continue
-        if len(r) <= max(cols.values()):
-            problems.append(f"row {line}: {len(r)} fields, expected {len(header)}")
-            continue
-        image, finding = r[cols["image"]].strip(), r[cols["finding"]].strip()
-        where = f"row {line} ({image}, {finding})"
-        if not _plain_image_name(image):
-            problems.append(f"{where}: the image must be a file name, without folders")
-            continue
-        try:
-            x, y, w, h = (_number(r[cols[k]]) for k in ("x", "y", "w", "h"))
-            width, height = ((_number(r[cols["width"]]), _number(r[cols["height"]])) if "width" in cols
-                             else (float(default[0]), float(default[1])))  # type: ignore[index]
-        except ValueError:
-            problems.append(f"{where}: x, y, w, h{', width, height' if 'width' in cols else ''} must be numbers")
-            continue
-        if w <= 0 or h <= 0 or width <= 0 or height <= 0:
-            problems.append(f"{where}: box size {w:g}x{h:g} on a {width:g}x{height:g} image must be positive")
-            continue
-        slack = 0.5  # half a pixel: rounding in published lists
-        if x < -slack or y < -slack or x + w > width + slack or y + h > height + slack:
-            problems.append(f"{where}: box x {x:g}..{x + w:g}, y {y:g}..{y + h:g} lies outside the {width:g}x"
-                            f"{height:g} image its coordinates refer to")
-            continue
-        boxes.append(Box(image, finding, x, y, w, h, width, height, line))
-    if not boxes:
-        raise BoxListError(f"no usable box in {p}: " + ("; ".join(problems[:20]) if problems else "it has no rows"))
-    return boxes, problems
+        return {"image": 0, "finding": 1, "x": 2, "y": 3, "w": 4, "h": 5}, size or NIH_SIZE
+    need = ("image", "finding", "x", "y", "w", "h")
+    missing = [c for c in need if c not in header]
+    if missing:
+        raise BoxListError(f"box list {p} lacks column(s) {', '.join(missing)}: expected NIH's "
+                           f"'Image Index,Finding Label,Bbox [x,y,w,h]' or image,finding,x,y,w,h[,width,height]; "
+                           f"its header is {','.join(first)}")
+    cols = {c: header.index(c) for c in need}
+    if "width" in header and "height" in header:
+        cols.update(width=header.index("width"), height=header.index("height"))
+    elif size is None:
+        raise BoxListError(f"box list {p} does not say the image size its coordinates refer to: add width,height "
+                           f"columns or give the size (--box-size WxH)")
+    return cols, size
+
+
+def _row_box(r: list[str], line: int, cols: dict[str, int], default: tuple[float, float] | None,
+             n_header: int) -> Box | str:
+    """The box of row ``line``, or the message saying why it cannot be used."""
+    if len(r) <= max(cols.values()):
+        return f"row {line}: {len(r)} fields, expected {n_header}"
+    image, finding = r[cols["image"]].strip(), r[cols["finding"]].strip()
+    where = f"row {line} ({image}, {finding})"
+    if not _plain_image_name(image):
+        return f"{where}: the image must be a file name, without folders"
+    try:
+        x, y, w, h = (_number(r[cols[k]]) for k in ("x", "y", "w", "h"))
+        width, height = ((_number(r[cols["width"]]), _number(r[cols["height"]])) if "width" in cols
+                         else (float(default[0]), float(default[1])))  # type: ignore[index]
+    except ValueError:
+        return f"{where}: x, y, w, h{', width, height' if 'width' in cols else ''} must be numbers"
+    if w <= 0 or h <= 0 or width <= 0 or height <= 0:
+        return f"{where}: box size {w:g}x{h:g} on a {width:g}x{height:g} image must be positive"
+    slack = 0.5  # half a pixel: rounding in published lists
+    if x < -slack or y < -slack or x + w > width + slack or y + h > height + slack:
+        return (f"{where}: box x {x:g}..{x + w:g}, y {y:g}..{y + h:g} lies outside the {width:g}x"
+                f"{height:g} image its coordinates refer to")
+    return Box(image, finding, x, y, w, h, width, height, line)
 
 
 def box_in_view(box: Box, image_hw: tuple[int, int], size: int, resize: str = "squash") -> tuple[float, ...] | None:

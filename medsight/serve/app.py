@@ -62,6 +62,24 @@ def create_app(checkpoint: str | Path, device: str = "auto", page: bool = True, 
     """
     service = Service(checkpoint, device, onnx=onnx, batching=batching)
     uploads = UploadFolder() if page else None  # before Gradio builds anything: it points Gradio's cache there
+    app = FastAPI(title="medsight", description=NOTICE, lifespan=_lifespan(service, uploads))
+    _add_error_handlers(app)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return service.info
+
+    _add_predict(app, service)
+    _add_explain(app, service)
+    if uploads is not None:
+        app = _mount_page(app, service, uploads)
+    app.add_middleware(Guard, admission=service.admission, uploads=uploads)
+    app.state.service = service
+    return app
+
+
+def _lifespan(service: Service, uploads: UploadFolder | None) -> Any:
+    """The app's lifespan: on shutdown the service closes and the page's upload folder is removed."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -72,8 +90,11 @@ def create_app(checkpoint: str | Path, device: str = "auto", page: bool = True, 
             if uploads is not None:
                 uploads.remove()
 
-    app = FastAPI(title="medsight", description=NOTICE, lifespan=lifespan)
+    return lifespan
 
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Each typed error answered with its status code (``service.STATUS``) and its message."""
     for exc_type, code in STATUS:
         def handler(_: Request, exc: Exception, code: int = code) -> JSONResponse:
             retry = getattr(exc, "retry_after", None)
@@ -81,29 +102,36 @@ def create_app(checkpoint: str | Path, device: str = "auto", page: bool = True, 
                                 headers={"Retry-After": str(retry)} if retry is not None else None)
         app.add_exception_handler(exc_type, handler)
 
-    def read(file: UploadFile) -> Any:
-        data = file.file.read(MAX_UPLOAD_BYTES + 1)
-        return service.decode(data, file.filename or "upload")
 
-    @app.get("/health")
-    def health() -> dict[str, Any]:
-        return service.info
+def _read(service: Service, file: UploadFile) -> Any:
+    data = file.file.read(MAX_UPLOAD_BYTES + 1)
+    return service.decode(data, file.filename or "upload")
 
-    one_file = {"max_body_size": MAX_UPLOAD_BYTES + _FORM_OVERHEAD, "form_limits": _ONE_FILE}
+
+#: The route settings of an endpoint taking one uploaded file.
+_ONE_FILE_ROUTE = {"max_body_size": MAX_UPLOAD_BYTES + _FORM_OVERHEAD, "form_limits": _ONE_FILE}
+
+
+def _add_predict(app: FastAPI, service: Service) -> None:
+    """``POST /predict``: through the micro-batcher when batching is on, else a plain threaded call."""
     if service.batcher is not None:
-        @app.post("/predict", **one_file)
+        @app.post("/predict", **_ONE_FILE_ROUTE)
         async def predict(file: UploadFile = File(...)) -> dict[str, Any]:
             data = await file.read(MAX_UPLOAD_BYTES + 1)
             prepared = await run_in_threadpool(service.prepare, data, file.filename or "upload")
             return {"file": file.filename, **await asyncio.wrap_future(service.submit(prepared))}
     else:
-        @app.post("/predict", **one_file)
+        @app.post("/predict", **_ONE_FILE_ROUTE)
         def predict(file: UploadFile = File(...)) -> dict[str, Any]:
-            return {"file": file.filename, **service.predict(read(file))}
+            return {"file": file.filename, **service.predict(_read(service, file))}
+
+
+def _add_explain(app: FastAPI, service: Service) -> None:
+    """``POST /explain``: the image beside its overlay as a PNG, the prediction in the headers."""
 
     @app.post("/explain", max_body_size=MAX_UPLOAD_BYTES + _FORM_OVERHEAD, form_limits={**_ONE_FILE, "max_fields": 2})
     def explain(file: UploadFile = File(...), method: str = Form("gradcam"), target: str = Form("")) -> Response:
-        img = read(file)
+        img = _read(service, file)
         png, meta = service.explain_png(img, method, target or None)
         border = meta["border_score"]
         headers = {"X-Label": _header(meta["label"]), "X-Explained": _header(meta["explained"]),
@@ -113,23 +141,22 @@ def create_app(checkpoint: str | Path, device: str = "auto", page: bool = True, 
             headers["X-Findings"] = _header("|".join(meta["findings"]))
         return Response(png, media_type="image/png", headers=headers)
 
-    if uploads is not None:
-        import gradio as gr
 
-        from medsight.serve.page import build_page
+def _mount_page(app: FastAPI, service: Service, uploads: UploadFolder) -> Any:
+    """The page's upload route (shadowing Gradio's own) and the Gradio page mounted at ``/``."""
+    import gradio as gr
 
-        @app.post(UPLOAD, **one_file)  # the page's upload (Gradio's own route is shadowed): one file -> one token
-        def upload(files: list[UploadFile] = File(...)) -> list[str]:
-            (file,) = files
-            if file.size is None or file.size > MAX_UPLOAD_BYTES:
-                raise ImageTooLargeError(f"{file.filename or 'upload'}: more than the {MAX_UPLOAD_BYTES:,}-byte "
-                                         f"upload limit")
-            return [uploads.store(file.file, file.filename or "upload", file.size)]
+    from medsight.serve.page import build_page
 
-        app = gr.mount_gradio_app(app, build_page(service, uploads), path="/", max_file_size=MAX_UPLOAD_BYTES)
-    app.add_middleware(Guard, admission=service.admission, uploads=uploads)
-    app.state.service = service
-    return app
+    @app.post(UPLOAD, **_ONE_FILE_ROUTE)  # the page's upload (Gradio's own route is shadowed): one file -> one token
+    def upload(files: list[UploadFile] = File(...)) -> list[str]:
+        (file,) = files
+        if file.size is None or file.size > MAX_UPLOAD_BYTES:
+            raise ImageTooLargeError(f"{file.filename or 'upload'}: more than the {MAX_UPLOAD_BYTES:,}-byte "
+                                     f"upload limit")
+        return [uploads.store(file.file, file.filename or "upload", file.size)]
+
+    return gr.mount_gradio_app(app, build_page(service, uploads), path="/", max_file_size=MAX_UPLOAD_BYTES)
 
 
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",

@@ -59,78 +59,105 @@ def _png_html(rgb: np.ndarray) -> str:
 MOST_PROBABLE = "(the decided / most probable)"
 
 
-def build_page(service: Service, uploads: UploadFolder) -> Any:
-    """The Gradio page over ``service``. Its file values are upload tokens of ``uploads`` (the server's
-    guard has checked them and handed Gradio the stored file); each upload is deleted once decoded."""
-    from medsight.data.imageio import ImageReadError
+class _Handlers:
+    """The page's event handlers over ``service``; file values are upload tokens of ``uploads``."""
 
-    def token_of(file: Any) -> tuple[str, str]:
+    def __init__(self, service: Service, uploads: UploadFolder) -> None:
+        self.service = service
+        self.uploads = uploads
+
+    def token_of(self, file: Any) -> tuple[str, str]:
         try:
-            return uploads.resolve(file)
+            return self.uploads.resolve(file)
         except UploadRefusedError as exc:
             raise gr.Error(str(exc)) from None
 
-    def decode(file: Any) -> tuple[str, Any] | None:
+    def decode(self, file: Any) -> tuple[str, Any] | None:
         """(token, decoded image) of an upload, deleting its file; None when it was read before."""
+        from medsight.data.imageio import ImageReadError
+
         try:
-            token, name, data = uploads.read(file, MAX_UPLOAD_BYTES)
+            token, name, data = self.uploads.read(file, MAX_UPLOAD_BYTES)
         except UploadRefusedError as exc:
             raise gr.Error(str(exc)) from None
         if data is None:
             return None
         try:
-            return token, service.decode(data, name)
+            return token, self.service.decode(data, name)
         except ImageReadError as exc:
             raise gr.Error(str(exc)) from None
 
-    def receive(file: Any) -> Any:
+    def receive(self, file: Any) -> Any:
         """Decode an upload into the session's memory (and delete its file)."""
         if not file:
             return None
-        found = decode(file)
+        found = self.decode(file)
         return gr.skip() if found is None else found  # None: a run that came first read it
 
-    def run(file: Any, method: str, held: Any) -> tuple[dict[str, float], str, str, Any]:
-        return run_for(file, method, held, None)
+    def run(self, file: Any, method: str, held: Any) -> tuple[dict[str, float], str, str, Any]:
+        return self.run_for(file, method, held, None)
 
-    def show(file: Any, method: str, target: str, held: Any) -> tuple[dict[str, float], str, str, Any]:
+    def show(self, file: Any, method: str, target: str, held: Any) -> tuple[dict[str, float], str, str, Any]:
         """The heatmap of the class or finding chosen in the selector."""
-        return run_for(file, method, held, None if target == MOST_PROBABLE else target)
+        return self.run_for(file, method, held, None if target == MOST_PROBABLE else target)
 
-    def run_for(file: Any, method: str, held: Any, target: str | None) -> tuple[dict[str, float], str, str, Any]:
+    def held_image(self, file: Any, held: Any) -> Any:
+        """The session's decoded image of ``file``, decoding the upload when the session holds another."""
         if not file:
             raise gr.Error("Choose an image or DICOM file first.")
-        token, _ = token_of(file)
+        token, _ = self.token_of(file)
         if held is None or held[0] != token:
-            held = decode(file)
+            held = self.decode(file)
             if held is None:
                 raise gr.Error("The upload was deleted after it was read; choose the file again.")
-        img = held[1]
+        return held
+
+    def run_for(self, file: Any, method: str, held: Any,
+                target: str | None) -> tuple[dict[str, float], str, str, Any]:
+        from medsight.data.imageio import ImageReadError
+
+        held = self.held_image(file, held)
+        img, service = held[1], self.service
         try:
             result = service.predict(img)
             if not service.can_explain:  # an exported ONNX model: the prediction only
-                p = result["probabilities"][result["label"]]
-                return (result["probabilities"], "", f"**Prediction: {result['label']}** ({p:.1%})  \n"
-                        "No overlay: this server runs an exported ONNX model, which cannot explain.", held)
+                return result["probabilities"], "", _prediction_only(result), held
             index = service.explained_index(result, target)
             _, ov, border = service.explain(img, method, index)
         except (ImageReadError, UnknownMethodError, UnknownClassError) as exc:
             raise gr.Error(str(exc)) from None
-        shown = service.predictor.classes[index]
-        if "findings" in result:  # multi-label: every finding above its threshold, the heatmap of one
-            text = (f"**Findings above their thresholds:** {result['label']}  \nHeatmap of "
-                    f"**{shown}** ({result['probabilities'][shown]:.1%})  \n")
-        else:
-            p = result["probabilities"][shown]
-            text = f"**Prediction: {result['label']}** ({result['probability']:.1%})" + (
-                f" · heatmap of **{shown}** ({p:.1%})" if target else "") + "  \n"
-        text += (
-            f"Grad-CAM border score {border:.2f}" if border == border else "The heatmap is empty (no positive evidence).")
-        if border > BORDER_WARN:
-            text += (f"  \n⚠️ **Warning:** the heat sits mostly at the image border (score {border:.2f} > "
-                     f"{BORDER_WARN}); the model may be using a shortcut such as a marker or text.")
+        text = _verdict(result, service.predictor.classes[index], target, border)
         return result["probabilities"], _png_html(ov), text, held
 
+
+def _prediction_only(result: dict[str, Any]) -> str:
+    p = result["probabilities"][result["label"]]
+    return (f"**Prediction: {result['label']}** ({p:.1%})  \n"
+            "No overlay: this server runs an exported ONNX model, which cannot explain.")
+
+
+def _verdict(result: dict[str, Any], shown: str, target: str | None, border: float) -> str:
+    """The page's text: the prediction (or the findings), the class the heatmap shows, its border score and
+    the shortcut warning when the heat sits at the border."""
+    if "findings" in result:  # multi-label: every finding above its threshold, the heatmap of one
+        text = (f"**Findings above their thresholds:** {result['label']}  \nHeatmap of "
+                f"**{shown}** ({result['probabilities'][shown]:.1%})  \n")
+    else:
+        p = result["probabilities"][shown]
+        text = f"**Prediction: {result['label']}** ({result['probability']:.1%})" + (
+            f" · heatmap of **{shown}** ({p:.1%})" if target else "") + "  \n"
+    text += (
+        f"Grad-CAM border score {border:.2f}" if border == border else "The heatmap is empty (no positive evidence).")
+    if border > BORDER_WARN:
+        text += (f"  \n⚠️ **Warning:** the heat sits mostly at the image border (score {border:.2f} > "
+                 f"{BORDER_WARN}); the model may be using a shortcut such as a marker or text.")
+    return text
+
+
+def build_page(service: Service, uploads: UploadFolder) -> Any:
+    """The Gradio page over ``service``. Its file values are upload tokens of ``uploads`` (the server's
+    guard has checked them and handed Gradio the stored file); each upload is deleted once decoded."""
+    calls = _Handlers(service, uploads)
     info = service.info
     with _Page(title="medsight", analytics_enabled=False) as page:
         gr.Markdown(f"# medsight · {info['model']}\nClasses: {', '.join(info['classes'])}\n\n"
@@ -148,8 +175,8 @@ def build_page(service: Service, uploads: UploadFolder) -> Any:
                 verdict = gr.Markdown(elem_id="verdict")
                 probs = gr.Label(label="Class probabilities", elem_id="probabilities")
                 cam = gr.HTML(label="Grad-CAM overlay", elem_id="overlay")
-        upload.upload(receive, upload, held, preprocess=False)
-        button.click(run, [upload, method, held], [probs, cam, verdict, held], api_name="run", preprocess=False)
-        target.input(show, [upload, method, target, held], [probs, cam, verdict, held], api_name="explain_finding",
-                     preprocess=False)
+        upload.upload(calls.receive, upload, held, preprocess=False)
+        button.click(calls.run, [upload, method, held], [probs, cam, verdict, held], api_name="run", preprocess=False)
+        target.input(calls.show, [upload, method, target, held], [probs, cam, verdict, held],
+                     api_name="explain_finding", preprocess=False)
     return page
