@@ -9,6 +9,7 @@ subclass here (or in its task's module), returned by that task's ``head`` rule.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -175,47 +176,44 @@ class DistanceSmoothed(GradeHead):
         return DistanceSmoothedCE(self.smoothing, _weights(cfg, train_labels, self.k))
 
 
-class Corn(GradeHead):
-    """CORN's conditional binary outputs (``train.ordinal=corn``); decision: the median grade."""
+class _Declared(GradeHead):
+    """A grade head whose activation function, activation module and (class-weighted) loss are declared."""
 
-    name = "corn"
     calibratable = False
+    probabilities: Callable[[torch.Tensor], torch.Tensor]
+    probabilities_module: type[nn.Module]
+    loss_type: type[nn.Module]
 
     def activation(self, logits: torch.Tensor) -> torch.Tensor:
-        return corn_probabilities(logits)
+        return type(self).probabilities(logits)
 
     def activation_module(self) -> nn.Module:
-        return CornProbabilities()
+        return self.probabilities_module()
 
     def loss(self, cfg: Config, train_labels: np.ndarray) -> nn.Module:
-        return CornLoss(_weights(cfg, train_labels, self.k))
+        return self.loss_type(_weights(cfg, train_labels, self.k))
 
     def eval_loss(self) -> nn.Module:
-        return CornLoss()
+        return self.loss_type()
+
+
+class Corn(_Declared):
+    """CORN's conditional binary outputs (``train.ordinal=corn``); decision: the median grade."""
+
+    name, loss_type = "corn", CornLoss
+    probabilities, probabilities_module = staticmethod(corn_probabilities), CornProbabilities
 
     def decode(self, probs: torch.Tensor, rules: FittedRules) -> torch.Tensor:
         """The median grade: P(y > j) > 0.5 for every grade j below it."""
         return ((1 - probs.cumsum(1)[:, :-1]) > 0.5).sum(1)
 
 
-class Regression(GradeHead):
+class Regression(_Declared):
     """The expected grade's squared error (``train.ordinal=regression``); decision: the score cut at the
     cut-points fitted on validation (k + 0.5 until then)."""
 
-    name = "regression"
-    calibratable = False
-
-    def activation(self, logits: torch.Tensor) -> torch.Tensor:
-        return regression_probabilities(logits)
-
-    def activation_module(self) -> nn.Module:
-        return RegressionProbabilities()
-
-    def loss(self, cfg: Config, train_labels: np.ndarray) -> nn.Module:
-        return ExpectedGradeMSE(_weights(cfg, train_labels, self.k))
-
-    def eval_loss(self) -> nn.Module:
-        return ExpectedGradeMSE()
+    name, loss_type = "regression", ExpectedGradeMSE
+    probabilities, probabilities_module = staticmethod(regression_probabilities), RegressionProbabilities
 
     def cutpoints(self, rules: FittedRules) -> list[float]:
         return list(rules.cutpoints or (np.arange(self.k - 1) + 0.5).tolist())
