@@ -36,7 +36,7 @@ RUNS = {
 }
 #: what a run measures about itself, not what it computes
 VOLATILE = re.compile(r"time|second|date|path|folder|version|created|host|machine|duration|throughput|per_s|torch|"
-                      r"python|platform|command|cwd|out$|run$|checkpoint", re.I)
+                      r"python|platform|command|cwd|out$|run$|checkpoint|^file$|^data$", re.I)
 
 
 def test_images(npz: Path | None, folder: Path, n: int = 6) -> list[str]:
