@@ -251,7 +251,7 @@ def localize(pred: Predictor, boxes: Sequence[Box], images: Mapping[str, Path], 
             r.setdefault("scores", {})[name] = dict(zip(SCORES, (float(x) for x in vals)))
     settings = {"image_size": size, "resize": view.resize, "tolerance_px": round(tol, 3),
                 "iou_threshold": iou_threshold, "centre_sigma": 0.25, "n_boot": n_boot, "seed": seed,
-                "target_layer": target_layer}
+                **pred.cam_layer(target_layer)}
     return {"settings": settings, "methods": result, "boxes": kept, "skipped": skipped}
 
 
