@@ -131,3 +131,32 @@ def test_multilabel_and_single_label_readouts_differ_where_they_should():
     assert single.readout.record(p[0])["label"] == "b"
     y = np.array([[1, -1]])
     assert multi.readout.view_labelled(y).tolist() == [[True, False]]
+
+
+def test_calibration_fits_the_temperature_after_undoing_the_logit_offset():
+    """Weighted training shifts a finding's logits by log w and sharpens them by 1/T: the fitted rules must
+    recover T from the logits with the shift removed (a temperature fitted on shifted logits comes out wrong)."""
+    from medsight.evaluation.trust import fit_calibration
+
+    rng = np.random.default_rng(4)
+    z0 = rng.normal(-2.0, 1.5, (20000, 1))
+    y = (rng.random(z0.shape) < 1 / (1 + np.exp(-z0))).astype(np.int64)
+    task = MultiLabelTask(["rare"], {"logit_offset": [np.log(9.0)]})
+    fit_calibration(task, 2.0 * z0 + np.log(9.0), y)
+    assert task.rules.temperature[0] == pytest.approx(2.0, abs=0.15)
+
+
+def test_console_lines_name_each_number_right():
+    from medsight.reporting.tables import summary_line
+
+    graded = OrdinalTask(["0", "1", "2"])
+    m = {"qwk": 0.61, "accuracy": 0.52, "within_one": 0.9, "mae": 0.6, "auc": 0.7, "ci95": {},
+         "refer": {"grade": 2, "threshold": 0.3, "sensitivity": 0.875, "specificity": 0.25, "auc": 0.66}}
+    line = summary_line(graded, m)
+    assert "QWK 0.6100" in line and "accuracy 0.5200" in line and "MAE 0.6000" in line
+    assert "sensitivity 0.8750" in line and "specificity 0.2500" in line and "grade ≥ 2" in line
+    single = SingleLabelTask(["a", "b"])
+    line = summary_line(single, {"accuracy": 0.8, "balanced_accuracy": 0.7, "auc": 0.9, "ece": 0.05,
+                                 "ci95": {"auc": [0.85, 0.95]}})
+    assert line.startswith("accuracy 0.8000 · balanced 0.7000 · AUC 0.9000 [0.8500, 0.9500]")
+    assert "ECE 0.0500" in line
