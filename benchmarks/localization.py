@@ -208,6 +208,39 @@ def check(run: Path, out: Path, boxes: Path, images: Path, shuffled: Path | None
             "localization": _compact(r["localization"]), "sanity": _curves(s["sanity"])}
 
 
+#: the layer the default rule chose before it asked for 7 cells a side (a 4 × 4 map at 64 px)
+OLD_DEFAULT_LAYER = "stages.2"
+
+
+def ablation(run: Path, boxes: Path, images: Path) -> dict:
+    """Grad-CAM's pointing game with the earlier default layer and the current one, each with the maps as the
+    grad-cam library places them and registered to where the layer's cells look (``explain(register=...)``)."""
+    import torch
+
+    from medsight.data.imageio import read_image
+    from medsight.explainers import explain
+    from medsight.explainers.localization import (bootstrap_mean, box_in_view, default_tolerance, pointing_hits,
+                                                  read_boxes)
+    from medsight.inference import Predictor
+
+    pred = Predictor(run / "best.pt", "cpu")
+    rows, _ = read_boxes(boxes)
+    k = pred.classes.index(rows[0].finding)
+    imgs = [read_image(images / b.image) for b in rows]
+    x = torch.cat([pred.preprocess(i) for i in imgs])
+    rect = np.array([box_in_view(b, tuple(i.shape[-2:]), pred.image_size, pred.data_cfg.resize) for b, i in
+                     zip(rows, imgs)])
+    out = {}
+    for layer in (OLD_DEFAULT_LAYER, pred.cam_layer()["target_layer"]):
+        for register in (False, True):
+            maps = np.concatenate([explain(pred.model, x[i:i + 1], "gradcam", layer, class_idx=k,
+                                           register=register).numpy() for i in range(len(x))])  # as localize does
+            s = bootstrap_mean(pointing_hits(maps, rect, default_tolerance(pred.image_size)))
+            out[f"{layer}, {'registered' if register else 'as placed by the library'}"] = {
+                "mean": _r(s["mean"]), "ci95": [_r(v) for v in s["ci95"]], "n": s["n"]}
+    return out
+
+
 def _cell(s: dict | None) -> str:
     if not s or s.get("mean") is None:
         return "n/a"
@@ -229,6 +262,8 @@ def table(result: dict) -> str:
             o = r["overall"]
             lines.append(f"| {m} | {_cell(o['pointing'])} | {_cell(o['energy_ratio'])} | {_cell(o['iou'])} |")
         lines.append("")
+        for name, c in result[part].get("gradcam_pointing_ablation", {}).items():
+            lines.append(f"- Grad-CAM pointing game, {name}: {_cell(c)} (n {c['n']})")
         san = result[part]["sanity"]
         for m, c in san.items():
             steps = " → ".join(f"{v:.2f}" for v in c["spearman"])
@@ -289,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         boxes.write_text("\n".join(rows[: args.max_boxes + 1]) + "\n")
     a = check(RUNS / name, RUNS / f"{name}-checks", boxes, synth / "images", twin if usable(twin) else None, methods)
     a["run"] = name
+    a["gradcam_pointing_ablation"] = ablation(RUNS / name, boxes, synth / "images")
     g = a["localization"]["methods"]["gradcam"]["overall"]["pointing"]["mean"]
     a["targets"] = {"pointing_gradcam": g, "pointing_target": TARGET_POINTING, "pointing_met": bool(g >= TARGET_POINTING),
                     "randomization_curve_falls": a["sanity"]["gradcam"]["falls"]}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -156,7 +157,7 @@ def run_variant(dataset: str, variant: str, seed: int, robustness: bool = False)
         return row
     data, panel = PANEL[dataset]
     sets = [*panel, *settings_of(variant), f"train.seed={seed}"]
-    row = measure(["--data", str(data), *sum((["--set", s] for s in sets), [])], keep=folder, reuse=True)
+    row = _relative(measure(["--data", str(data), *sum((["--set", s] for s in sets), [])], keep=folder, reuse=True))
     row.update(measures(folder, variant, robustness), dataset=dataset, variant=variant, seed=seed,
                load=round(os.getloadavg()[0], 1))
     plan = folder / "plan.json"
@@ -272,8 +273,15 @@ def import_measured() -> int:
     return written
 
 
+def _relative(row: dict) -> dict:
+    """The row with its command's paths written from the project folder (as a reader reruns it)."""
+    if isinstance(row.get("command"), str):
+        row["command"] = re.sub(r"\S*/(data/[\w.]+\.npz)", r"\1", row["command"])
+    return row
+
+
 def collect() -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/*-seed*.json"))]
+    return [_relative(json.loads(p.read_text())) for p in sorted(RUNS.glob("*/*-seed*.json"))]
 
 
 def table_md(results: dict) -> str:

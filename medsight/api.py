@@ -161,6 +161,7 @@ def explain_files(checkpoint: str | Path, inputs: Sequence[str | Path], out: str
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     methods = list(choices(CamMethod)) if compare else [method]
+    layer = pred.cam_layer(target_layer) if hasattr(pred, "cam_layer") else {"target_layer": target_layer}
     lines, results = [], []
     for path in collect_images(inputs):
         try:
@@ -183,7 +184,7 @@ def explain_files(checkpoint: str | Path, inputs: Sequence[str | Path], out: str
         plot_explanation(disp, overlays, f"{path.name}: predicted {record['label']} ({record['probability']:.3f})"
                          f" · explaining '{pred.classes[target]}'", png)
         rec = {"file": str(path), **record, "explained_class": pred.classes[target], "methods": methods,
-               "border_score": borders, "overlay": str(png)}
+               **layer, "border_score": borders, "overlay": str(png)}
         results.append(rec)
         lines.append(json.dumps(rec))
     write_text_atomic("\n".join(lines) + "\n", out / "explanations.jsonl")

@@ -437,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "where the boxed images are (default: beside the run's data)")
     x.add_argument("--out", required=True)
     x.add_argument("--method", default="gradcam", choices=choices(CamMethod))
-    x.add_argument("--target-layer", help="dotted module name; default: the architecture's last stage")
+    x.add_argument("--target-layer", help="dotted module name; default: the deepest stage whose map has at least "
+                   "7 cells on a side at the run's input size (the layer used is recorded in the output)")
     x.add_argument("--class", dest="class_idx", type=int, help="class index to explain (default: predicted)")
     x.add_argument("--compare", action="store_true", help="draw every method side by side (with --boxes, "
                    "--sanity: check every method)")

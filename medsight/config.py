@@ -335,7 +335,7 @@ class TrainConfig(_Section):
 
 class ExplainConfig(_Section):
     method: CamMethod = "gradcam"
-    target_layer: Text | None = None  # dotted module name; None picks the last stage
+    target_layer: Text | None = None  # dotted module name; None: the deepest stage with >= 7 cells a side
     gallery_per_class: Annotated[int, Field(ge=0)] = 4  # correct and misclassified test images per class
     faithfulness_images: Annotated[int, Field(ge=0)] = 16  # test images for deletion/insertion; 0 = off
     faithfulness_methods: list[CamMethod] = Field(

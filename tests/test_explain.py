@@ -109,3 +109,89 @@ def test_explain_restores_trainability_and_mode():
     assert all(p.requires_grad for n, p in model.named_parameters() if n != "fc.weight")
     with pytest.raises(ValueError, match="out of range"):
         explain(model, torch.randn(2, 3, 32, 32), class_idx=5)
+
+
+def _map_side(model, layer_name, size):
+    """The shorter side of ``layer_name``'s output for a ``size``-pixel input, measured with a hook."""
+    seen = []
+    layer = dict(model.named_modules())[layer_name]
+    h = layer.register_forward_hook(lambda m, i, o: seen.append(o.shape) and None)
+    with torch.no_grad():
+        model(torch.randn(1, 3, size, size))
+    h.remove()
+    return min(seen[0][-2:])
+
+
+@pytest.mark.parametrize("name,size,expected", [("coatnet_tiny", 64, "stages.1"), ("coatnet_tiny", 128, "stages.2"),
+                                                ("resnet18", 224, "layer4"), ("resnet18", 64, "layer2")])
+def test_default_layer_is_the_deepest_with_a_fine_enough_grid(name, size, expected):
+    """The default layer's map has at least MIN_CAM_SIDE cells on a side, and the next deeper stage's would not
+    (at 224 px a ResNet keeps its last stage, 7 × 7); an explicit layer wins over the rule."""
+    from medsight.models import MIN_CAM_SIDE, cam_target
+
+    model = create_model(name, num_classes=2, img_size=size).eval()
+    chosen = cam_target(model, img_size=size).name
+    assert chosen == expected
+    assert _map_side(model, chosen, size) >= MIN_CAM_SIDE
+    modules = [e["module"] for e in model.feature_info]
+    deeper = modules[modules.index(chosen) + 1:]
+    assert all(_map_side(model, d, size) < MIN_CAM_SIDE for d in deeper)
+    last = modules[-1]
+    assert cam_target(model, last, img_size=size).name == last
+
+
+def _ones_conv(k, stride, padding, same=False):
+    from timm.layers import Conv2dSame
+
+    conv = (Conv2dSame(1, 1, k, stride) if same else nn.Conv2d(1, 1, k, stride, padding, bias=False))
+    nn.init.ones_(conv.weight)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_cell_offset_is_the_receptive_field_centre(same):
+    """Independent check: in a linear chain of all-ones convolutions and average pools, the gradient of one
+    interior output cell w.r.t. the input is its receptive field; its centroid, less the centre a resize
+    assumes ((i + 1/2) x stride), is the offset cell_offset computes from the layers' geometry."""
+    from medsight.models import cell_offset
+
+    chain = nn.Sequential(_ones_conv(3, 2, 1, same), _ones_conv(5, 2, 2, same), nn.AvgPool2d(2),
+                          _ones_conv(3, 2, 1, same))
+    model = nn.Sequential(chain, nn.Flatten(), nn.LazyLinear(2))
+    x = torch.zeros(1, 1, 96, 96, requires_grad=True)
+    out = chain(x)
+    stride = 96 // out.shape[-1]
+    i, j = 2, 3
+    g, = torch.autograd.grad(out[0, 0, i, j], x)
+    w = g[0, 0].numpy()
+    yy, xx = np.mgrid[:96, :96] + 0.5
+    cy, cx = (w * yy).sum() / w.sum(), (w * xx).sum() / w.sum()
+    dy, dx = cell_offset(model, chain, x.detach())
+    assert dy == pytest.approx(cy - (i + 0.5) * stride, abs=1e-6)
+    assert dx == pytest.approx(cx - (j + 0.5) * stride, abs=1e-6)
+    assert (dy < 0) if not same else (dy > 0)  # symmetric padding looks earlier, TensorFlow's later
+
+
+def test_registered_heatmap_peaks_on_the_evidence():
+    """Three 3 x 3, stride-2, padding-1 convolutions that pass their centre tap put input pixel 8i in cell i,
+    which a resize draws at 8i + 4: the registered map peaks on the bright pixel, the library's 3.5 px away."""
+    convs = []
+    for _ in range(3):
+        c = nn.Conv2d(3 if not convs else 1, 1, 3, 2, 1, bias=False)
+        nn.init.zeros_(c.weight)
+        with torch.no_grad():
+            c.weight[:, :, 1, 1] = 1.0
+        convs.append(c)
+    features = nn.Sequential(*convs)
+    model = nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1, 2))
+    with torch.no_grad():
+        model[-1].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+    x = torch.zeros(1, 3, 64, 64)
+    x[0, :, 24, 40] = 1.0  # row 24 = 8 x 3, column 40 = 8 x 5
+    for register, expected in ((True, (24, 40)), (False, (27, 43))):
+        m = explain(model, x, "gradcam", target_layer=features, class_idx=0, register=register)[0]
+        r, c = divmod(int(m.argmax()), 64)
+        assert (r, c) == expected, (register, r, c)
+        assert float(m.max()) == pytest.approx(1.0) and float(m.min()) >= 0

@@ -298,6 +298,11 @@ def test_cli_boxes_and_sanity_end_to_end(tiny_run, tmp_path, capsys):
     assert loc["methods"]["gradcam"]["overall"]["pointing"]["n"] == 6
     assert loc["methods"]["gradcam"]["findings"]["pneumonia"]["iou"]["ci95"] is not None
     assert loc["settings"]["tolerance_px"] == pytest.approx(15 * 32 / 224, abs=1e-3)
+    from medsight.inference import Predictor
+    from medsight.models import cam_target  # the layer the maps came from, and their registration, are recorded
+
+    assert loc["settings"]["target_layer"] == cam_target(Predictor(run / "best.pt", "cpu").model, img_size=32).name
+    assert len(loc["settings"]["cell_offset_px"]) == 2
     skipped = " ".join(loc["skipped"])
     assert "row 8 (normal_000.png, Effusion)" in skipped and "no finding 'Effusion'" in skipped
     assert "row 9 (nowhere.png" in skipped

@@ -111,6 +111,7 @@ def test_cli_evaluate_explain_predict(trained_run, tmp_path, capsys):
     assert len(lines) == 2
     rec = json.loads(lines[0])
     assert rec["label"] in ("normal", "pneumonia") and (tmp_path / "ex" / f"{images[0].stem}_gradcampp.png").is_file()
+    assert rec["target_layer"] and len(rec["cell_offset_px"]) == 2  # which layer the map came from, and its registration
     assert main(["predict", str(out / "best.pt"), str(images[0]), "--json"]) == 0
     pred = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert abs(sum(pred["probabilities"].values()) - 1) < 1e-5

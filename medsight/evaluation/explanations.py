@@ -230,7 +230,7 @@ def localize(pred: Predictor, boxes: Sequence[Box], images: Mapping[str, Path], 
     result = _score_boxes(kept, all_maps, tol, iou_threshold, n_boot, seed)
     settings = {"image_size": size, "resize": view.resize, "tolerance_px": round(tol, 3),
                 "iou_threshold": iou_threshold, "centre_sigma": 0.25, "n_boot": n_boot, "seed": seed,
-                "target_layer": target_layer}
+                **pred.cam_layer(target_layer)}
     return {"settings": settings, "methods": result, "boxes": kept, "skipped": skipped}
 
 

@@ -3,7 +3,9 @@
 The CAM methods come from the maintained ``grad-cam`` library (Gildenblat et al., pytorch-grad-cam);
 medsight picks the target layer per architecture (``medsight.models.cam_target``), validates class
 indices before the library sees them (its context manager swallows IndexError), always releases the
-hooks, and returns heatmaps as tensors on the images' device.
+hooks, registers each map to where the layer's cells look on the input (``medsight.models.cell_offset``:
+the library's resize assumes cell centres that strided, padded convolutions do not keep), and returns
+heatmaps as tensors on the images' device.
 
 Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based Localization",
 ICCV 2017; Chattopadhay et al., "Grad-CAM++", WACV 2018; Draelos & Carin, "HiResCAM", 2020;
@@ -27,9 +29,9 @@ from torch import nn
 
 from medsight.config import CamMethod, choices
 from medsight.errors import UsageError
-from medsight.models.targets import cam_target
+from medsight.models.targets import cam_target, cell_offset
 
-__all__ = ["EXPLAINERS", "explain", "overlay", "border_score", "BORDER_WARN", "resolve_classes"]
+__all__ = ["EXPLAINERS", "explain", "overlay", "border_score", "BORDER_WARN", "resolve_classes", "shift_maps"]
 
 #: Method name -> CAM class. The CLI's --method choices and the web UI's selector are built from this.
 EXPLAINERS: dict[str, type[BaseCAM]] = {
@@ -66,17 +68,47 @@ def resolve_classes(class_idx: int | Sequence[int] | torch.Tensor, n: int, num_c
     return [int(c) for c in idx]
 
 
+def shift_maps(maps: torch.Tensor, dy: float, dx: float) -> torch.Tensor:
+    """Maps (B, H, W) moved by (dy, dx) pixels (bilinear; the edge repeats into the uncovered band), each
+    scaled back to a maximum of 1."""
+    if dy == 0 and dx == 0:
+        return maps
+    b, h, w = maps.shape
+    ys = (torch.arange(h, dtype=maps.dtype) + 0.5 - dy) / h * 2 - 1
+    xs = (torch.arange(w, dtype=maps.dtype) + 0.5 - dx) / w * 2 - 1
+    grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], -1).expand(b, h, w, 2)
+    out = torch.nn.functional.grid_sample(maps[:, None], grid.to(maps.device), mode="bilinear",
+                                          padding_mode="border", align_corners=False)[:, 0]
+    peak = out.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    return (out / peak).clamp_(0, 1)
+
+
+def _targets(model: nn.Module, images: torch.Tensor, class_idx: int | Sequence[int] | torch.Tensor | None
+             ) -> list[ClassifierOutputTarget] | None:
+    """The library's targets for ``class_idx``; None lets it explain each image's predicted class."""
+    if class_idx is None:
+        return None
+    num_classes = getattr(model, "num_classes", None)
+    if not isinstance(num_classes, int):
+        with torch.no_grad():
+            num_classes = model(images[:1]).shape[1]
+    return [ClassifierOutputTarget(c) for c in resolve_classes(class_idx, len(images), num_classes)]
+
+
 def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
             target_layer: nn.Module | str | None = None,
-            class_idx: int | Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+            class_idx: int | Sequence[int] | torch.Tensor | None = None, register: bool = True) -> torch.Tensor:
     """Heatmaps for a batch of normalized images.
 
     Args:
         model: a classifier; put in eval mode for the call.
         images: (B, 3, H, W) normalized input.
         method: a key of :data:`EXPLAINERS`.
-        target_layer: a module of ``model`` or its dotted name; None picks the architecture's last stage.
+        target_layer: a module of ``model`` or its dotted name; None picks the architecture's deepest stage
+            with at least :data:`medsight.models.MIN_CAM_SIDE` cells on a side.
         class_idx: the class to explain, one int, or one per image; default: the predicted class.
+        register: move the maps to where the layer's cells look (:func:`medsight.models.cell_offset`);
+            False keeps the library's placement.
 
     Returns:
         (B, H, W) float tensor in [0, 1] on ``images.device``.
@@ -101,14 +133,7 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
     # the backward pass their gradients (about a third of its work); the input carries the graph.
     frozen = [p for p in model.parameters() if p.requires_grad]
     try:
-        if class_idx is None:
-            targets = None  # the library explains each image's predicted class
-        else:
-            num_classes = getattr(model, "num_classes", None)
-            if not isinstance(num_classes, int):
-                with torch.no_grad():
-                    num_classes = model(images[:1]).shape[1]
-            targets = [ClassifierOutputTarget(c) for c in resolve_classes(class_idx, len(images), num_classes)]
+        targets = _targets(model, images, class_idx)
         for p in frozen:
             p.requires_grad_(False)
         kwargs = {"reshape_transform": reshape} if reshape is not None else {}
@@ -119,6 +144,8 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = "gradcam",
         if maps is None:  # the library's context manager returned after swallowing an error
             raise RuntimeError(f"{method} failed on layer {layer.__class__.__name__}")
         out = torch.from_numpy(np.nan_to_num(np.asarray(maps, dtype=np.float32))).clamp_(0, 1)
+        if register:
+            out = shift_maps(out, *cell_offset(model, layer, images))
         return out.to(images.device)
     finally:
         for p in frozen:

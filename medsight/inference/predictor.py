@@ -112,6 +112,16 @@ class Predictor(BasePredictor):
             return torch.stack([self.task.probabilities(self.model(v)) for v in tta_views(x)]).mean(0).cpu().numpy()
         return self.task.probabilities(self.model(x)).cpu().numpy()
 
+    def cam_layer(self, target_layer: str | None = None) -> dict[str, Any]:
+        """The layer ``heatmap`` reads (``target_layer``, or the default rule's) and how far its maps are
+        moved to where its cells look (:func:`medsight.models.cell_offset`, input pixels)."""
+        from medsight.models import cam_target, cell_offset
+
+        target = cam_target(self.model, target_layer, img_size=self.image_size)
+        x = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
+        dy, dx = cell_offset(self.model, target.layer, x)
+        return {"target_layer": target.name, "cell_offset_px": [dy, dx]}
+
     def heatmap(self, img: torch.Tensor, method: str = "gradcam", target_layer: str | None = None,
                 class_idx: int | None = None) -> np.ndarray:
         """The map of output ``class_idx`` (default: the task's explained output for this image)."""
