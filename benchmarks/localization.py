@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", choices=("synthetic", "nih"), help="score one part only (the results file keeps the other)")
     p.add_argument("--max-boxes", type=int, help="score the first N boxes of the synthetic set only")
     args = p.parse_args(argv)
+    if args.nih_dir is not None:
+        args.nih_dir = args.nih_dir.resolve()  # the trainings run in a temporary folder
     if args.table:
         print(table(json.loads((RESULTS / "localization.json").read_text())))
         return 0
@@ -304,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                        "command": "python benchmarks/localization.py --nih-dir DIR", part: scores})
         result.setdefault("trainings", {}).update(trainings)
         text = json.dumps(result)  # paths of this machine out: the repository's relative, the NIH folder as NIH_DIR
-        text = text.replace(str(ROOT) + os.sep, "").replace(str(args.nih_dir or "NIH_DIR"), "NIH_DIR")
+        text = text.replace(str(args.nih_dir or "NIH_DIR"), "NIH_DIR").replace(str(ROOT) + os.sep, "")
         save_result("localization.json", json.loads(text), echo=False)
 
     known = commands(args.nih_dir)
