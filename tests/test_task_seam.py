@@ -120,6 +120,9 @@ def test_a_kind_without_presentation_falls_back_to_its_scalar_metrics():
     assert summary_line(task, {"accuracy": 0.5, "auc": 0.75, "per_class": {}}) == "accuracy 0.5000 · auc 0.7500"
     (table,) = metric_tables(task, {"test": {"accuracy": 0.5}, "val": {"accuracy": 0.25}})
     assert table.rows == [["accuracy", 0.25, 0.5]]
+    from medsight.reporting.figures import task_figures
+
+    assert task_figures(task, Path("."), {}, {}) == []  # no figures of its own yet, and no error
 
 
 def test_multilabel_and_single_label_readouts_differ_where_they_should():
