@@ -195,3 +195,23 @@ def test_registered_heatmap_peaks_on_the_evidence():
         r, c = divmod(int(m.argmax()), 64)
         assert (r, c) == expected, (register, r, c)
         assert float(m.max()) == pytest.approx(1.0) and float(m.min()) >= 0
+
+
+def test_cell_offset_follows_the_learned_path_beside_a_pooled_shortcut():
+    """A residual block that halves the resolution with a 3 x 3 stride-2 convolution beside a 2 x 2 average-pool
+    shortcut (ResNet-D): the convolution's geometry (half a pixel early) counts, not the pool's (centred)."""
+    from medsight.models import cell_offset
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pool = nn.AvgPool2d(2)
+            self.conv = _ones_conv(3, 2, 1, False)
+
+        def forward(self, x):
+            return self.pool(x) + self.conv(x)
+
+    blocks = nn.Sequential(Block(), Block())
+    model = nn.Sequential(blocks, nn.Flatten(), nn.LazyLinear(2))
+    dy, dx = cell_offset(model, blocks, torch.zeros(1, 1, 32, 32))
+    assert dy == pytest.approx(-0.5 - 1.0) and dx == pytest.approx(-1.5)  # -1/2 at stride 1, -1 at stride 2
