@@ -96,13 +96,14 @@ def evaluate(checkpoint: str | Path, data: str, out: str | Path | None = None, d
     if out_path is not None:
         figures = task_figures(task, out_path, {Path(source).name: (labels, probs)}, metrics, title=f"{source}")
         result["figures"] = figures + result["trust"].pop("figures")
-        RunReport.of(result).write(out_path / "metrics.json")
+        report = RunReport.of(result)
+        report.write(out_path / "metrics.json")
         summary = {"source": source, "classes": task.classes,
                    "counts": {"external": label_counts(labels, len(task.classes))}, "images": {"external": len(labels)},
                    "patients": {"external": len(set(split.groups)) if split.groups else None},
                    "notes": [f"external validation of {checkpoint}: the rules fitted on the model's own validation "
                              f"data, measured on this data"]}
-        card = model_card_sections(result, ckpt["config"], summary)
+        card = model_card_sections(report, ckpt["config"], summary)
         write_text_atomic(to_markdown(card, f"{Path(checkpoint).parent.name} on {Path(source).name}"),
                           out_path / "model_card.md")
         figs = " ".join(img_tag(out_path / f) for f in result["figures"])

@@ -191,9 +191,9 @@ def _write_reports(run: Run, metrics: dict[str, Any]) -> None:
     report = RunReport.of(metrics)
     report.write(out / "metrics.json")
     try:
-        card = model_card_sections(metrics, config_to_dict(run.cfg), run.bundle.summary())
+        card = model_card_sections(report, config_to_dict(run.cfg), run.bundle.summary())
         write_text_atomic(to_markdown(card, out.name), out / "model_card.md")
-        write_report(out, run.cfg, metrics, run.task, title=f"medsight run: {out.name}", card=to_html(card))
+        write_report(out, run.cfg, report, run.task, title=f"medsight run: {out.name}", card=to_html(card))
     finally:
         make_private(out)  # the gallery and the report show patient images: owner-only, like every run file
 

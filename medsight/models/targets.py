@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -129,9 +130,23 @@ def _geometry(m: nn.Module, hw: tuple[int, int]) -> tuple[list[int], tuple[int, 
     return ext, stride, pad
 
 
+#: model -> layer -> input (H, W) -> offset. The offset is the architecture's geometry, not the weights' or the
+#: images', so it is measured once per layer and input size instead of a forward pass on every explain call.
+_OFFSETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def cell_offset(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[float, float]:
     """Where ``layer``'s cells are centred on the input ``x``, less where a map resized to the input puts
-    them: (dy, dx) in input pixels.
+    them: (dy, dx) in input pixels (measured by :func:`_measure_offset`, once per layer and input size)."""
+    per_size = _OFFSETS.setdefault(model, weakref.WeakKeyDictionary()).setdefault(layer, {})
+    size = (int(x.shape[-2]), int(x.shape[-1]))
+    if size not in per_size:
+        per_size[size] = _measure_offset(model, layer, x)
+    return per_size[size]
+
+
+def _measure_offset(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """:func:`cell_offset` from one forward pass that records each strided convolution and pool before ``layer``.
 
     Resizing an n-cell map to the input centres cell i at (i + ½)·s (s: the layer's stride). A strided
     convolution or pool with kernel extent k and padding p centres its output i at s·i − p + (k − 1)/2 + ½

@@ -49,6 +49,12 @@ def _smoothing(cfg: Config) -> float:
     return 0.0 if (t.mixup or t.cutmix) else t.label_smoothing  # timm's Mixup smooths mixed targets itself
 
 
+def mean_grade(probs: np.ndarray) -> np.ndarray:
+    """The expected grade per image, Σ_k k · p_k (float64)."""
+    p = np.asarray(probs, dtype=np.float64)
+    return p @ np.arange(p.shape[1], dtype=np.float64)
+
+
 def _focal_gamma(cfg: Config) -> float:
     return cfg.train.focal_gamma if cfg.train.loss == "focal" else 0.0
 
@@ -76,7 +82,11 @@ class Head:
 
     def loss(self, cfg: Config, train_labels: np.ndarray) -> nn.Module:
         return ClassificationLoss(gamma=_focal_gamma(cfg), weight=_weights(cfg, train_labels, self.k),
-                                  label_smoothing=_smoothing(cfg))
+                                  label_smoothing=_smoothing(cfg), alpha=self.focal_alpha(cfg))
+
+    def focal_alpha(self, cfg: Config) -> torch.Tensor | None:
+        """Per-class focal weights for the loss (none for grades: their classes are ordered, not weighed)."""
+        return None
 
     def eval_loss(self) -> nn.Module:
         return nn.CrossEntropyLoss()
@@ -109,15 +119,14 @@ class Head:
 class Softmax(Head):
     """Single-label classes: cross-entropy or focal loss, with per-class focal alphas when given."""
 
-    def loss(self, cfg: Config, train_labels: np.ndarray) -> nn.Module:
-        t, alpha = cfg.train, None
-        if t.loss == "focal" and t.focal_alpha is not None:
-            if len(t.focal_alpha) != self.k:
-                raise TaskConfigError(f"train.focal_alpha has {len(t.focal_alpha)} values but the data has "
-                                      f"{self.k} classes")
-            alpha = torch.tensor(t.focal_alpha, dtype=torch.float32)
-        return ClassificationLoss(gamma=_focal_gamma(cfg), weight=_weights(cfg, train_labels, self.k),
-                                  label_smoothing=_smoothing(cfg), alpha=alpha)
+    def focal_alpha(self, cfg: Config) -> torch.Tensor | None:
+        t = cfg.train
+        if t.loss != "focal" or t.focal_alpha is None:
+            return None
+        if len(t.focal_alpha) != self.k:
+            raise TaskConfigError(f"train.focal_alpha has {len(t.focal_alpha)} values but the data has "
+                                  f"{self.k} classes")
+        return torch.tensor(t.focal_alpha, dtype=torch.float32)
 
     def correct(self, logits: torch.Tensor, labels: torch.Tensor, rules: FittedRules) -> torch.Tensor:
         return (logits.argmax(1) == labels).sum()  # the most probable class, without the activation's cost
@@ -218,19 +227,14 @@ class Regression(_Declared):
     def cutpoints(self, rules: FittedRules) -> list[float]:
         return list(rules.cutpoints or (np.arange(self.k - 1) + 0.5).tolist())
 
-    @staticmethod
-    def expected(probs: np.ndarray) -> np.ndarray:
-        p = np.asarray(probs, dtype=np.float64)
-        return p @ np.arange(p.shape[1], dtype=np.float64)
-
     def refer_scores(self, probs: np.ndarray, refer_index: int) -> np.ndarray:
         """The expected grade / (K − 1): the regression head's one score."""
-        return self.expected(probs) / (self.k - 1)
+        return mean_grade(probs) / (self.k - 1)
 
     def fit(self, labels: np.ndarray, probs: np.ndarray, rules: FittedRules) -> None:
         """Cut-points maximizing validation kappa (the "optimized rounder")."""
         if len(np.unique(labels)) > 1:
-            rules.cutpoints = fit_cutpoints(labels, self.expected(probs), self.k)
+            rules.cutpoints = fit_cutpoints(labels, mean_grade(probs), self.k)
 
     def described(self, rules: FittedRules) -> dict[str, Any]:
         return {"cutpoints": self.cutpoints(rules)}

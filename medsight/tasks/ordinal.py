@@ -28,7 +28,8 @@ import numpy as np
 from medsight.config import OrdinalHead, choices
 from medsight.metrics import auc_score, choose_threshold, ordinal_metrics, weighted_kappa
 from medsight.tasks.base import Task
-from medsight.tasks.heads import Corn, DistanceSmoothed, GradeHead, OrdinalSoftmax, Regression, TaskConfigError
+from medsight.tasks.heads import (Corn, DistanceSmoothed, GradeHead, OrdinalSoftmax, Regression, TaskConfigError,
+                                  mean_grade)
 from medsight.tasks.readout import BinaryView, Readout
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ class OrdinalReadout(Readout):
         score = float(t.refer_scores(p[None])[0])
         rec = {"label": self.classes[grade], "grade": grade, "probability": float(p[grade]),
                "probabilities": {c: float(v) for c, v in zip(self.classes, p)},
-               "expected_grade": float(t.expected(p[None])[0]), "refer_score": score}
+               "expected_grade": float(mean_grade(p[None])[0]), "refer_score": score}
         if t.rules.refer_threshold is not None:
             rec["refer"] = bool(score >= t.rules.refer_threshold)
         return rec
@@ -158,11 +159,6 @@ class OrdinalTask(Task):
     def refer_grade(self) -> int:
         """The label index of the lowest referable grade (``data.refer_grade`` is in the labels' own units)."""
         return int(self.options["refer_index"])
-
-    @staticmethod
-    def expected(probs: np.ndarray) -> np.ndarray:
-        p = np.asarray(probs, dtype=np.float64)
-        return p @ np.arange(p.shape[1], dtype=np.float64)
 
     def refer_scores(self, probs: np.ndarray) -> np.ndarray:
         """The "refer" score per image: P(grade ≥ refer_grade), or for regression the expected grade / (K-1)."""
