@@ -21,7 +21,7 @@ from torch import nn
 from medsight.config import Config, ConfigError, config_from_dict
 from medsight.errors import MedsightError
 from medsight.models import create_model, install_head
-from medsight.tasks import Task, TaskConfigError, task_from_checkpoint
+from medsight.tasks import RulesError, Task, TaskConfigError, task_from_checkpoint
 from medsight.utils.files import save_atomic, write_text_atomic
 
 __all__ = ["CheckpointError", "save_atomic", "write_text_atomic", "load_checkpoint", "load_model", "load_trained", "Trained", "FORMAT"]
@@ -171,7 +171,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
     try:
         cfg: Config = config_from_dict(ckpt["config"])
         task = task_from_checkpoint(ckpt)
-    except (ConfigError, TaskConfigError) as exc:
+    except (ConfigError, TaskConfigError, RulesError) as exc:
         raise CheckpointError(f"{path}: its stored config is invalid: {exc}") from None
     model = create_model(cfg.model.name, num_classes=task.head.num_outputs, img_size=ckpt["image_size"],
                          layout=cfg.model.layout)

@@ -29,3 +29,16 @@ def test_the_predictor_reads_the_bundle(tiny_run):
     trained = load_trained(tiny_run / "best.pt", "cpu")
     assert pred.task.state() == trained.task.state() and pred.classes == trained.task.classes
     assert pred.image_size == trained.image_size and pred.data_cfg == trained.config.data
+
+
+def test_a_checkpoint_with_unreadable_rules_names_the_file_and_the_field(tiny_run, tmp_path):
+    import pytest
+
+    from medsight.checkpoint import CheckpointError
+
+    ckpt = load_checkpoint(tiny_run / "best.pt")
+    ckpt["task"] = {**ckpt["task"], "rules": {**ckpt["task"].get("rules", {}), "temperature": "warm"}}
+    bad = tmp_path / "bad_rules.pt"
+    torch.save(ckpt, bad)
+    with pytest.raises(CheckpointError, match=r"bad_rules\.pt.*temperature"):
+        load_trained(bad, "cpu")
