@@ -143,7 +143,7 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     m = r["metric"]
     print(f"{r['data']}: clean {m} {r['clean']:.4f} ({r['n']} images)")
     for name, rows in r["corruptions"].items():
-        print(f"  {name:<15} " + "  ".join(f"s{x['severity']} {x[m]:.4f} (−{x['drop']:.4f})" if x[m] is not None
+        print(f"  {name:<15} " + "  ".join(f"s{x['severity']} {x[m]:.4f} ({-x['drop']:+.4f})" if x[m] is not None
                                            else f"s{x['severity']} n/a" for x in rows))
     print(f"mean {m} drop {r['mean_drop']:.4f}")
     if r.get("written"):

@@ -78,3 +78,17 @@ def test_a_missing_image_is_an_expected_error(tmp_path, capsys):
 
     with pytest.raises(InputNotFoundError, match="nothing-here.png"):
         collect_images([str(tmp_path / "nothing-here.png")])
+
+
+def test_robustness_prints_each_change_with_its_own_sign(monkeypatch, capsys):
+    # a corruption that raises the score printed "(−-0.0075)": the change is signed once
+    import medsight.api
+    from medsight.cli import main
+
+    rows = [{"severity": 1, "auc": 0.75, "drop": -0.0075}, {"severity": 2, "auc": 0.70, "drop": 0.0425}]
+    fake = {"metric": "auc", "data": "d.npz", "clean": 0.7425, "n": 4, "corruptions": {"brightness": rows},
+            "mean_drop": 0.0175}
+    monkeypatch.setattr(medsight.api, "robustness_check", lambda *a, **k: fake)
+    assert main(["robustness", "run/best.pt"]) == 0
+    out = capsys.readouterr().out
+    assert "s1 0.7500 (+0.0075)" in out and "s2 0.7000 (-0.0425)" in out and "−-" not in out
