@@ -121,3 +121,34 @@ def test_benchmark_round_counts_below_one_are_refused_by_name():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "run/best.pt", "--repeats", "x"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--repeats: expected a whole number, got 'x'" in proc.stderr
+
+
+def test_technique_verdicts_pair_by_seed_and_need_the_gain_beyond_its_spread():
+    import techniques as tech
+
+    def rows(variant, values, key="m"):
+        return [{"variant": variant, "seed": s, key: v} for s, v in values.items()]
+
+    base = rows("plain", {0: 0.50, 1: 0.60, 2: 0.55, 3: 0.9})
+    up = tech._gain(base + rows("t", {0: 0.52, 1: 0.63, 2: 0.575}), "t", "plain", "m")
+    assert up["seeds"] == [0, 1, 2] and up["verdict"] == "confirmed"  # seed 3 has no pair
+    assert up["gain_mean"] == 0.025 and up["b_mean"] == 0.55
+    noisy = tech._gain(base + rows("t", {0: 0.55, 1: 0.56, 2: 0.57}), "t", "plain", "m")
+    assert noisy["verdict"] == "not confirmed"  # +0.01 mean, spread 0.046
+    down = tech._gain(base + rows("t", {0: 0.45, 1: 0.56, 2: 0.50}), "t", "plain", "m")
+    assert down["verdict"] == "worse" and down["gain_mean"] < 0
+    lower = tech._gain(base + rows("t", {0: 0.45, 1: 0.56, 2: 0.50}), "t", "plain", "m", lower_better=True)
+    assert lower["verdict"] == "confirmed" and lower["gain_mean"] > 0  # a lower AURC / ECE / drop is a gain
+    assert tech._gain(base + rows("t", {0: 0.9, 1: 0.9}), "t", "plain", "m")["verdict"] == "incomplete"
+
+
+def test_technique_cells_say_why_they_do_not_apply_and_progressive_has_its_own_baseline():
+    import techniques as tech
+
+    assert tech.applies("nih1000", "triplet") and tech.applies("pneumoniamnist", "corn")
+    assert tech.applies("retinamnist", "progressive") is None and tech.applies("pneumonia500", "progressive")
+    assert tech.BASELINE["progressive"] == "finetune" and tech.BASELINE["sam"] == "sam_off"
+    row = tech._relative({"command": "medsight train --data /x/y/data/retinamnist.npz --set "
+                                     "model.weights=/x/y/benchmarks/runs/techniques/weights/w/best.pt"})
+    assert row["command"] == ("medsight train --data data/retinamnist.npz --set "
+                              "model.weights=benchmarks/runs/techniques/weights/w/best.pt")
