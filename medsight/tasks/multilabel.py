@@ -161,16 +161,16 @@ class MultiLabelTask(Task):
     def options_from(cls, cfg: Config) -> dict[str, Any]:
         return {"threshold_rule": cfg.train.threshold_rule, "target_sensitivity": cfg.train.target_sensitivity}
 
-    @cached_property
-    def head(self) -> Sigmoid:
-        return Sigmoid(len(self.classes))
-
     def __init__(self, classes: list[str], rules: Any = None, options: dict[str, Any] | None = None) -> None:
         super().__init__(classes, rules, options)
         self.options.setdefault("threshold_rule", "youden")
         self.options.setdefault("target_sensitivity", 0.9)
         if len(self.classes) < 1:
             raise TaskConfigError("a multi-label task needs at least one finding")
+
+    @cached_property
+    def head(self) -> Sigmoid:
+        return Sigmoid(len(self.classes))
 
     @property
     def thresholds(self) -> list[float]:
