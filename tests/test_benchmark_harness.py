@@ -152,3 +152,30 @@ def test_technique_cells_say_why_they_do_not_apply_and_progressive_has_its_own_b
                                      "model.weights=/x/y/benchmarks/runs/techniques/weights/w/best.pt"})
     assert row["command"] == ("medsight train --data data/retinamnist.npz --set "
                               "model.weights=benchmarks/runs/techniques/weights/w/best.pt")
+
+
+def test_stacking_trains_only_its_missing_members_and_is_judged_against_its_own_plain_member(tmp_path, monkeypatch):
+    import techniques as tech
+
+    def finish(folder, auc):  # a finished run folder with test scores
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text(json.dumps({"test": {"auc": auc, "accuracy": auc - 0.2, "qwk": auc - 0.1}}))
+
+    trained, stacked = [], []
+    monkeypatch.setattr(tech, "RUNS", tmp_path)
+    monkeypatch.setattr(tech, "_train", lambda d, v, s, folder: (trained.append(v), finish(folder, 0.70)))
+    monkeypatch.setattr("medsight.evaluation.ensemble.ensemble",
+                        lambda members, method, out, seed: (stacked.append((method, [m.name for m in members])),
+                                                            finish(Path(out), 0.80)))
+    rows = []
+    for seed, plain_auc in ((0, 0.74), (1, 0.76), (2, 0.75)):
+        finish(tmp_path / "retinamnist" / f"plain-seed{seed}", plain_auc)  # the member actually stacked
+        finish(tmp_path / "retinamnist" / f"se_blocks-seed{seed}", 0.72)
+        rows.append({"dataset": "retinamnist", "variant": "plain", "seed": seed, "test_auc": 0.60})  # saved row
+        assert tech.run_stacking("retinamnist", seed)["test_auc"] == 0.80
+    assert trained == ["cosine"] * 3  # plain and se_blocks were on disk
+    assert stacked[0] == ("stacking", ["plain-seed0", "se_blocks-seed0", "cosine-seed0"])
+    saved = json.loads((tmp_path / "retinamnist" / "stack_plain-seed1.json").read_text())
+    assert saved["test_auc"] == 0.76 and saved["variant"] == "stack_plain"
+    cell = tech.summarize(rows + tech.collect())["table"]["retinamnist"]["techniques"]["stacking"]
+    assert cell["test_auc"]["b_mean"] == 0.75 and cell["test_auc"]["gain_mean"] == pytest.approx(0.05)
