@@ -151,13 +151,18 @@ def _robustness(run: Path) -> float | None:
     return json.loads((out / "robustness.json").read_text()).get("mean_drop")
 
 
+def _test_scores(run: Path) -> dict[str, Any]:
+    """A finished run's test AUC (mean AUC for findings), accuracy and QWK."""
+    t = json.loads((run / "metrics.json").read_text())["test"]
+    return {"test_auc": _r(t.get("auc") if t.get("auc") is not None else t.get("mean_auc")),
+            "test_acc": _r(t.get("accuracy")), "test_qwk": _r(t["qwk"] if "qwk" in t else _qwk(run))}
+
+
 def measures(run: Path, variant: str, robustness: bool = False) -> dict[str, Any]:
     """The row's metrics beyond AUC/ACC: QWK, uncertainty, cluster quality and robustness as they apply."""
     m = json.loads((run / "metrics.json").read_text())
     t, trust = m["test"], m.get("trust", {})
-    row = {"test_auc": _r(t.get("auc") if t.get("auc") is not None else t.get("mean_auc")),
-           "test_acc": _r(t.get("accuracy")), "test_qwk": _r(t["qwk"] if "qwk" in t else _qwk(run)),
-           "test_ece": _r(t.get("ece")),
+    row = {**_test_scores(run), "test_ece": _r(t.get("ece")),
            "aurc": _r(trust.get("selective", {}).get("aurc", {}).get("max probability"))}
     base = variant.split("-k")[0]
     if base in ("plain", "center", "triplet"):
@@ -201,12 +206,6 @@ def run_variant(dataset: str, variant: str, seed: int, robustness: bool = False)
 
 #: the stack: three models that differ in backbone (SE-ResNet) and head (cosine) as well as in weights
 STACK = ("plain", "se_blocks", "cosine")
-
-
-def _test_scores(run: Path) -> dict[str, Any]:
-    t = json.loads((run / "metrics.json").read_text())["test"]
-    return {"test_auc": _r(t.get("auc", t.get("mean_auc"))), "test_acc": _r(t.get("accuracy")),
-            "test_qwk": _r(t["qwk"] if "qwk" in t else _qwk(run))}
 
 
 def run_stacking(dataset: str, seed: int) -> dict[str, Any]:
@@ -370,14 +369,12 @@ def main() -> int:
             for variant in args.techniques:
                 if variant == "stacking":
                     row = run_stacking(dataset, seed)
-                    print(f"{dataset} stacking seed {seed}: AUC {row['test_auc']} ACC {row['test_acc']} "
-                          f"QWK {row.get('test_qwk')}", flush=True)
-                    continue
-                if variant == "sam" or applies(dataset, variant):
+                elif variant == "sam" or applies(dataset, variant):
                     continue  # sam is the plain run; n/a cells say why in the table
-                row = run_variant(dataset, variant, seed, args.robustness)
+                else:
+                    row = run_variant(dataset, variant, seed, args.robustness)
                 print(f"{dataset} {variant} seed {seed}: AUC {row['test_auc']} ACC {row['test_acc']} "
-                      f"QWK {row.get('test_qwk')} {row['seconds']:.0f}s (load {row['load']})", flush=True)
+                      f"QWK {row.get('test_qwk')} {row['seconds']:.0f}s (load {row.get('load')})", flush=True)
                 save_result("techniques.json", summarize(collect()), echo=False)
     save_result("techniques.json", summarize(collect()), echo=False)
     print(table_md(summarize(collect())))
