@@ -97,6 +97,11 @@ def applies(dataset: str, variant: str) -> str | None:
         return "grades only (RetinaMNIST)"
     if multi and variant.split("-k")[0] in ("evidential", "prototypical", "triplet", "center", "manifold_mixup"):
         return "needs one class per image; the NIH set has several findings per image"
+    if "-k" in variant and multi:
+        return "few-shot rows pit prototypes against plain training; prototypes need one class per image"
+    if "-k" in variant and dataset == "pneumonia500":
+        return ("K images per class are drawn from the training split: drawn from these 500 images they are the "
+                "PneumoniaMNIST few-shot rows again")
     if variant == "se_blocks" and dataset == "pneumoniamnist":
         return "the plan's CoAtNet already has SE blocks in its MBConv stages"
     if variant in ("progressive", "finetune") and dataset.startswith("pneumonia"):
@@ -272,6 +277,8 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
                 if g:
                     cell["test_qwk_vs_ordinal_ce"] = g
             if name == "prototypical":
+                if why := applies(dataset, f"prototypical-k{SHOTS[0]}"):
+                    cell["few_shot_acc"] = {"not_applicable": why}
                 for k in SHOTS:
                     g = _gain(rs, f"prototypical-k{k}", f"plain-k{k}", "test_acc")
                     if g:
@@ -338,6 +345,9 @@ def table_md(results: dict) -> str:
                 lines.append(f"| {name} | {dataset} | – | not run yet | – | – |")
             else:
                 for metric, g in cell.items():
+                    if "not_applicable" in g:
+                        lines.append(f"| {name} | {dataset} | {metric} | n/a: {g['not_applicable']} | – | – |")
+                        continue
                     lines.append(f"| {name} | {dataset} | {metric} | {g['gain_mean']:+.4f} ± {g['gain_sd']:.4f} "
                                  f"({g['a_mean']:.4f} vs {g['b_mean']:.4f}) | {len(g['seeds'])} | {g['verdict']} |")
     return "\n".join(lines)

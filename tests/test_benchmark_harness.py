@@ -147,6 +147,16 @@ def test_technique_cells_say_why_they_do_not_apply_and_progressive_has_its_own_b
 
     assert tech.applies("nih1000", "triplet") and tech.applies("pneumoniamnist", "corn")
     assert tech.applies("retinamnist", "progressive") is None and tech.applies("pneumonia500", "progressive")
+    # few-shot pairs: the NIH set has no single class per image, and K-shot draws from 500 images repeat the
+    # PneumoniaMNIST rows; they run on the sets where they mean something
+    assert tech.applies("nih1000", "plain-k5") and tech.applies("pneumonia500", "prototypical-k20")
+    assert tech.applies("pneumoniamnist", "plain-k10") is None and tech.applies("retinamnist", "prototypical-k5") is None
+    assert tech.applies("nih1000", "cosine") is None and tech.applies("pneumonia500", "se_blocks") is None
+    rows = [{"dataset": "pneumonia500", "variant": v, "seed": s, "test_auc": 0.9, "test_acc": 0.8}
+            for v in ("plain", "prototypical") for s in (0, 1, 2)]
+    cell = tech.summarize(rows)["table"]["pneumonia500"]["techniques"]["prototypical"]
+    assert "not_applicable" in cell["few_shot_acc"] and cell["test_auc"]["seeds"] == [0, 1, 2]
+    assert "n/a: K images per class" in tech.table_md(tech.summarize(rows))
     assert tech.BASELINE["progressive"] == "finetune" and tech.BASELINE["sam"] == "sam_off"
     row = tech._relative({"command": "medsight train --data /x/y/data/retinamnist.npz --set "
                                      "model.weights=/x/y/benchmarks/runs/techniques/weights/w/best.pt"})
