@@ -157,6 +157,8 @@ def test_technique_cells_say_why_they_do_not_apply_and_progressive_has_its_own_b
     cell = tech.summarize(rows)["table"]["pneumonia500"]["techniques"]["prototypical"]
     assert "not_applicable" in cell["few_shot_acc"] and cell["test_auc"]["seeds"] == [0, 1, 2]
     assert "n/a: K images per class" in tech.table_md(tech.summarize(rows))
+    nih = [{**r, "dataset": "nih1000", "variant": v} for r in rows for v in ("plain", "cosine") if r["variant"] == "plain"]
+    assert set(tech.summarize(nih)["table"]["nih1000"]["techniques"]["cosine"]) == {"test_auc"}  # mean AUC only
     assert tech.BASELINE["progressive"] == "finetune" and tech.BASELINE["sam"] == "sam_off"
     row = tech._relative({"command": "medsight train --data /x/y/data/retinamnist.npz --set "
                                      "model.weights=/x/y/benchmarks/runs/techniques/weights/w/best.pt"})
