@@ -191,3 +191,18 @@ def test_stacking_trains_only_its_missing_members_and_is_judged_against_its_own_
     assert saved["test_auc"] == 0.76 and saved["variant"] == "stack_plain"
     cell = tech.summarize(rows + tech.collect())["table"]["retinamnist"]["techniques"]["stacking"]
     assert cell["test_auc"]["b_mean"] == 0.75 and cell["test_auc"]["gain_mean"] == pytest.approx(0.05)
+
+
+def test_a_findings_runs_row_has_no_accuracy_interval_and_a_class_runs_row_has_one(tmp_path):
+    from default_run import run_row
+
+    def row(ci95):
+        (tmp_path / "metrics.json").write_text(json.dumps({
+            "test": {"auc": 0.61, "accuracy": 0.003, "balanced_accuracy": 0.55, "ece": 0.05, "ci95": ci95},
+            "val": {"auc": 0.64}, "best_epoch": 8}))
+        return run_row(tmp_path, ["--data", "x.npz"], 12.0)
+
+    findings = row({"auc": [0.56, 0.64]})  # multi-label: an interval for the mean AUC only
+    assert findings["test_acc_ci95"] is None and findings["test_auc_ci95"] == [0.56, 0.64]
+    assert findings["test_auc"] == 0.61 and findings["command"] == "medsight train --data x.npz"
+    assert row({"auc": [0.5, 0.7], "accuracy": [0.8, 0.9]})["test_acc_ci95"] == [0.8, 0.9]
