@@ -53,6 +53,26 @@ def test_rules_scale_with_the_data(n, model, epochs):
     assert (n >= COATNET0_FROM) == (model == "coatnet_0")
 
 
+@pytest.mark.parametrize("n", [300, CNN_BELOW - 1, CNN_BELOW, 50_000])
+def test_small_sets_train_with_adamw_and_decide_on_tta(n):
+    chosen = {d.key: d.value for d in make_plan(fingerprint(bundle_of(n), "single_label"), Config()).decisions}
+    small = n < CNN_BELOW
+    assert chosen["optim.name"] == ("adamw" if small else "sam-adamw")
+    assert chosen["eval.tta"] is small
+
+
+def test_the_small_data_rule_keeps_sam_when_the_user_asked_for_it():
+    fp = fingerprint(bundle_of(300), "single_label")
+    for sets, name in ((["optim.rho=0.1"], "sam-adamw"), (["optim.name=looksam-sgd", "optim.looksam_k=3"], "looksam-sgd"),
+                       (["optim.name=sgd"], "sgd")):
+        cfg = apply_overrides(Config(), sets)
+        plan = make_plan(fp, cfg)
+        assert apply_plan(cfg, plan).optim.name == name, sets
+        assert {d.key: d.value for d in plan.decisions}["eval.tta"] is True  # TTA is decided apart from SAM
+    kept = make_plan(fp, apply_overrides(Config(), ["eval.tta=false"]))
+    assert "eval.tta" not in {d.key for d in kept.decisions} and apply_plan(Config(), kept).optim.name == "adamw"
+
+
 def test_the_plan_is_deterministic_and_the_user_wins():
     fp = fingerprint(bundle_of(1080, classes=5, channels=3), "single_label")
     a = make_plan(fp, Config())
@@ -121,6 +141,9 @@ def test_a_planned_run_saves_its_plan_and_can_be_repeated(tmp_path):
     decided = {d["key"]: d["value"] for d in plan["decisions"]}
     assert saved["model"]["name"] == decided["model.name"] == "resnet18"
     assert saved["data"]["rotate_degrees"] == 10.0 and saved["train"]["epochs"] == 1  # the user's epochs
+    # a small set: AdamW, and decisions on the test-time augmentation mean, which the run's trust section uses
+    assert saved["optim"]["name"] == decided["optim.name"] == "adamw" and saved["eval"]["tta"] is True
+    assert json.loads((out / "metrics.json").read_text())["trust"]["tta"]["used_for_decisions"] is True
     again = load_config(out / "config.yaml")
     assert config_to_dict(apply_plan(again, make_plan(fingerprint_of(again), again))) == config_to_dict(again)
 
