@@ -229,3 +229,24 @@ def test_technique_rows_pin_the_default_they_were_measured_against_and_the_recip
     cell = tech.summarize(rows)["table"]["retinamnist"]["techniques"]["recipe"]
     assert cell["test_auc"]["verdict"] == "confirmed" and cell["test_auc_vs_stack_plain"]["verdict"] == "worse"
     assert set(cell) == {f"{k}{vs}" for k in ("test_qwk", "test_auc", "test_acc") for vs in ("", "_vs_stack_plain")}
+
+
+def test_small_data_timing_alternates_the_recipe_and_the_former_default(monkeypatch):
+    import small_data_time as sdt
+
+    calls, saved = [], {}
+    seconds = iter([100.0, 200.0, 310.0, 180.0, 110.0, 220.0])
+
+    def fake_measure(argv):
+        calls.append("optim.name=sam-adamw" in argv)
+        return {"seconds": next(seconds), "test_auc": 0.9, "test_acc": 0.8, "command": " ".join(argv), "machine": "m"}
+
+    monkeypatch.setattr(sdt, "measure", fake_measure)
+    monkeypatch.setattr(sdt, "save_result", lambda name, data: saved.update(data))
+    monkeypatch.setattr(sys, "argv", ["small_data_time.py", "--rounds", "3"])
+    assert sdt.main() == 0
+    assert calls == [False, True] * 3  # A B A B A B: the recipe unpinned, the former default pinned
+    recipe, former = saved["runs"].values()
+    assert (recipe["median_seconds"], recipe["max_seconds"]) == (110.0, 310.0) and not recipe["within_target"]
+    assert former["median_seconds"] == 200.0 and former["within_target"]
+    assert saved["former_over_recipe"] == round(200 / 110, 2)
