@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _results import positive_int, save_result  # noqa: E402
 from default_run import measure  # noqa: E402
-from techniques import PANEL, PINNED, _relative  # noqa: E402
+from techniques import PANEL, PINNED, _relative, train_args  # noqa: E402
 
 TARGET_SECONDS = 300
 VARIANTS = {"recipe (the plan now)": (), "former default (SAM, no TTA)": PINNED}
@@ -33,7 +33,7 @@ def main() -> int:
     for r in range(args.rounds):
         for name, pins in VARIANTS.items():  # alternated, so a slow spell of the machine hits both
             sets = [*panel, *pins, f"train.seed={args.seed}"]
-            row = _relative(measure(["--data", str(data), *sum((["--set", s] for s in sets), [])]))
+            row = _relative(measure(train_args(data, sets)))
             rows[name].append(row)
             print(f"round {r + 1}/{args.rounds} {name}: {row['seconds']:.1f} s, AUC {row['test_auc']} "
                   f"ACC {row['test_acc']}", flush=True)

@@ -63,8 +63,8 @@ def test_small_sets_train_with_adamw_and_decide_on_tta(n):
 
 def test_the_small_data_rule_keeps_sam_when_the_user_asked_for_it():
     fp = fingerprint(bundle_of(300), "single_label")
-    for sets, name in ((["optim.rho=0.1"], "sam-adamw"), (["optim.name=looksam-sgd", "optim.looksam_k=3"], "looksam-sgd"),
-                       (["optim.name=sgd"], "sgd")):
+    for sets, name in ((["optim.rho=0.1"], "sam-adamw"), (["optim.name=sgd"], "sgd"),
+                       (["optim.name=looksam-sgd", "optim.looksam_k=3"], "looksam-sgd")):
         cfg = apply_overrides(Config(), sets)
         plan = make_plan(fp, cfg)
         assert apply_plan(cfg, plan).optim.name == name, sets
